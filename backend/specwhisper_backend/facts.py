@@ -1,0 +1,83 @@
+"""The model facts the export step writes beside the ONNX graphs (``model_facts.json``).
+
+Token ids, languages and graph shapes are read from here, never written as literals, so one engine
+serves every Whisper size, multilingual or English-only, and any assistant that was exported with it.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+FACTS_FILE = "model_facts.json"
+FACTS_FORMAT = 1
+
+
+@dataclass(frozen=True)
+class SpecialTokens:
+    sot: int
+    eot: int
+    transcribe: int
+    translate: int
+    no_timestamps: int
+    timestamp_begin: int
+    sot_prev: int
+    no_speech: int | None
+
+
+@dataclass(frozen=True)
+class DecoderFacts:
+    """Where a decoder's graphs are (relative to the facts file) and how big its caches are."""
+
+    layers: int
+    heads: int
+    head_dim: int
+    cross_kv_file: str
+    decoder_file: str
+    encoder_file: str | None = None  # only a full-model assistant has an encoder of its own
+    dtype: Literal["float32", "float16"] = "float32"
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    n_mels: int
+    n_audio_ctx: int
+    n_text_ctx: int
+    vocab_size: int
+    is_multilingual: bool
+    tokens: SpecialTokens
+    languages: dict[str, int]
+    suppress_tokens: tuple[int, ...]
+    begin_suppress_tokens: tuple[int, ...]
+    max_initial_timestamp_index: int
+    main: DecoderFacts
+    assistant: DecoderFacts | None
+    assistant_form: Literal["decoder_only", "full"] | None
+    alignment_heads: tuple[tuple[int, int], ...] = field(default=())
+
+    def to_json(self) -> str:
+        return json.dumps({"format": FACTS_FORMAT, **asdict(self)}, indent=2)
+
+    @classmethod
+    def from_json(cls, text: str) -> ModelFacts:
+        raw = json.loads(text)
+        if raw.pop("format", None) != FACTS_FORMAT:
+            raise ValueError(f"{FACTS_FILE} is not of format {FACTS_FORMAT}: re-run the export")
+        assistant = raw.pop("assistant")
+        return cls(
+            **{
+                **raw,
+                "tokens": SpecialTokens(**raw["tokens"]),
+                "main": DecoderFacts(**raw["main"]),
+                "assistant": DecoderFacts(**assistant) if assistant else None,
+                "suppress_tokens": tuple(raw["suppress_tokens"]),
+                "begin_suppress_tokens": tuple(raw["begin_suppress_tokens"]),
+                "alignment_heads": tuple(tuple(pair) for pair in raw["alignment_heads"]),
+            }
+        )
+
+    @classmethod
+    def load(cls, directory: Path) -> ModelFacts:
+        return cls.from_json((Path(directory) / FACTS_FILE).read_text())

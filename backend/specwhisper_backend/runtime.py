@@ -1,0 +1,52 @@
+"""The exported graphs of a model repository, opened in ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnxruntime as ort
+
+from specwhisper_backend.decoder_session import DecoderSession
+from specwhisper_backend.facts import ModelFacts
+
+
+def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = intra_op_threads
+    # One request runs one graph at a time: inter-op threads would only compete for the same cores.
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    return options
+
+
+class ExportedModel:
+    """Encoders and decoder sessions of a main model and (when exported with one) its assistant."""
+
+    def __init__(self, directory: Path, intra_op_threads: int = 0, providers: list[str] | None = None) -> None:
+        self.directory = Path(directory)
+        self.facts = ModelFacts.load(self.directory)
+        options = session_options(intra_op_threads)
+        providers = providers or ["CPUExecutionProvider"]
+        max_length = self.facts.n_text_ctx
+
+        def open_session(relative: str) -> ort.InferenceSession:
+            return ort.InferenceSession(str(self.directory / relative), options, providers=providers)
+
+        main = self.facts.main
+        self.encoder = open_session(main.encoder_file)
+        self.main = DecoderSession(main, self.directory, max_length, options, providers)
+        assistant = self.facts.assistant
+        self.assistant = DecoderSession(assistant, self.directory, max_length, options, providers) if assistant else None
+        self.assistant_encoder = open_session(assistant.encoder_file) if assistant and assistant.encoder_file else None
+
+    def encode(self, features: np.ndarray) -> np.ndarray:
+        """Main encoder: log-mel ``[B, n_mels, 3000]`` -> hidden states ``[B, 1500, d]``."""
+        return self.encoder.run(None, {"input_features": features.astype(np.float32, copy=False)})[0]
+
+    def encode_for_assistant(self, features: np.ndarray, main_states: np.ndarray) -> np.ndarray:
+        """What the assistant's cross-attention reads: its own encoder's output, or the main one's."""
+        if self.assistant_encoder is None:
+            return main_states
+        return self.assistant_encoder.run(None, {"input_features": features.astype(np.float32, copy=False)})[0]

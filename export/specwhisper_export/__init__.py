@@ -1,0 +1,1 @@
+"""Import Whisper checkpoints and export them to the ONNX graphs the Triton backend serves."""

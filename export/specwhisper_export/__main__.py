@@ -1,0 +1,5 @@
+import sys
+
+from specwhisper_export.cli import main
+
+sys.exit(main())

@@ -1,0 +1,97 @@
+"""Real human speech with transcripts: Debian's Asterisk voice prompts (en, es, fr).
+
+They are what tests, draft training and benchmarks use here: 8 kHz WAVs of one voice per language,
+each with a line of transcript in the package docs. Clips are short (median ~1.4 s), so long-form
+audio is made by concatenating them.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import shutil
+import subprocess
+from dataclasses import dataclass
+from functools import cache
+from pathlib import Path
+
+import numpy as np
+import soundfile as sf
+import soxr
+
+SOUNDS_ROOT = Path("/usr/share/asterisk/sounds")
+DOCS_ROOT = Path("/usr/share/doc")
+LANGUAGES = ("en", "es", "fr")
+SAMPLE_RATE = 16_000
+
+
+@dataclass(frozen=True)
+class Prompt:
+    language: str
+    name: str  # path under the language folder, without .wav
+    path: Path
+    text: str
+    seconds: float
+
+
+def package_name(language: str) -> str:
+    return f"asterisk-core-sounds-{language}-wav"
+
+
+def ensure_installed(languages: tuple[str, ...] = LANGUAGES) -> None:
+    """Install the Debian packages that are missing (as root, through apt-get), or say how to."""
+    missing = [lang for lang in languages if not (SOUNDS_ROOT / lang).is_dir()]
+    if not missing:
+        return
+    packages = [package_name(lang) for lang in missing]
+    if os.geteuid() != 0 or shutil.which("apt-get") is None:
+        raise RuntimeError(f"speech prompts missing: install them with `apt-get install {' '.join(packages)}`")
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], check=True, env=env)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *packages], check=True, env=env)
+
+
+def _transcripts(language: str) -> dict[str, str]:
+    path = DOCS_ROOT / f"asterisk-core-sounds-{language}" / f"core-sounds-{language}.txt.gz"
+    entries: dict[str, str] = {}
+    with gzip.open(path, "rt", encoding="utf-8", errors="replace") as lines:
+        for line in lines:
+            if line.startswith(";") or ":" not in line:
+                continue
+            name, text = line.split(":", 1)
+            text = text.strip()
+            # Stage directions ("[this is a simple beep tone]", "(3 seconds of silence)") are not speech.
+            if text and not text.startswith(("[", "(")):
+                entries[name.strip()] = text
+    return entries
+
+
+@cache
+def prompts(language: str) -> tuple[Prompt, ...]:
+    """Every prompt of a language that has a WAV and a spoken transcript, sorted by name."""
+    ensure_installed((language,))
+    folder = SOUNDS_ROOT / language
+    found = []
+    for name, text in sorted(_transcripts(language).items()):
+        path = folder / f"{name}.wav"
+        if path.is_file():
+            found.append(Prompt(language, name, path, text, sf.info(str(path)).duration))
+    return tuple(found)
+
+
+def load_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
+    """Mono float32 at ``sample_rate`` (resampled with soxr's high-quality filter)."""
+    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    audio = audio.mean(axis=1)
+    if rate != sample_rate:
+        audio = soxr.resample(audio, rate, sample_rate)
+    return audio.astype(np.float32, copy=False)
+
+
+def select(language: str, count: int, min_seconds: float = 2.0, max_seconds: float = 30.0) -> list[Prompt]:
+    """``count`` prompts between the given lengths, spread evenly over the sorted list (reproducible)."""
+    pool = [p for p in prompts(language) if min_seconds <= p.seconds <= max_seconds]
+    if len(pool) < count:
+        raise ValueError(f"only {len(pool)} {language} prompts of {min_seconds}-{max_seconds} s, {count} wanted")
+    step = len(pool) / count
+    return [pool[int(i * step)] for i in range(count)]

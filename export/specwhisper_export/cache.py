@@ -1,0 +1,60 @@
+"""Where slow artefacts (downloaded wheels, converted weights, ONNX exports) are kept between runs.
+
+They live outside the clone so that CI on the same machine reuses them and a fresh machine
+rebuilds them itself. Entries are keyed by a hash of their inputs, so a changed input never
+reuses a stale artefact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Callable
+from pathlib import Path
+
+CACHE_ENV = "SPECWHISPER_CACHE"
+
+
+def cache_root() -> Path:
+    """`$SPECWHISPER_CACHE`, else `$XDG_CACHE_HOME/specwhisper`, else `~/.cache/specwhisper`."""
+    if os.environ.get(CACHE_ENV):
+        return Path(os.environ[CACHE_ENV]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "specwhisper"
+
+
+def input_key(*parts: object) -> str:
+    """A short stable hash of JSON-serialisable inputs."""
+    blob = json.dumps(parts, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
+    """Return `<root>/<kind>/<key>`, calling `build(tmp_dir)` first if it is not there yet.
+
+    The build writes into a temporary sibling that is renamed into place only when it
+    finished, so an interrupted build never leaves a half-written entry that looks complete.
+    """
+    final = cache_root() / kind / key
+    if final.is_dir():
+        return final
+    tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        build(tmp)
+        tmp.rename(final)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return final
+
+
+def checkpoint_identity(checkpoint: str) -> object:
+    """What depends on a checkpoint: its files' names, sizes and times, or its hub id."""
+    path = Path(checkpoint)
+    if not path.is_dir():
+        return checkpoint
+    return sorted((f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in path.iterdir() if f.is_file())

@@ -1,0 +1,212 @@
+"""Export a main model and its assistant into a Triton model repository.
+
+The graphs, tokenizer files and model facts are built once per set of inputs in the user cache
+(:mod:`specwhisper_export.cache`) and linked into the repository, so re-running the export with the
+same inputs takes seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import torch
+from tqdm import tqdm
+from transformers import (
+    AutoConfig,
+    WhisperForCausalLM,
+    WhisperForConditionalGeneration,
+    WhisperProcessor,
+)
+
+from specwhisper_backend.facts import FACTS_FILE, DecoderFacts
+from specwhisper_export import compat, graphs, model_facts, onnx_export
+from specwhisper_export.cache import cached_dir, checkpoint_identity, input_key
+from specwhisper_export.presets import resolve_checkpoint
+from specwhisper_export.triton_config import ServingOptions, render_config
+
+AssistantForm = Literal["auto", "decoder_only", "full"]
+Precision = Literal["fp32", "fp16"]
+PROCESSOR_DIR = "processor"
+# The code that shapes the artefacts: a change to any of it invalidates cached exports.
+_EXPORT_SOURCES = (graphs, onnx_export, model_facts)
+
+
+@dataclass(frozen=True)
+class ExportRequest:
+    main: str  # preset name, checkpoint directory or Hugging Face id
+    assistant: str | None = None
+    assistant_form: AssistantForm = "auto"
+    precision: Precision = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.assistant_form not in ("auto", "decoder_only", "full"):
+            raise ValueError(f"assistant_form must be auto, decoder_only or full, not {self.assistant_form!r}")
+        if self.precision not in ("fp32", "fp16"):
+            raise ValueError(f"precision must be fp32 or fp16, not {self.precision!r}")
+
+
+def _code_version() -> str:
+    digest = hashlib.sha256()
+    for module in _EXPORT_SOURCES:
+        digest.update(Path(module.__file__).read_bytes())
+    return digest.hexdigest()[:12]
+
+
+def resolve_form(main_config, assistant_checkpoint: str, requested: AssistantForm) -> str:
+    """Decoder-only when the assistant can read the main encoder's output, unless asked otherwise.
+
+    A checkpoint saved as ``WhisperForCausalLM`` has no encoder; a distil-whisper checkpoint has the
+    main model's encoder copied, so reusing the main encoder's output saves a second encoder pass.
+    """
+    config = AutoConfig.from_pretrained(assistant_checkpoint)
+    reads_main_encoder = config.d_model == main_config.d_model
+    if requested == "decoder_only" and not reads_main_encoder:
+        raise ValueError(
+            f"a decoder-only assistant must have the main model's width: d_model {config.d_model} != "
+            f"{main_config.d_model}; export it as a full model (--assistant-form full)"
+        )
+    if requested != "auto":
+        return requested
+    if "WhisperForCausalLM" in (config.architectures or []):
+        return "decoder_only"
+    same_encoder = reads_main_encoder and config.encoder_layers == main_config.encoder_layers
+    return "decoder_only" if same_encoder else "full"
+
+
+def _load_main(checkpoint: str) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
+    model = WhisperForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return model, WhisperProcessor.from_pretrained(checkpoint)
+
+
+def _load_assistant(checkpoint: str, form: str) -> tuple[torch.nn.Module, WhisperProcessor]:
+    cls = WhisperForCausalLM if form == "decoder_only" else WhisperForConditionalGeneration
+    model = cls.from_pretrained(checkpoint, dtype=torch.float32).eval()
+    return model, WhisperProcessor.from_pretrained(checkpoint)
+
+
+def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, form: str | None, out: Path) -> None:
+    main, processor = _load_main(main_ckpt)
+    dtype = torch.float16 if request.precision == "fp16" else torch.float32
+    np_dtype = "float16" if request.precision == "fp16" else "float32"
+    steps: list[tuple[str, Callable[[], None]]] = []
+
+    (out / "main").mkdir()
+    main = main.to(dtype)
+    steps += [
+        ("main encoder", lambda: onnx_export.export_encoder(main, out / "main" / onnx_export.ENCODER_FILE)),
+        (
+            "main cross K/V",
+            lambda: onnx_export.export_cross_kv(main, main.config.d_model, out / "main" / onnx_export.CROSS_KV_FILE),
+        ),
+        ("main decoder", lambda: onnx_export.export_decoder(main, out / "main" / onnx_export.DECODER_FILE)),
+    ]
+    main_facts = _decoder_facts(main, "main", with_encoder=True, dtype=np_dtype)
+
+    assistant_facts = None
+    if assistant_ckpt is not None:
+        assistant, assistant_processor = _load_assistant(assistant_ckpt, form)
+        compat.check_assistant(
+            processor.tokenizer,
+            main.config.vocab_size,
+            assistant_processor.tokenizer,
+            assistant.config.vocab_size,
+            request.assistant,
+        )
+        assistant = assistant.to(dtype)
+        (out / "assistant").mkdir()
+        full = form == "full"
+        encoder_dim = assistant.config.d_model if full else main.config.d_model
+        if full:
+            steps.append(
+                (
+                    "assistant encoder",
+                    lambda: onnx_export.export_encoder(assistant, out / "assistant" / onnx_export.ENCODER_FILE),
+                )
+            )
+        steps += [
+            (
+                "assistant cross K/V",
+                lambda: onnx_export.export_cross_kv(
+                    assistant, encoder_dim, out / "assistant" / onnx_export.CROSS_KV_FILE
+                ),
+            ),
+            (
+                "assistant decoder",
+                lambda: onnx_export.export_decoder(assistant, out / "assistant" / onnx_export.DECODER_FILE),
+            ),
+        ]
+        assistant_facts = _decoder_facts(assistant, "assistant", with_encoder=full, dtype=np_dtype)
+
+    for name, step in (bar := tqdm(steps, desc="ONNX export", unit="graph")):
+        bar.set_postfix_str(name)
+        step()
+
+    processor.save_pretrained(out / PROCESSOR_DIR)
+    facts = model_facts.build_facts(main, processor.tokenizer, main_facts, assistant_facts, form)
+    (out / FACTS_FILE).write_text(facts.to_json())
+
+
+def _decoder_facts(model: torch.nn.Module, folder: str, with_encoder: bool, dtype: str) -> DecoderFacts:
+    shape = onnx_export.decoder_shape(model)
+    return DecoderFacts(
+        layers=shape.layers,
+        heads=shape.heads,
+        head_dim=shape.head_dim,
+        cross_kv_file=f"{folder}/{onnx_export.CROSS_KV_FILE}",
+        decoder_file=f"{folder}/{onnx_export.DECODER_FILE}",
+        encoder_file=f"{folder}/{onnx_export.ENCODER_FILE}" if with_encoder else None,
+        dtype=dtype,
+    )
+
+
+def export_artefacts(request: ExportRequest) -> Path:
+    """The cached directory of graphs, processor files and model facts for this request."""
+    main_ckpt = resolve_checkpoint(request.main)
+    assistant_ckpt = resolve_checkpoint(request.assistant) if request.assistant else None
+    form = None
+    if assistant_ckpt is not None:
+        form = resolve_form(AutoConfig.from_pretrained(main_ckpt), assistant_ckpt, request.assistant_form)
+    key = input_key(
+        _code_version(), checkpoint_identity(main_ckpt), checkpoint_identity(assistant_ckpt) if assistant_ckpt else None, form,
+        request.precision,
+    )
+    return cached_dir("onnx", key, lambda tmp: _build(request, main_ckpt, assistant_ckpt, form, tmp))
+
+
+def _link_tree(source: Path, target: Path) -> None:
+    """Hard-link (or copy, across file systems) ``source`` into ``target``: ONNX files are large."""
+    for path in source.rglob("*"):
+        dest = target / path.relative_to(source)
+        if path.is_dir():
+            dest.mkdir(parents=True, exist_ok=True)
+            continue
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        dest.unlink(missing_ok=True)
+        try:
+            os.link(path, dest)
+        except OSError:
+            shutil.copy2(path, dest)
+
+
+MODEL_PY = Path(__file__).resolve().parents[2] / "model_repository" / "specwhisper" / "1" / "model.py"
+
+
+def write_repository(
+    request: ExportRequest, out: Path, model_name: str = "specwhisper", serving: ServingOptions | None = None
+) -> Path:
+    """Write ``out/<model_name>/{config.pbtxt, 1/...}`` and return the model directory."""
+    artefacts = export_artefacts(request)
+    model_dir = Path(out) / model_name
+    version = model_dir / "1"
+    shutil.rmtree(version, ignore_errors=True)
+    _link_tree(artefacts, version)
+    if MODEL_PY.is_file():
+        shutil.copy2(MODEL_PY, version / "model.py")
+    (model_dir / "config.pbtxt").write_text(render_config(model_name, serving or ServingOptions()))
+    return model_dir

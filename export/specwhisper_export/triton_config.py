@@ -1,0 +1,73 @@
+"""The ``config.pbtxt`` of the Triton Python-backend model that serves the exported graphs."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+# (name, Triton data type, dims). All inputs are optional to Triton: the model itself checks that a
+# request carries exactly one of AUDIO (with SAMPLE_RATE) and AUDIO_BYTES, and says which is wrong.
+INPUTS = (
+    ("AUDIO", "TYPE_FP32", "[ -1 ]"),
+    ("SAMPLE_RATE", "TYPE_INT32", "[ 1 ]"),
+    ("AUDIO_BYTES", "TYPE_STRING", "[ 1 ]"),
+    ("LANGUAGE", "TYPE_STRING", "[ 1 ]"),
+    ("TASK", "TYPE_STRING", "[ 1 ]"),
+    ("TIMESTAMPS", "TYPE_BOOL", "[ 1 ]"),
+    ("SPECULATIVE", "TYPE_BOOL", "[ 1 ]"),
+    ("INITIAL_PROMPT", "TYPE_STRING", "[ 1 ]"),
+)
+OUTPUTS = (
+    ("TEXT", "TYPE_STRING", "[ 1 ]"),
+    ("DETECTED_LANGUAGE", "TYPE_STRING", "[ 1 ]"),
+    ("SEGMENTS_JSON", "TYPE_STRING", "[ 1 ]"),
+    ("STATS_JSON", "TYPE_STRING", "[ 1 ]"),
+)
+
+
+@dataclass(frozen=True)
+class ServingOptions:
+    instances: int = 1
+    intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
+    device: str = "cpu"  # "cpu" or "gpu": the instance kind and ONNX Runtime's execution provider
+    decoupled: bool = False  # stream each segment as soon as it is decoded
+    max_audio_seconds: float = 3600.0
+
+    def __post_init__(self) -> None:
+        if self.instances < 1:
+            raise ValueError(f"instances must be at least 1, got {self.instances}")
+        if self.intra_op_threads < 0:
+            raise ValueError(f"intra_op_threads must be 0 (default) or more, got {self.intra_op_threads}")
+        if self.device not in ("cpu", "gpu"):
+            raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
+        if self.max_audio_seconds <= 0:
+            raise ValueError(f"max_audio_seconds must be positive, got {self.max_audio_seconds}")
+
+
+def _tensors(entries: tuple[tuple[str, str, str], ...], optional: bool) -> str:
+    extra = " optional: true" if optional else ""
+    return ",\n".join(f'  {{ name: "{name}" data_type: {dtype} dims: {dims}{extra} }}' for name, dtype, dims in entries)
+
+
+def render_config(model_name: str, options: ServingOptions) -> str:
+    kind = "KIND_GPU" if options.device == "gpu" else "KIND_CPU"
+    parameters = {
+        "intra_op_threads": str(options.intra_op_threads),
+        "device": options.device,
+        "max_audio_seconds": str(options.max_audio_seconds),
+    }
+    params = "\n".join(
+        f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}' for key, value in parameters.items()
+    )
+    return f"""name: "{model_name}"
+backend: "python"
+max_batch_size: 0
+model_transaction_policy {{ decoupled: {str(options.decoupled).lower()} }}
+input [
+{_tensors(INPUTS, optional=True)}
+]
+output [
+{_tensors(OUTPUTS, optional=False)}
+]
+instance_group [ {{ count: {options.instances} kind: {kind} }} ]
+{params}
+"""

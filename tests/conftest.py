@@ -1,0 +1,59 @@
+"""Shared fixtures: real weights (imported once, cached), their exports and real speech."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from specwhisper_export import asterisk
+from specwhisper_export.cut import cached_cut
+from specwhisper_export.presets import load_whisper
+from specwhisper_export.repository import ExportRequest, export_artefacts
+
+# Layers of base (6 encoder, 6 decoder) kept by the test assistants: correctness must hold
+# whatever they propose, so they need not be good drafts.
+CUT_DECODER_LAYERS = (0, 5)
+CUT_ENCODER_LAYERS = (0, 5)
+
+
+@pytest.fixture(scope="session")
+def base():
+    return load_whisper("base")
+
+
+@pytest.fixture(scope="session")
+def tiny_en():
+    return load_whisper("tiny.en")
+
+
+@pytest.fixture(scope="session")
+def decoder_only_cut() -> str:
+    return str(cached_cut("base", "decoder_only", CUT_DECODER_LAYERS))
+
+
+@pytest.fixture(scope="session")
+def full_cut() -> str:
+    return str(cached_cut("base", "full", CUT_DECODER_LAYERS, CUT_ENCODER_LAYERS))
+
+
+@pytest.fixture(scope="session")
+def base_export(decoder_only_cut):
+    """base with a decoder-only assistant cut from its own layers."""
+    return export_artefacts(ExportRequest(main="base", assistant=decoder_only_cut))
+
+
+@pytest.fixture(scope="session")
+def base_export_full_assistant(full_cut):
+    """base with a full-model assistant (own encoder) cut from its own layers."""
+    return export_artefacts(ExportRequest(main="base", assistant=full_cut))
+
+
+@pytest.fixture(scope="session")
+def tiny_en_export():
+    return export_artefacts(ExportRequest(main="tiny.en"))
+
+
+@pytest.fixture(scope="session")
+def english_clips() -> list[tuple[asterisk.Prompt, np.ndarray]]:
+    """20 real English recordings of 2-30 s with their transcripts, at 16 kHz."""
+    return [(prompt, asterisk.load_audio(prompt.path)) for prompt in asterisk.select("en", 20)]

@@ -1,0 +1,124 @@
+"""The ONNX graphs against the torch model they were exported from, on a small random Whisper.
+
+Fast checks of the graph interfaces (per-row positions and masks, cache reuse, rollback); the same
+properties are checked on real weights and real speech in test_export_base.py.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnxruntime as ort
+import pytest
+import torch
+from transformers import WhisperConfig, WhisperForConditionalGeneration
+
+from specwhisper_backend.decoder_session import DecoderSession
+from specwhisper_backend.facts import DecoderFacts
+from specwhisper_export import onnx_export
+
+LAYERS, HEADS, WIDTH = 3, 4, 64
+
+
+@pytest.fixture(scope="module")
+def tiny_random(tmp_path_factory):
+    torch.manual_seed(0)
+    config = WhisperConfig(
+        vocab_size=300, d_model=WIDTH, encoder_layers=2, decoder_layers=LAYERS, encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
+        decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=2,
+    )
+    model = WhisperForConditionalGeneration(config).eval()
+    folder = tmp_path_factory.mktemp("graphs")
+    onnx_export.export_encoder(model, folder / onnx_export.ENCODER_FILE)
+    onnx_export.export_cross_kv(model, WIDTH, folder / onnx_export.CROSS_KV_FILE)
+    onnx_export.export_decoder(model, folder / onnx_export.DECODER_FILE)
+    return model, folder
+
+
+def _decoder(folder, dtype="float32") -> DecoderSession:
+    facts = DecoderFacts(
+        layers=LAYERS, heads=HEADS, head_dim=WIDTH // HEADS, cross_kv_file=onnx_export.CROSS_KV_FILE,
+        decoder_file=onnx_export.DECODER_FILE, dtype=dtype,
+    )
+    return DecoderSession(facts, folder, max_length=448)
+
+
+def test_encoder_matches_torch(tiny_random):
+    model, folder = tiny_random
+    features = torch.randn(2, 80, 3000)
+    ours = ort.InferenceSession(str(folder / onnx_export.ENCODER_FILE)).run(None, {"input_features": features.numpy()})
+    with torch.no_grad():
+        reference = model.model.encoder(features).last_hidden_state.numpy()
+    np.testing.assert_allclose(ours[0], reference, atol=1e-4)
+
+
+def test_rows_at_different_lengths_with_rollback(tiny_random):
+    """Two rows fed unequal chunks (padded), one rolled back and refed: logits equal a full forward."""
+    model, folder = tiny_random
+    torch.manual_seed(1)
+    states = torch.randn(2, 1500, WIDTH)
+    ids = torch.randint(3, 300, (2, 80))
+    with torch.no_grad():
+        reference = model(encoder_outputs=(states,), decoder_input_ids=ids).logits.numpy()
+    decoder = _decoder(folder)
+    decoder.start(states.numpy())
+
+    first = decoder.forward(ids[:, :5].numpy(), counts=np.array([5, 3]))
+    np.testing.assert_allclose(first[0], reference[0, :5], atol=1e-4)
+    np.testing.assert_allclose(first[1, :3], reference[1, :3], atol=1e-4)
+
+    chunk = np.zeros((2, 6), dtype=np.int64)
+    chunk[0, :4], chunk[1] = ids[0, 5:9], ids[1, 3:9]
+    second = decoder.forward(chunk, counts=np.array([4, 6]))
+    np.testing.assert_allclose(second[0, :4], reference[0, 5:9], atol=1e-4)
+    np.testing.assert_allclose(second[1], reference[1, 3:9], atol=1e-4)
+    assert decoder.lengths.tolist() == [9, 9]
+
+    # Reject the last two tokens of row 0 (as after a failed draft), then run both rows past the
+    # first cache capacity step, so the cache grows while the rows sit at different lengths.
+    decoder.truncate(np.array([7, 9]))
+    rest = np.zeros((2, 73), dtype=np.int64)
+    rest[0], rest[1, :71] = ids[0, 7:80], ids[1, 9:80]
+    third = decoder.forward(rest, counts=np.array([73, 71]))
+    np.testing.assert_allclose(third[0], reference[0, 7:80], atol=1e-4)
+    np.testing.assert_allclose(third[1, :71], reference[1, 9:80], atol=1e-4)
+
+
+def test_single_token_steps_match_one_pass(tiny_random):
+    model, folder = tiny_random
+    states = torch.randn(1, 1500, WIDTH)
+    ids = torch.randint(3, 300, (1, 12))
+    with torch.no_grad():
+        reference = model(encoder_outputs=(states,), decoder_input_ids=ids).logits.numpy()
+    decoder = _decoder(folder)
+    decoder.start(states.numpy())
+    steps = [decoder.forward(ids[:, i : i + 1].numpy())[0, 0] for i in range(12)]
+    np.testing.assert_allclose(np.stack(steps), reference[0], atol=1e-4)
+
+
+def test_truncate_cannot_grow(tiny_random):
+    _, folder = tiny_random
+    decoder = _decoder(folder)
+    decoder.start(np.zeros((1, 1500, WIDTH), dtype=np.float32))
+    decoder.forward(np.array([[5, 6]]))
+    with pytest.raises(ValueError, match="back"):
+        decoder.truncate(np.array([3]))
+
+
+def test_fp16_export_matches_fp32(tiny_random, tmp_path):
+    """fp16 graphs (for GPU deployments) keep float32 interfaces and stay close to fp32."""
+    model, _ = tiny_random
+    half = WhisperForConditionalGeneration(model.config).eval()
+    half.load_state_dict(model.state_dict())
+    half = half.half()
+    onnx_export.export_encoder(half, tmp_path / onnx_export.ENCODER_FILE)
+    session = ort.InferenceSession(str(tmp_path / onnx_export.ENCODER_FILE))
+    assert session.get_inputs()[0].type == "tensor(float)"
+    features = torch.randn(1, 80, 3000)
+    try:
+        ours = session.run(None, {"input_features": features.numpy()})[0]
+    except Exception as error:  # ONNX Runtime's CPU provider lacks some float16 kernels
+        pytest.skip(f"fp16 graph not runnable on this CPU provider: {error}")
+    with torch.no_grad():
+        reference = model.model.encoder(features).last_hidden_state.numpy()
+    np.testing.assert_allclose(ours.astype(np.float32), reference, atol=5e-2, rtol=5e-2)
