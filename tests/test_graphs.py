@@ -23,9 +23,19 @@ LAYERS, HEADS, WIDTH = 3, 4, 64
 def tiny_random(tmp_path_factory):
     torch.manual_seed(0)
     config = WhisperConfig(
-        vocab_size=300, d_model=WIDTH, encoder_layers=2, decoder_layers=LAYERS, encoder_attention_heads=HEADS,
-        decoder_attention_heads=HEADS, encoder_ffn_dim=128, decoder_ffn_dim=128, num_mel_bins=80,
-        decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=2,
+        vocab_size=300,
+        d_model=WIDTH,
+        encoder_layers=2,
+        decoder_layers=LAYERS,
+        encoder_attention_heads=HEADS,
+        decoder_attention_heads=HEADS,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        num_mel_bins=80,
+        decoder_start_token_id=1,
+        pad_token_id=0,
+        eos_token_id=2,
+        bos_token_id=2,
     )
     model = WhisperForConditionalGeneration(config).eval()
     folder = tmp_path_factory.mktemp("graphs")
@@ -37,8 +47,12 @@ def tiny_random(tmp_path_factory):
 
 def _decoder(folder, dtype="float32") -> DecoderSession:
     facts = DecoderFacts(
-        layers=LAYERS, heads=HEADS, head_dim=WIDTH // HEADS, cross_kv_file=onnx_export.CROSS_KV_FILE,
-        decoder_file=onnx_export.DECODER_FILE, dtype=dtype,
+        layers=LAYERS,
+        heads=HEADS,
+        head_dim=WIDTH // HEADS,
+        cross_kv_file=onnx_export.CROSS_KV_FILE,
+        decoder_file=onnx_export.DECODER_FILE,
+        dtype=dtype,
     )
     return DecoderSession(facts, folder, max_length=448)
 

@@ -37,9 +37,7 @@ class DecoderSession:
         providers: list[str] | None = None,
     ) -> None:
         providers = providers or ["CPUExecutionProvider"]
-        self.cross_kv = ort.InferenceSession(
-            str(Path(directory) / facts.cross_kv_file), options, providers=providers
-        )
+        self.cross_kv = ort.InferenceSession(str(Path(directory) / facts.cross_kv_file), options, providers=providers)
         self.decoder = ort.InferenceSession(str(Path(directory) / facts.decoder_file), options, providers=providers)
         self.facts = facts
         self.max_length = max_length

@@ -38,3 +38,52 @@ class SuppressAtBegin:
     def apply(self, logits: np.ndarray, tokens: Sequence[int]) -> None:
         if len(tokens) == self.prompt_length:
             logits[self.ids] = -np.inf
+
+
+class ApplyTimestampRules:
+    """openai/whisper's timestamp rules, so segment times come out well-formed.
+
+    Timestamps come in pairs (end, then start of the next segment) except right before the end of
+    text; they never decrease; the text opens with a timestamp no later than
+    ``max_initial_timestamp_index`` steps; and when the timestamps together are likelier than any
+    single text token, a timestamp is chosen.
+    """
+
+    def __init__(
+        self, timestamp_begin: int, eot: int, no_timestamps: int, prompt_length: int, max_initial_timestamp_index: int
+    ) -> None:
+        self.timestamp_begin = timestamp_begin
+        self.eot = eot
+        self.no_timestamps = no_timestamps
+        self.prompt_length = prompt_length
+        self.max_initial_timestamp_index = max_initial_timestamp_index
+
+    def apply(self, logits: np.ndarray, tokens: Sequence[int]) -> None:
+        begin = self.timestamp_begin
+        logits[self.no_timestamps] = -np.inf
+        sampled = tokens[self.prompt_length :]
+        last_was_timestamp = len(sampled) >= 1 and sampled[-1] >= begin
+        penultimate_was_timestamp = len(sampled) < 2 or sampled[-2] >= begin
+        if last_was_timestamp:
+            if penultimate_was_timestamp:  # a pair just closed: text must follow
+                logits[begin:] = -np.inf
+            else:  # a segment just ended: its partner timestamp or the end of text
+                logits[: self.eot] = -np.inf
+
+        timestamps = [t for t in sampled if t >= begin]
+        if timestamps:
+            # Never go back in time, and give every segment a nonzero length (no infinite loops).
+            last = timestamps[-1] if last_was_timestamp and not penultimate_was_timestamp else timestamps[-1] + 1
+            logits[begin:last] = -np.inf
+
+        if not sampled:
+            logits[:begin] = -np.inf
+            logits[begin + self.max_initial_timestamp_index + 1 :] = -np.inf
+
+        text_best = logits[:begin].max()
+        if np.isfinite(text_best):
+            shifted = logits - logits.max()
+            log_total = np.log(np.exp(shifted).sum())
+            timestamp_logprob = np.log(np.exp(shifted[begin:]).sum()) - log_total
+            if timestamp_logprob > text_best - logits.max() - log_total:
+                logits[:begin] = -np.inf

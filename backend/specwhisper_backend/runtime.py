@@ -38,7 +38,9 @@ class ExportedModel:
         self.encoder = open_session(main.encoder_file)
         self.main = DecoderSession(main, self.directory, max_length, options, providers)
         assistant = self.facts.assistant
-        self.assistant = DecoderSession(assistant, self.directory, max_length, options, providers) if assistant else None
+        self.assistant = (
+            DecoderSession(assistant, self.directory, max_length, options, providers) if assistant else None
+        )
         self.assistant_encoder = open_session(assistant.encoder_file) if assistant and assistant.encoder_file else None
 
     def encode(self, features: np.ndarray) -> np.ndarray:

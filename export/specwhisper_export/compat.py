@@ -32,7 +32,8 @@ def check_assistant(
             problems.append(f"{differing} tokens map to other ids than in the main model's vocabulary")
     if problems:
         raise IncompatibleAssistantError(
-            f"assistant {assistant_name!r} cannot draft for this main model: " + "; ".join(problems)
+            f"assistant {assistant_name!r} cannot draft for this main model: "
+            + "; ".join(problems)
             + ". Use an assistant trained on the main model's tokenizer (e.g. a multilingual model for a"
             " multilingual main model)."
         )

@@ -134,6 +134,10 @@ class _Variables:
     def has(self, name: str) -> bool:
         return name in self._variables
 
+    def peek(self, name: str) -> np.ndarray:
+        """Look at a variable without taking it (to read shapes, or compare with another)."""
+        return self._variables[name]
+
     def take(self, name: str) -> np.ndarray:
         """The variable as a float32 array of its own (not a view into the file's bytes)."""
         return self.take_raw(name).astype(np.float32)
@@ -199,7 +203,7 @@ def _check_architecture(variables: _Variables) -> None:
 
 def _infer_dims(variables: _Variables) -> WhisperDims:
     def shape(name: str) -> tuple[int, ...]:
-        return variables._variables[name].shape
+        return variables.peek(name).shape
 
     n_vocab, d_model = shape("decoder/embeddings/weight")
     return WhisperDims(
@@ -269,7 +273,7 @@ def _check_tied_projection(v: _Variables) -> None:
     name, embeddings = "decoder/projection/weight", "decoder/embeddings/weight"
     if v.aliases.get(name) == embeddings:
         return
-    if v.has(name) and np.array_equal(v.take_raw(name), v._variables[embeddings]):
+    if v.has(name) and np.array_equal(v.take_raw(name), v.peek(embeddings)):
         return
     raise ValueError("CT2 decoder projection is not tied to the token embedding; Whisper requires it")
 
@@ -412,10 +416,10 @@ def _build_tokenizer(tokenizer_json: dict[str, Any], dims: WhisperDims):
 
 def token_id(tokenizer, token: str) -> int:
     """The id of ``token``, raising instead of silently returning the unknown-token id."""
-    vocab = tokenizer.get_vocab()
-    if token not in vocab:
+    index = tokenizer.convert_tokens_to_ids(token)
+    if index is None or tokenizer.convert_ids_to_tokens(index) != token:
         raise KeyError(f"token {token!r} is not in the tokenizer")
-    return vocab[token]
+    return index
 
 
 # ---------------------------------------------------------------------------------------------

@@ -82,8 +82,7 @@ def _attend(
     """
     lowest = torch.finfo(q.dtype).min
     scores = [
-        torch.where(mask, torch.matmul(q, key.transpose(-1, -2)), lowest)
-        for key, mask in zip(keys, masks, strict=True)
+        torch.where(mask, torch.matmul(q, key.transpose(-1, -2)), lowest) for key, mask in zip(keys, masks, strict=True)
     ]
     probs = torch.softmax(torch.cat(scores, dim=-1), dim=-1)
     sizes = [key.shape[-2] for key in keys]

@@ -69,5 +69,7 @@ def build_facts(
         main=main,
         assistant=assistant,
         assistant_form=assistant_form,
-        alignment_heads=tuple(tuple(int(x) for x in pair) for pair in getattr(generation, "alignment_heads", None) or ()),
+        alignment_heads=tuple(
+            tuple(int(x) for x in pair) for pair in getattr(generation, "alignment_heads", None) or ()
+        ),
     )

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,6 +20,8 @@ from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 from specwhisper_export.graphs import CrossKVGraph, DecoderGraph, EncoderGraph
 
 OPSET = 18
+# The exporter logs a warning per torchvision operator it cannot register; Whisper uses none.
+logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 ENCODER_FILE = "encoder.onnx"
 CROSS_KV_FILE = "cross_kv.onnx"
 DECODER_FILE = "decoder.onnx"
@@ -58,10 +62,12 @@ def _export(
     output_names: list[str],
     dynamic_shapes: tuple,
 ) -> None:
-    # The exporter reports every stage on stdout; the caller shows one progress bar instead.
-    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad():
+    # The exporter reports every stage on stdout and warns that equal dynamic axes share a name;
+    # the caller shows one progress bar instead.
+    with contextlib.redirect_stdout(io.StringIO()), torch.no_grad(), warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*axis name.*will not be used")
         torch.onnx.export(
-            module,
+            module.eval(),
             args,
             str(path),
             dynamo=True,
@@ -92,9 +98,7 @@ def export_encoder(model: WhisperForConditionalGeneration, path: Path) -> None:
     )
 
 
-def export_cross_kv(
-    model: WhisperForConditionalGeneration | WhisperForCausalLM, encoder_dim: int, path: Path
-) -> None:
+def export_cross_kv(model: WhisperForConditionalGeneration | WhisperForCausalLM, encoder_dim: int, path: Path) -> None:
     """``encoder_dim`` is the width of the encoder output this decoder reads (the main one's, for a
     decoder-only assistant)."""
     decoder, _ = _decoder_parts(model)

@@ -213,7 +213,7 @@ def _convert(name: str, out_dir: Path) -> None:
 
 def _looks_like_path(name_or_path: str) -> bool:
     """Hub ids are ``name`` or ``owner/name``; anything else meant a local path."""
-    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or os.sep in name_or_path
+    return name_or_path.startswith(("/", ".", "~")) or name_or_path.count("/") > 1 or "\\" in name_or_path
 
 
 def resolve_checkpoint(name_or_path: str) -> str:

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+import numpy as np
 import torch
 from tqdm import tqdm
 from transformers import (
@@ -25,6 +26,7 @@ from transformers import (
 )
 
 from specwhisper_backend.facts import FACTS_FILE, DecoderFacts
+from specwhisper_backend.features import MEL_FILTERS_FILE
 from specwhisper_export import compat, graphs, model_facts, onnx_export
 from specwhisper_export.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_export.presets import resolve_checkpoint
@@ -53,8 +55,8 @@ class ExportRequest:
 
 def _code_version() -> str:
     digest = hashlib.sha256()
-    for module in _EXPORT_SOURCES:
-        digest.update(Path(module.__file__).read_bytes())
+    for source in [*(Path(module.__file__) for module in _EXPORT_SOURCES), Path(__file__)]:
+        digest.update(source.read_bytes())
     return digest.hexdigest()[:12]
 
 
@@ -148,6 +150,8 @@ def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, f
         step()
 
     processor.save_pretrained(out / PROCESSOR_DIR)
+    # The backend computes features without transformers, with the extractor's own filter bank.
+    np.save(out / MEL_FILTERS_FILE, np.asarray(processor.feature_extractor.mel_filters, dtype=np.float32))
     facts = model_facts.build_facts(main, processor.tokenizer, main_facts, assistant_facts, form)
     (out / FACTS_FILE).write_text(facts.to_json())
 
@@ -173,7 +177,10 @@ def export_artefacts(request: ExportRequest) -> Path:
     if assistant_ckpt is not None:
         form = resolve_form(AutoConfig.from_pretrained(main_ckpt), assistant_ckpt, request.assistant_form)
     key = input_key(
-        _code_version(), checkpoint_identity(main_ckpt), checkpoint_identity(assistant_ckpt) if assistant_ckpt else None, form,
+        _code_version(),
+        checkpoint_identity(main_ckpt),
+        checkpoint_identity(assistant_ckpt) if assistant_ckpt else None,
+        form,
         request.precision,
     )
     return cached_dir("onnx", key, lambda tmp: _build(request, main_ckpt, assistant_ckpt, form, tmp))
