@@ -81,13 +81,15 @@ class Drafter:
 
     def update(self, accepted: int, drafted: int, stats: DecodeStats) -> None:
         """Roll the cache back to the accepted text, adapt the draft length, judge whether drafting pays."""
+        if not drafted:
+            return
         # The session consumed the text and all drafts but the last; keep text + accepted drafts.
         keep = self._proposed_after + min(accepted, max(drafted - 1, 0))
         self.session.truncate(np.minimum(self.session.lengths, keep))
         policy = self.policy
-        if drafted and accepted == drafted:
+        if accepted == drafted:
             self.draft_length = min(policy.maximum, self.draft_length + policy.grow)
-        elif drafted:
+        else:
             self.draft_length = max(policy.minimum, self.draft_length - policy.shrink)
 
         self._rounds += 1

@@ -80,10 +80,11 @@ class ApplyTimestampRules:
             logits[:begin] = -np.inf
             logits[begin + self.max_initial_timestamp_index + 1 :] = -np.inf
 
-        text_best = logits[:begin].max()
+        # Compare in probability space shifted by the maximum; both sides share the normaliser.
+        top = logits.max()
+        text_best = logits[:begin].max() - top
         if np.isfinite(text_best):
-            shifted = logits - logits.max()
-            log_total = np.log(np.exp(shifted).sum())
-            timestamp_logprob = np.log(np.exp(shifted[begin:]).sum()) - log_total
-            if timestamp_logprob > text_best - logits.max() - log_total:
+            with np.errstate(divide="ignore"):  # log(0) when every timestamp is suppressed: -inf, fine
+                timestamp_mass = np.log(np.exp(logits[begin:] - top).sum())
+            if timestamp_mass > text_best:
                 logits[:begin] = -np.inf

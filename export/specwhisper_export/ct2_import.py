@@ -290,9 +290,7 @@ def ct2_to_hf_state_dict(model: CT2ModelBin) -> tuple[WhisperDims, dict[str, np.
         )
     v = _Variables(model)
     if any(name.endswith("weight_scale") for name in model.variables):
-        raise ValueError(
-            "quantized CT2 model (weight_scale present); convert with float16 or float32 weights"
-        )
+        raise ValueError("quantized CT2 model (weight_scale present); convert with float16 or float32 weights")
     _check_architecture(v)
     dims = _infer_dims(v)
     _check_tied_projection(v)
@@ -391,9 +389,7 @@ def _build_tokenizer(tokenizer_json: dict[str, Any], dims: WhisperDims):
     """
     from transformers import WhisperTokenizerFast
 
-    specials = [
-        t["content"] for t in sorted(tokenizer_json["added_tokens"], key=lambda t: t["id"]) if t["special"]
-    ]
+    specials = [t["content"] for t in sorted(tokenizer_json["added_tokens"], key=lambda t: t["id"]) if t["special"]]
     eot = "<|endoftext|>"
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "tokenizer.json"
@@ -436,9 +432,7 @@ def _language_tokens(tokenizer) -> dict[str, int]:
     sot, translate = token_id(tokenizer, "<|startoftranscript|>"), token_id(tokenizer, "<|translate|>")
     tokens = tokenizer.convert_ids_to_tokens(list(range(sot + 1, translate)))
     if not tokens or not all(re.fullmatch(r"<\|[a-z]+\|>", t) for t in tokens):
-        raise ValueError(
-            f"unexpected tokens between <|startoftranscript|> and <|translate|>: {tokens[:5]}..."
-        )
+        raise ValueError(f"unexpected tokens between <|startoftranscript|> and <|translate|>: {tokens[:5]}...")
     return dict(zip(tokens, range(sot + 1, translate), strict=True))
 
 
