@@ -9,6 +9,7 @@ from specwhisper_export import asterisk
 from specwhisper_export.cut import cached_cut
 from specwhisper_export.presets import load_whisper
 from specwhisper_export.repository import ExportRequest, export_artefacts
+from tests.support import clips, hf_greedy
 
 # Layers of base (6 encoder, 6 decoder) kept by the test assistants: correctness must hold
 # whatever they propose, so they need not be good drafts.
@@ -49,6 +50,13 @@ def base_export_full_assistant(full_cut):
 
 
 @pytest.fixture(scope="session")
+def agreeing_export():
+    """base with a draft that is base's own decoder: it always agrees (up to float rounding)."""
+    every_layer = tuple(range(6))
+    return export_artefacts(ExportRequest(main="base", assistant=str(cached_cut("base", "decoder_only", every_layer))))
+
+
+@pytest.fixture(scope="session")
 def tiny_en_export():
     return export_artefacts(ExportRequest(main="tiny.en"))
 
@@ -56,4 +64,11 @@ def tiny_en_export():
 @pytest.fixture(scope="session")
 def english_clips() -> list[tuple[asterisk.Prompt, np.ndarray]]:
     """20 real English recordings of 2-30 s with their transcripts, at 16 kHz."""
-    return [(prompt, asterisk.load_audio(prompt.path)) for prompt in asterisk.select("en", 20)]
+    return clips("en", 20)
+
+
+@pytest.fixture(scope="session")
+def hf_greedy_base(base, english_clips) -> dict[str, list[int]]:
+    """transformers' own greedy tokens of base (no timestamps) for each English clip, computed once."""
+    model, processor = base
+    return {prompt.name: hf_greedy(model, processor, audio, "en") for prompt, audio in english_clips}

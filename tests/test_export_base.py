@@ -7,11 +7,13 @@ import pytest
 import torch
 from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 
-from specwhisper_backend.decoding import greedy_decode
+from specwhisper_backend.decoding import decode_window
 from specwhisper_backend.logit_filters import SuppressAtBegin, SuppressTokens
 from specwhisper_backend.runtime import ExportedModel
+from specwhisper_backend.stats import DecodeStats
 from specwhisper_export.compat import IncompatibleAssistantError
 from specwhisper_export.repository import ExportRequest, export_artefacts
+from tests.support import hf_greedy
 
 pytestmark = pytest.mark.slow
 
@@ -34,21 +36,14 @@ def _onnx_greedy(exported: ExportedModel, features: np.ndarray, language: str | 
     facts = exported.facts
     prompt = _prompt(exported, language)
     filters = [SuppressTokens(facts.suppress_tokens), SuppressAtBegin(facts.begin_suppress_tokens, len(prompt))]
-    return greedy_decode(exported.main, exported.encode(features), prompt, filters, facts.tokens.eot, facts.n_text_ctx)
+    exported.main.start(exported.encode(features))
+    eot, limit = facts.tokens.eot, facts.n_text_ctx
+    return decode_window(exported.main, prompt, filters, eot, limit, DecodeStats()).tokens
 
 
-def _hf_greedy(model: WhisperForConditionalGeneration, features: np.ndarray, language: str | None) -> list[int]:
-    kwargs = {"language": language, "task": "transcribe"} if model.generation_config.is_multilingual else {}
-    with torch.no_grad():
-        sequence = model.generate(torch.from_numpy(features), return_timestamps=False, **kwargs)[0].tolist()
-    # generate returns the text tokens alone, at most followed by <|endoftext|>.
-    eot = model.generation_config.eos_token_id
-    return sequence[: sequence.index(eot)] if eot in sequence else sequence
-
-
-def _teacher_forced_tokens(exported: ExportedModel, model, features: np.ndarray) -> list[int]:
+def _teacher_forced_tokens(exported: ExportedModel, model, processor, audio: np.ndarray) -> list[int]:
     """A real prefix to score: the prompt followed by the main model's own transcript."""
-    return _prompt(exported, "en") + _hf_greedy(model, features, "en")
+    return _prompt(exported, "en") + hf_greedy(model, processor, audio, "en")
 
 
 def test_encoder_matches_torch_on_real_speech(base, base_export, english_clips):
@@ -68,7 +63,7 @@ def test_main_decoder_matches_torch_single_multi_and_ragged_batch(base, base_exp
     clips = [audio for _, audio in english_clips[:2]]
     features = _features(processor, clips)
     states = exported.encode(features)
-    rows = [_teacher_forced_tokens(exported, model, features[i : i + 1]) for i in range(2)]
+    rows = [_teacher_forced_tokens(exported, model, processor, audio) for audio in clips]
     length = min(len(r) for r in rows)
     ids = torch.tensor([r[:length] for r in rows])
     with torch.no_grad():
@@ -99,9 +94,10 @@ def test_decoder_only_assistant_matches_torch(base, base_export, decoder_only_cu
     assert exported.facts.assistant_form == "decoder_only"
     assert exported.assistant_encoder is None
     assistant = WhisperForCausalLM.from_pretrained(decoder_only_cut).eval()
-    features = _features(processor, [english_clips[0][1]])
+    audio = english_clips[0][1]
+    features = _features(processor, [audio])
     states = exported.encode(features)
-    ids = torch.tensor([_teacher_forced_tokens(exported, model, features)])
+    ids = torch.tensor([_teacher_forced_tokens(exported, model, processor, audio)])
     with torch.no_grad():
         reference = assistant(input_ids=ids, encoder_outputs=(torch.from_numpy(states),)).logits.numpy()
     exported.assistant.start(exported.encode_for_assistant(features, states))
@@ -116,8 +112,9 @@ def test_full_assistant_with_own_encoder_matches_torch(base, base_export_full_as
     assert exported.facts.assistant_form == "full"
     assert exported.facts.assistant.layers == 2
     assistant = WhisperForConditionalGeneration.from_pretrained(full_cut).eval()
-    features = _features(processor, [english_clips[1][1]])
-    ids = torch.tensor([_teacher_forced_tokens(exported, model, features)])
+    audio = english_clips[1][1]
+    features = _features(processor, [audio])
+    ids = torch.tensor([_teacher_forced_tokens(exported, model, processor, audio)])
     with torch.no_grad():
         reference = assistant(input_features=torch.from_numpy(features), decoder_input_ids=ids).logits.numpy()
     main_states = exported.encode(features)
@@ -127,15 +124,24 @@ def test_full_assistant_with_own_encoder_matches_torch(base, base_export_full_as
     np.testing.assert_allclose(ours, reference, atol=LOGIT_ATOL)
 
 
-@pytest.mark.parametrize("name", ["base", "tiny.en"])
-def test_onnx_greedy_equals_transformers_generate(name, request, english_clips):
-    model, processor = request.getfixturevalue("base" if name == "base" else "tiny_en")
-    exported = ExportedModel(request.getfixturevalue("base_export" if name == "base" else "tiny_en_export"))
+def test_onnx_greedy_equals_transformers_generate_base(base, base_export, english_clips, hf_greedy_base):
+    _, processor = base
+    exported = ExportedModel(base_export)
     mismatches = []
     for prompt, audio in english_clips:
-        features = _features(processor, [audio])
-        ours = _onnx_greedy(exported, features, "en")
-        theirs = _hf_greedy(model, features, "en")
+        ours = _onnx_greedy(exported, _features(processor, [audio]), "en")
+        if ours != hf_greedy_base[prompt.name]:
+            mismatches.append((prompt.name, ours, hf_greedy_base[prompt.name]))
+    assert not mismatches, f"{len(mismatches)} of {len(english_clips)} clips differ: {mismatches[:2]}"
+
+
+def test_onnx_greedy_equals_transformers_generate_tiny_en(tiny_en, tiny_en_export, english_clips):
+    model, processor = tiny_en
+    exported = ExportedModel(tiny_en_export)
+    mismatches = []
+    for prompt, audio in english_clips:
+        ours = _onnx_greedy(exported, _features(processor, [audio]), None)
+        theirs = hf_greedy(model, processor, audio, None)
         if ours != theirs:
             mismatches.append((prompt.name, ours, theirs))
     assert not mismatches, f"{len(mismatches)} of {len(english_clips)} clips differ: {mismatches[:2]}"

@@ -6,6 +6,8 @@ properties are checked on real weights and real speech in test_export_base.py.
 
 from __future__ import annotations
 
+import shutil
+
 import numpy as np
 import onnxruntime as ort
 import pytest
@@ -136,3 +138,22 @@ def test_fp16_export_matches_fp32(tiny_random, tmp_path):
     with torch.no_grad():
         reference = model.model.encoder(features).last_hidden_state.numpy()
     np.testing.assert_allclose(ours.astype(np.float32), reference, atol=5e-2, rtol=5e-2)
+
+
+def test_trimmed_head_scores_only_its_vocabulary(tiny_random, tmp_path):
+    """A draft head over a vocabulary subset: same logits there, the lowest value elsewhere."""
+    model, folder = tiny_random
+    kept = [2, 5, 17, 299]
+    onnx_export.export_decoder(model, tmp_path / onnx_export.DECODER_FILE, token_ids=kept)
+    for graph_file in folder.glob(onnx_export.CROSS_KV_FILE + "*"):  # the graph and its weights file
+        shutil.copy(graph_file, tmp_path)
+    states = torch.randn(1, 1500, WIDTH)
+    ids = torch.randint(3, 300, (1, 6))
+    with torch.no_grad():
+        reference = model(encoder_outputs=(states,), decoder_input_ids=ids).logits.numpy()
+    decoder = _decoder(tmp_path)
+    decoder.start(states.numpy())
+    ours = decoder.forward(ids.numpy())
+    np.testing.assert_allclose(ours[..., kept], reference[..., kept], atol=1e-4)
+    others = np.setdiff1d(np.arange(300), kept)
+    assert np.all(ours[..., others] == np.finfo(np.float32).min)

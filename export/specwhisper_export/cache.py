@@ -15,6 +15,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 CACHE_ENV = "SPECWHISPER_CACHE"
+# Entries kept per kind: older ones (built by older code or for inputs no longer asked for) go.
+KEEP_PER_KIND = 8
 
 
 def cache_root() -> Path:
@@ -39,6 +41,7 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     """
     final = cache_root() / kind / key
     if final.is_dir():
+        os.utime(final)  # marks it used, so pruning removes the least recently used entries
         return final
     tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
@@ -49,7 +52,20 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+    _prune(final.parent, keep=final)
     return final
+
+
+def _prune(kind_dir: Path, keep: Path) -> None:
+    """Remove all but the most recently used entries of a kind."""
+    entries = sorted(
+        (p for p in kind_dir.iterdir() if p.is_dir() and ".tmp-" not in p.name),
+        key=lambda p: p.stat().st_mtime,
+        reverse=True,
+    )
+    for old in entries[KEEP_PER_KIND:]:
+        if old != keep:
+            shutil.rmtree(old, ignore_errors=True)
 
 
 def checkpoint_identity(checkpoint: str) -> object:

@@ -93,6 +93,28 @@ def _attend(
     return out
 
 
+class TrimmedHead(nn.Module):
+    """An output projection over a subset of the vocabulary, scattered back to full-vocabulary ids.
+
+    A small draft decoder spends most of its time in the output projection (``d x 51865`` for
+    Whisper's multilingual vocabulary); projecting onto the few thousand tokens the main model
+    actually says is what makes drafting cheap. Ids outside the subset get the lowest logit, so the
+    graph keeps the full-vocabulary interface and the engine needs no mapping.
+    """
+
+    def __init__(self, proj_out: nn.Linear, token_ids: list[int]) -> None:
+        super().__init__()
+        ids = torch.tensor(sorted(set(token_ids)), dtype=torch.int64)
+        self.register_buffer("token_ids", ids)
+        self.weight = nn.Parameter(proj_out.weight.detach()[ids].clone(), requires_grad=False)
+        self.vocab_size = proj_out.weight.shape[0]
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        subset = torch.matmul(hidden, self.weight.t())
+        full = hidden.new_full((*hidden.shape[:-1], self.vocab_size), torch.finfo(hidden.dtype).min)
+        return full.index_copy(-1, self.token_ids, subset)
+
+
 class DecoderGraph(nn.Module):
     """One decoding step over ``S`` new tokens per row, reading the caller's KV cache in place.
 
@@ -100,7 +122,7 @@ class DecoderGraph(nn.Module):
     ``past_key_i, past_value_i`` for all layers, then ``cross_key_i, cross_value_i`` for all layers.
     """
 
-    def __init__(self, decoder: WhisperDecoder, proj_out: nn.Linear) -> None:
+    def __init__(self, decoder: WhisperDecoder, proj_out: nn.Module) -> None:
         super().__init__()
         self.decoder = decoder
         self.proj_out = proj_out

@@ -17,7 +17,7 @@ import torch
 from torch.export import Dim
 from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 
-from specwhisper_export.graphs import CrossKVGraph, DecoderGraph, EncoderGraph
+from specwhisper_export.graphs import CrossKVGraph, DecoderGraph, EncoderGraph, TrimmedHead
 
 OPSET = 18
 # The exporter logs a warning per torchvision operator it cannot register; Whisper uses none.
@@ -115,8 +115,12 @@ def export_cross_kv(model: WhisperForConditionalGeneration | WhisperForCausalLM,
     )
 
 
-def export_decoder(model: WhisperForConditionalGeneration | WhisperForCausalLM, path: Path) -> None:
+def export_decoder(
+    model: WhisperForConditionalGeneration | WhisperForCausalLM, path: Path, token_ids: list[int] | None = None
+) -> None:
+    """``token_ids``: the vocabulary subset a trained draft's head covers (None: the whole vocabulary)."""
     decoder, proj_out = _decoder_parts(model)
+    head = TrimmedHead(proj_out, token_ids) if token_ids else proj_out
     shape = decoder_shape(model)
     dtype = decoder.embed_tokens.weight.dtype
     batch, new_len, past_len, enc_len = 2, 3, 5, model.config.max_source_positions
@@ -137,7 +141,7 @@ def export_decoder(model: WhisperForConditionalGeneration | WhisperForCausalLM, 
     enc = Dim("enc_len")
     caches = [{0: b, 2: past}] * (2 * shape.layers) + [{0: b, 2: enc}] * (2 * shape.layers)
     _export(
-        DecoderGraph(decoder, proj_out),
+        DecoderGraph(decoder, head),
         args,
         path,
         [

@@ -8,6 +8,7 @@ same inputs takes seconds.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 from collections.abc import Callable
@@ -35,6 +36,8 @@ from specwhisper_export.triton_config import ServingOptions, render_config
 AssistantForm = Literal["auto", "decoder_only", "full"]
 Precision = Literal["fp32", "fp16"]
 PROCESSOR_DIR = "processor"
+# Beside a trained draft's checkpoint: {"token_ids": [...]}, the vocabulary subset its head covers.
+DRAFT_VOCAB_FILE = "draft_vocab.json"
 # The code that shapes the artefacts: a change to any of it invalidates cached exports.
 _EXPORT_SOURCES = (graphs, onnx_export, model_facts)
 
@@ -84,6 +87,11 @@ def resolve_form(main_config, assistant_checkpoint: str, requested: AssistantFor
 def _load_main(checkpoint: str) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
     model = WhisperForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
     return model, WhisperProcessor.from_pretrained(checkpoint)
+
+
+def draft_vocabulary(checkpoint: str) -> list[int] | None:
+    path = Path(checkpoint) / DRAFT_VOCAB_FILE
+    return json.loads(path.read_text())["token_ids"] if path.is_file() else None
 
 
 def _load_assistant(checkpoint: str, form: str) -> tuple[torch.nn.Module, WhisperProcessor]:
@@ -140,7 +148,9 @@ def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, f
             ),
             (
                 "assistant decoder",
-                lambda: onnx_export.export_decoder(assistant, out / "assistant" / onnx_export.DECODER_FILE),
+                lambda: onnx_export.export_decoder(
+                    assistant, out / "assistant" / onnx_export.DECODER_FILE, draft_vocabulary(assistant_ckpt)
+                ),
             ),
         ]
         assistant_facts = _decoder_facts(assistant, "assistant", with_encoder=full, dtype=np_dtype)

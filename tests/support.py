@@ -1,0 +1,36 @@
+"""Test helpers: real speech and transformers' reference decoding."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from specwhisper_export import asterisk
+
+
+def hf_greedy(model, processor, audio: np.ndarray, language: str | None) -> list[int]:
+    """transformers ``generate``, greedy, no timestamps: the reference the ONNX paths must equal."""
+    features = processor.feature_extractor(audio, sampling_rate=16_000, return_tensors="pt").input_features
+    kwargs = {"language": language, "task": "transcribe"} if model.generation_config.is_multilingual else {}
+    with torch.no_grad():
+        sequence = model.generate(features, return_timestamps=False, **kwargs)[0].tolist()
+    # generate returns the text tokens alone, at most followed by <|endoftext|>.
+    eot = model.generation_config.eos_token_id
+    return sequence[: sequence.index(eot)] if eot in sequence else sequence
+
+
+def clips(language: str, count: int, min_seconds: float = 2.0) -> list[tuple[asterisk.Prompt, np.ndarray]]:
+    return [(prompt, asterisk.load_audio(prompt.path)) for prompt in asterisk.select(language, count, min_seconds)]
+
+
+def long_form(language: str, seconds: float, skip: int = 0) -> np.ndarray:
+    """Speech-dense long-form audio: consecutive prompts (of >= 1 s) joined by 0.3 s pauses."""
+    pause = np.zeros(int(0.3 * asterisk.SAMPLE_RATE), dtype=np.float32)
+    pieces: list[np.ndarray] = []
+    total = 0.0
+    for prompt in [p for p in asterisk.prompts(language) if p.seconds >= 1.0][skip:]:
+        pieces += [asterisk.load_audio(prompt.path), pause]
+        total += prompt.seconds + 0.3
+        if total >= seconds:
+            return np.concatenate(pieces)
+    raise ValueError(f"not enough {language} prompts for {seconds} s")
