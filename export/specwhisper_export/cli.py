@@ -34,7 +34,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--instances", type=int, default=1, help="Triton model instances")
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per session (0: default)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
-    parser.add_argument("--decoupled", action="store_true", help="stream segments as they are decoded")
+    parser.add_argument(
+        "--no-stream", action="store_true", help="skip the decoupled <name>_stream model that streams segments"
+    )
     return parser
 
 
@@ -43,16 +45,17 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         serving = ServingOptions(
-            instances=args.instances, intra_op_threads=args.threads, device=args.device, decoupled=args.decoupled
+            instances=args.instances, intra_op_threads=args.threads, device=args.device, streaming=not args.no_stream
         )
         request = ExportRequest(
             main=args.main, assistant=args.assistant, assistant_form=args.assistant_form, precision=args.precision
         )
-        model_dir = write_repository(request, args.out, args.model_name, serving)
+        model_dirs = write_repository(request, args.out, args.model_name, serving)
     except (IncompatibleAssistantError, ValueError) as error:
         print(f"specwhisper-export: error: {error}", file=sys.stderr)
         return 2
-    print(f"wrote {model_dir} in {time.perf_counter() - started:.1f} s")
+    written = ", ".join(str(d) for d in model_dirs)
+    print(f"wrote {written} in {time.perf_counter() - started:.1f} s")
     return 0
 
 

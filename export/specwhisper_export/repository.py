@@ -26,10 +26,10 @@ from transformers import (
     WhisperProcessor,
 )
 
+from specwhisper_backend.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_backend.facts import FACTS_FILE, DecoderFacts
 from specwhisper_backend.features import MEL_FILTERS_FILE
 from specwhisper_export import compat, graphs, model_facts, onnx_export
-from specwhisper_export.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_export.presets import resolve_checkpoint
 from specwhisper_export.triton_config import ServingOptions, render_config
 
@@ -211,19 +211,32 @@ def _link_tree(source: Path, target: Path) -> None:
             shutil.copy2(path, dest)
 
 
+# The Triton model's code: a thin model.py over specwhisper_backend, kept in the repository's
+# model_repository/ folder (where Triton users look for it) and copied beside the exported graphs.
 MODEL_PY = Path(__file__).resolve().parents[2] / "model_repository" / "specwhisper" / "1" / "model.py"
+STREAM_SUFFIX = "_stream"
 
 
 def write_repository(
     request: ExportRequest, out: Path, model_name: str = "specwhisper", serving: ServingOptions | None = None
-) -> Path:
-    """Write ``out/<model_name>/{config.pbtxt, 1/...}`` and return the model directory."""
+) -> list[Path]:
+    """Write ``out/<model_name>/{config.pbtxt, 1/...}`` (and its streaming twin); return the model dirs."""
+    if not MODEL_PY.is_file():
+        raise FileNotFoundError(f"{MODEL_PY} is missing: export from a checkout of the project")
+    serving = serving or ServingOptions()
     artefacts = export_artefacts(request)
-    model_dir = Path(out) / model_name
-    version = model_dir / "1"
-    shutil.rmtree(version, ignore_errors=True)
-    _link_tree(artefacts, version)
-    if MODEL_PY.is_file():
-        shutil.copy2(MODEL_PY, version / "model.py")
-    (model_dir / "config.pbtxt").write_text(render_config(model_name, serving or ServingOptions()))
-    return model_dir
+    names = [(model_name, False)] + ([(model_name + STREAM_SUFFIX, True)] if serving.streaming else [])
+    written = []
+    for name, decoupled in names:
+        model_dir = Path(out) / name
+        version = model_dir / "1"
+        if version.is_dir():
+            for entry in version.iterdir():  # keep a model.py that is this very source file
+                if entry.resolve() != MODEL_PY:
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+        _link_tree(artefacts, version)
+        if (version / "model.py").resolve() != MODEL_PY:
+            shutil.copy2(MODEL_PY, version / "model.py")
+        (model_dir / "config.pbtxt").write_text(render_config(name, serving, decoupled=decoupled))
+        written.append(model_dir)
+    return written

@@ -9,7 +9,8 @@ from dataclasses import dataclass
 INPUTS = (
     ("AUDIO", "TYPE_FP32", "[ -1 ]"),
     ("SAMPLE_RATE", "TYPE_INT32", "[ 1 ]"),
-    ("AUDIO_BYTES", "TYPE_STRING", "[ 1 ]"),
+    # An encoded file as raw bytes: a UINT8 vector travels as one flat buffer, with no string framing.
+    ("AUDIO_BYTES", "TYPE_UINT8", "[ -1 ]"),
     ("LANGUAGE", "TYPE_STRING", "[ 1 ]"),
     ("TASK", "TYPE_STRING", "[ 1 ]"),
     ("TIMESTAMPS", "TYPE_BOOL", "[ 1 ]"),
@@ -29,7 +30,7 @@ class ServingOptions:
     instances: int = 1
     intra_op_threads: int = 0  # 0: ONNX Runtime's default (one per core)
     device: str = "cpu"  # "cpu" or "gpu": the instance kind and ONNX Runtime's execution provider
-    decoupled: bool = False  # stream each segment as soon as it is decoded
+    streaming: bool = True  # also write a decoupled model ("<name>_stream") that sends segments as decoded
     max_audio_seconds: float = 3600.0
 
     def __post_init__(self) -> None:
@@ -48,7 +49,7 @@ def _tensors(entries: tuple[tuple[str, str, str], ...], optional: bool) -> str:
     return ",\n".join(f'  {{ name: "{name}" data_type: {dtype} dims: {dims}{extra} }}' for name, dtype, dims in entries)
 
 
-def render_config(model_name: str, options: ServingOptions) -> str:
+def render_config(model_name: str, options: ServingOptions, decoupled: bool = False) -> str:
     kind = "KIND_GPU" if options.device == "gpu" else "KIND_CPU"
     parameters = {
         "intra_op_threads": str(options.intra_op_threads),
@@ -61,7 +62,7 @@ def render_config(model_name: str, options: ServingOptions) -> str:
     return f"""name: "{model_name}"
 backend: "python"
 max_batch_size: 0
-model_transaction_policy {{ decoupled: {str(options.decoupled).lower()} }}
+model_transaction_policy {{ decoupled: {str(decoupled).lower()} }}
 input [
 {_tensors(INPUTS, optional=True)}
 ]

@@ -1,0 +1,63 @@
+"""The product's own Prometheus metrics, published by the Python backend on Triton's metrics port.
+
+Counters only, named and labelled by Prometheus conventions; rates and ratios (acceptance rate =
+accepted / drafted) are the dashboard's job, e.g. ``rate(specwhisper_draft_tokens_accepted_total[5m])
+/ rate(specwhisper_draft_tokens_proposed_total[5m])``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from specwhisper_backend.stats import DecodeStats
+
+# (name, description, DecodeStats field or None for a value passed in)
+COUNTERS = (
+    ("specwhisper_draft_tokens_proposed_total", "Tokens proposed by the assistant", "tokens_drafted"),
+    ("specwhisper_draft_tokens_accepted_total", "Proposed tokens the main model accepted", "tokens_accepted"),
+    ("specwhisper_output_tokens_total", "Tokens decoded", "tokens_out"),
+    ("specwhisper_main_decoder_passes_total", "Main decoder passes", "main_passes"),
+    ("specwhisper_assistant_decoder_passes_total", "Assistant decoder passes", "assistant_passes"),
+    ("specwhisper_audio_seconds_total", "Seconds of audio transcribed", None),
+    ("specwhisper_requests_total", "Requests served", None),
+)
+
+
+class ServingMetrics:
+    """Counters per decoding mode (``speculative="true"|"false"``), plus failed requests by reason."""
+
+    def __init__(self, pb_utils: Any, model: str) -> None:
+        kind = pb_utils.MetricFamily.COUNTER
+        self._families = [pb_utils.MetricFamily(name=name, description=text, kind=kind) for name, text, _ in COUNTERS]
+        self._metrics = {
+            mode: {
+                name: family.Metric(labels={"model": model, "speculative": mode})
+                for (name, _, _), family in zip(COUNTERS, self._families, strict=True)
+            }
+            for mode in ("true", "false")
+        }
+        self._failures_family = pb_utils.MetricFamily(
+            name="specwhisper_request_failures_total", description="Requests refused or failed", kind=kind
+        )
+        self._failures: dict[str, Any] = {}
+        self._model = model
+
+    def record(self, stats: DecodeStats, audio_seconds: float, speculative: bool) -> None:
+        metrics = self._metrics["true" if speculative else "false"]
+        for name, _, field in COUNTERS:
+            if field is not None:
+                metrics[name].increment(getattr(stats, field))
+        metrics["specwhisper_audio_seconds_total"].increment(audio_seconds)
+        metrics["specwhisper_requests_total"].increment(1)
+
+    def record_failure(self, reason: str) -> None:
+        if reason not in self._failures:
+            self._failures[reason] = self._failures_family.Metric(labels={"model": self._model, "reason": reason})
+        self._failures[reason].increment(1)
+
+    def close(self) -> None:
+        """Drop every metric object before the stub exits (left alive, they crash it at shutdown)."""
+        self._metrics.clear()
+        self._failures.clear()
+        self._families.clear()
+        del self._failures_family

@@ -1,0 +1,102 @@
+"""Triton request tensors <-> engine calls, without Triton: what ``model.py`` delegates to.
+
+Every problem with a request becomes a :class:`RequestError` whose message names the input at
+fault, so the client sees a clear error and the model instance goes on serving.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import asdict
+
+import numpy as np
+
+from specwhisper_backend import audio
+from specwhisper_backend.errors import RequestError
+from specwhisper_backend.transcriber import Segment, TranscribeOptions, Transcription
+
+INPUT_NAMES = ("AUDIO", "SAMPLE_RATE", "AUDIO_BYTES", "LANGUAGE", "TASK", "TIMESTAMPS", "SPECULATIVE", "INITIAL_PROMPT")
+# Languages given as these mean "detect it".
+AUTO_LANGUAGE = ("", "auto")
+
+
+def _scalar(inputs: Mapping[str, np.ndarray | None], name: str) -> object | None:
+    value = inputs.get(name)
+    if value is None:
+        return None
+    flat = np.asarray(value).reshape(-1)
+    if flat.size != 1:
+        raise RequestError(f"input {name} must hold one value, got shape {np.asarray(value).shape}")
+    return flat[0]
+
+
+def _text(inputs: Mapping[str, np.ndarray | None], name: str) -> str | None:
+    value = _scalar(inputs, name)
+    if value is None:
+        return None
+    if isinstance(value, bytes):
+        try:
+            return value.decode("utf-8")
+        except UnicodeDecodeError as error:
+            raise RequestError(f"input {name} is not UTF-8 text") from error
+    return str(value)
+
+
+def _flag(inputs: Mapping[str, np.ndarray | None], name: str, default: bool) -> bool:
+    value = _scalar(inputs, name)
+    return default if value is None else bool(value)
+
+
+def parse_request(
+    inputs: Mapping[str, np.ndarray | None], max_audio_seconds: float, parameters: str | None = None
+) -> tuple[np.ndarray, TranscribeOptions]:
+    """The 16 kHz audio and the options of one request.
+
+    ``inputs`` maps input names to the tensors sent (``None`` for those left out); ``parameters``
+    is the request's JSON parameters, which this model does not take.
+    """
+    if parameters and json.loads(parameters):
+        unknown = ", ".join(sorted(json.loads(parameters)))
+        raise RequestError(f"unknown request parameter(s): {unknown}; options are inputs: {', '.join(INPUT_NAMES[3:])}")
+    has_pcm, has_bytes = inputs.get("AUDIO") is not None, inputs.get("AUDIO_BYTES") is not None
+    if has_pcm == has_bytes:
+        raise RequestError("send exactly one of AUDIO (float32 PCM, with SAMPLE_RATE) and AUDIO_BYTES (a file)")
+    if has_pcm:
+        rate = _scalar(inputs, "SAMPLE_RATE")
+        if rate is None:
+            raise RequestError("AUDIO needs SAMPLE_RATE (Hz)")
+        samples = np.asarray(inputs["AUDIO"])
+        if samples.ndim != 1:
+            raise RequestError(f"AUDIO must be 1-D mono samples, got shape {samples.shape}")
+        pcm = audio.from_pcm(samples, int(rate), max_audio_seconds)
+    else:
+        data = np.asarray(inputs["AUDIO_BYTES"])
+        if data.dtype != np.uint8 or data.ndim != 1:
+            raise RequestError(f"AUDIO_BYTES must be a 1-D uint8 vector of file bytes, got {data.dtype} {data.shape}")
+        pcm = audio.from_bytes(data.tobytes(), max_audio_seconds)
+    language = _text(inputs, "LANGUAGE")
+    options = TranscribeOptions(
+        language=None if language is None or language.strip().lower() in AUTO_LANGUAGE else language.strip().lower(),
+        task=_text(inputs, "TASK") or "transcribe",
+        timestamps=_flag(inputs, "TIMESTAMPS", False),
+        speculative=_flag(inputs, "SPECULATIVE", True),
+        initial_prompt=_text(inputs, "INITIAL_PROMPT") or None,
+    )
+    return pcm, options
+
+
+def segment_json(segments: list[Segment]) -> str:
+    return json.dumps(
+        [{k: v for k, v in asdict(s).items() if k != "tokens"} | {"tokens": list(s.tokens)} for s in segments]
+    )
+
+
+def outputs(result: Transcription) -> dict[str, np.ndarray]:
+    """The output tensors of a whole transcription."""
+    return {
+        "TEXT": np.array([result.text.encode()], dtype=object),
+        "DETECTED_LANGUAGE": np.array([result.language.encode()], dtype=object),
+        "SEGMENTS_JSON": np.array([segment_json(result.segments).encode()], dtype=object),
+        "STATS_JSON": np.array([json.dumps(result.stats.to_dict()).encode()], dtype=object),
+    }
