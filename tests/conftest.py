@@ -38,6 +38,12 @@ def full_cut() -> str:
 
 
 @pytest.fixture(scope="session")
+def serving_assistant(decoder_only_cut) -> str:
+    """The assistant the Triton tests serve with base."""
+    return decoder_only_cut
+
+
+@pytest.fixture(scope="session")
 def base_export(decoder_only_cut):
     """base with a decoder-only assistant cut from its own layers."""
     return export_artefacts(ExportRequest(main="base", assistant=decoder_only_cut))

@@ -8,6 +8,7 @@ same inputs takes seconds.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import json
 import os
 import shutil
@@ -26,6 +27,7 @@ from transformers import (
     WhisperProcessor,
 )
 
+from specwhisper_backend import facts as backend_facts
 from specwhisper_backend.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_backend.facts import FACTS_FILE, DecoderFacts
 from specwhisper_backend.features import MEL_FILTERS_FILE
@@ -38,8 +40,9 @@ Precision = Literal["fp32", "fp16"]
 PROCESSOR_DIR = "processor"
 # Beside a trained draft's checkpoint: {"token_ids": [...]}, the vocabulary subset its head covers.
 DRAFT_VOCAB_FILE = "draft_vocab.json"
-# The code that shapes the artefacts: a change to any of it invalidates cached exports.
-_EXPORT_SOURCES = (graphs, onnx_export, model_facts)
+# The modules that shape the artefacts: a change to any of them (or to the build functions below)
+# invalidates cached exports; changes elsewhere, e.g. to how a repository is laid out, do not.
+_EXPORT_SOURCES = (graphs, onnx_export, model_facts, backend_facts)
 
 
 @dataclass(frozen=True)
@@ -58,8 +61,10 @@ class ExportRequest:
 
 def _code_version() -> str:
     digest = hashlib.sha256()
-    for source in [*(Path(module.__file__) for module in _EXPORT_SOURCES), Path(__file__)]:
-        digest.update(source.read_bytes())
+    for module in _EXPORT_SOURCES:
+        digest.update(Path(module.__file__).read_bytes())
+    for function in (_build, _decoder_facts, draft_vocabulary, _load_main, _load_assistant):
+        digest.update(inspect.getsource(function).encode())
     return digest.hexdigest()[:12]
 
 

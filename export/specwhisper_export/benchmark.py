@@ -1,0 +1,155 @@
+"""``specwhisper-bench``: speculative against plain decoding, measured side by side in one run.
+
+For one main model and its draft, on real speech (short clips and speech-dense long-form audio per
+language), it times this engine plain and speculative, and transformers greedy and assisted
+generation (``generate(assistant_model=...)``, the method this project builds on) on the same
+clips, and prints ratios: main-decoder passes saved, tokens per main pass, acceptance rate,
+decode-phase and end-to-end speed-up, and whether the tokens are identical.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
+
+from specwhisper_backend.runtime import ExportedModel
+from specwhisper_backend.stats import DecodeStats
+from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
+from specwhisper_export import asterisk
+from specwhisper_export.presets import load_whisper, resolve_checkpoint
+from specwhisper_export.repository import ExportRequest, export_artefacts
+
+
+@dataclass
+class Run:
+    seconds: float = 0.0
+    decode_seconds: float = 0.0
+    stats: DecodeStats | None = None
+    tokens: list[list[int]] | None = None
+
+
+def long_form_audio(language: str, seconds: float, skip: int) -> np.ndarray:
+    """Speech-dense long-form audio: consecutive prompts (of >= 1 s) joined by 0.3 s pauses."""
+    pause = np.zeros(int(0.3 * asterisk.SAMPLE_RATE), dtype=np.float32)
+    pieces, total = [], 0.0
+    for prompt in [p for p in asterisk.prompts(language) if p.seconds >= 1.0][skip:]:
+        pieces += [asterisk.load_audio(prompt.path), pause]
+        total += prompt.seconds + 0.3
+        if total >= seconds:
+            break
+    return np.concatenate(pieces)
+
+
+def _merge(total: DecodeStats, part: DecodeStats) -> None:
+    for name, value in vars(part).items():
+        setattr(total, name, getattr(total, name) + value)
+
+
+def run_engine(
+    engine: Transcriber, audios: list[np.ndarray], language: str, speculative: bool, timestamps: bool
+) -> Run:
+    run = Run(stats=DecodeStats(), tokens=[])
+    for audio in audios:
+        started = time.perf_counter()
+        result = engine.transcribe(
+            audio, TranscribeOptions(language=language, speculative=speculative, timestamps=timestamps)
+        )
+        run.seconds += time.perf_counter() - started
+        _merge(run.stats, result.stats)
+        run.tokens.append([t for s in result.segments for t in s.tokens])
+    run.decode_seconds = run.stats.seconds_draft + run.stats.seconds_verify
+    return run
+
+
+def run_transformers(
+    model: WhisperForConditionalGeneration,
+    processor,
+    assistant: torch.nn.Module | None,
+    audios: list[np.ndarray],
+    language: str,
+) -> Run:
+    """transformers greedy (or assisted with ``assistant``), short-form, no timestamps."""
+    run = Run(tokens=[])
+    for audio in audios:
+        started = time.perf_counter()
+        features = processor.feature_extractor(audio, sampling_rate=16_000, return_tensors="pt").input_features
+        kwargs = {"assistant_model": assistant} if assistant is not None else {}
+        with torch.no_grad():
+            sequence = model.generate(features, language=language, task="transcribe", **kwargs)[0].tolist()
+        run.seconds += time.perf_counter() - started
+        eot = model.generation_config.eos_token_id
+        run.tokens.append(sequence[: sequence.index(eot)] if eot in sequence else sequence)
+    return run
+
+
+def compare(plain: Run, fast: Run) -> dict:
+    report = {
+        "plain_s": round(plain.seconds, 2),
+        "speculative_s": round(fast.seconds, 2),
+        "end_to_end_speedup": round(plain.seconds / fast.seconds, 2),
+        "identical_tokens": plain.tokens == fast.tokens,
+    }
+    if plain.stats and fast.stats:
+        report |= {
+            "decode_speedup": round(plain.decode_seconds / max(fast.decode_seconds, 1e-9), 2),
+            "main_passes_saved": round(1 - fast.stats.main_passes / plain.stats.main_passes, 3),
+            "tokens_per_main_pass": round(fast.stats.tokens_per_main_pass, 2),
+            "acceptance_rate": round(fast.stats.acceptance_rate, 3),
+        }
+    return report
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="specwhisper-bench", description=__doc__)
+    parser.add_argument("--main", default="base")
+    parser.add_argument("--assistant", required=True, help="draft checkpoint (decoder-only) or preset")
+    parser.add_argument("--languages", nargs="+", default=["en", "es"])
+    parser.add_argument("--clips", type=int, default=10, help="short clips per language")
+    parser.add_argument("--long-seconds", type=float, default=120, help="long-form audio per language (0: none)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--no-transformers", action="store_true", help="skip the transformers rows")
+    parser.add_argument("--json", type=Path, help="write the results here too")
+    args = parser.parse_args(argv)
+
+    torch.set_num_threads(args.threads)
+    assistant_ckpt = resolve_checkpoint(args.assistant)
+    engine = Transcriber(ExportedModel(export_artefacts(ExportRequest(args.main, assistant_ckpt)), args.threads))
+    model, processor = load_whisper(args.main)
+    assistant = None if args.no_transformers else WhisperForCausalLM.from_pretrained(assistant_ckpt).eval()
+
+    results: dict[str, dict] = {}
+    for language in args.languages:
+        short = [asterisk.load_audio(p.path) for p in asterisk.select(language, args.clips, min_seconds=2.0)]
+        engine.transcribe(short[0], TranscribeOptions(language=language))  # warm-up
+        key = f"{language} short ({len(short)} clips, {sum(map(len, short)) / 16_000:.0f} s)"
+        results[key] = compare(
+            run_engine(engine, short, language, False, False), run_engine(engine, short, language, True, False)
+        )
+        if assistant is not None:
+            greedy = run_transformers(model, processor, None, short, language)
+            assisted = run_transformers(model, processor, assistant, short, language)
+            results[key]["transformers"] = compare(greedy, assisted)
+            results[key]["engine_speculative_vs_transformers_assisted"] = round(
+                assisted.seconds / max(results[key]["speculative_s"], 1e-9), 2
+            )
+        if args.long_seconds > 0:
+            audio = [long_form_audio(language, args.long_seconds, skip=100)]
+            key = f"{language} long-form ({len(audio[0]) / 16_000:.0f} s, timestamps)"
+            results[key] = compare(
+                run_engine(engine, audio, language, False, True), run_engine(engine, audio, language, True, True)
+            )
+        print(json.dumps({k: v for k, v in results.items() if k.startswith(language)}, indent=2), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,274 @@
+"""The real tritonserver serving the exported repository, driven over gRPC by the client and CLI."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import statistics
+import threading
+import time
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+import pytest
+import soundfile as sf
+import tritonclient.grpc as grpcclient
+
+from specwhisper_backend.tritonserver import TritonServer
+from specwhisper_client import SpeechClient, StreamEnd, TranscriptionError
+from specwhisper_client.cli import main as cli_main
+from specwhisper_export.repository import ExportRequest, write_repository
+from specwhisper_export.triton_config import ServingOptions
+from tests.support import clips, long_form
+
+pytestmark = pytest.mark.slow
+
+MAX_AUDIO_SECONDS = 300
+# The load check runs this long (seconds); raise it for a soak, e.g. SPECWHISPER_LOAD_SECONDS=180.
+LOAD_SECONDS = float(os.environ.get("SPECWHISPER_LOAD_SECONDS", "45"))
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, serving_assistant):
+    repository = tmp_path_factory.mktemp("model_repository")
+    write_repository(
+        ExportRequest(main="base", assistant=serving_assistant),
+        repository,
+        serving=ServingOptions(instances=2, intra_op_threads=1, max_audio_seconds=MAX_AUDIO_SECONDS),
+    )
+    log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
+    with TritonServer(repository, grpc_port=18801, http_port=18800, metrics_port=18802, log_file=log) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    with SpeechClient(server.grpc_url, timeout=300) as speech:
+        yield speech
+
+
+def _wav_bytes(audio: np.ndarray, rate: int = 16_000) -> bytes:
+    buffer = io.BytesIO()
+    sf.write(buffer, audio, rate, format="WAV")
+    return buffer.getvalue()
+
+
+@pytest.mark.parametrize("language", ["en", "es", "fr"])
+def test_real_recordings_same_text_speculative_or_not(client, language):
+    for prompt, _ in clips(language, 3):
+        fast = client.transcribe(prompt.path, language=language)
+        plain = client.transcribe(prompt.path, language=language, speculative=False)
+        assert fast.text and fast.text == plain.text
+        assert [s.tokens for s in fast.segments] == [s.tokens for s in plain.segments]
+        assert fast.stats["tokens_drafted"] > 0 and plain.stats["tokens_drafted"] == 0
+
+
+def test_pcm_input_and_detected_language(client):
+    prompt, audio = clips("es", 1, min_seconds=3.0)[0]
+    result = client.transcribe(audio, sample_rate=16_000)
+    assert result.language == "es"
+    assert result.text == client.transcribe(prompt.path).text
+
+
+def test_stream_long_file_segment_by_segment(client):
+    audio = long_form("en", 130)
+    data = _wav_bytes(audio)
+    arrivals, segments, end = [], [], None
+    for item in client.stream(data, language="en", timestamps=True):
+        arrivals.append(time.monotonic())
+        if isinstance(item, StreamEnd):
+            end = item
+        else:
+            segments.append(item)
+    assert end is not None and end.language == "en" and end.stats["windows"] >= 4
+    assert len(segments) > 5
+    assert arrivals[-1] - arrivals[0] > 1.0, "segments should arrive over time, not all at the end"
+    whole = client.transcribe(data, language="en", timestamps=True)
+    assert [s.tokens for s in segments] == [s.tokens for s in whole.segments]
+
+
+def test_product_metrics_on_metrics_port(server, client):
+    client.transcribe(clips("en", 1)[0][0].path, language="en")
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    values = {}
+    for line in text.splitlines():
+        if line.startswith("specwhisper_") and 'speculative="true"' in line:
+            name = line.split("{")[0]
+            values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
+    assert values["specwhisper_draft_tokens_proposed_total"] > 0
+    assert values["specwhisper_audio_seconds_total"] > 0
+    assert values["specwhisper_requests_total"] >= 1
+    assert "nv_inference_request_success" in text  # Triton's own metrics are there too
+
+
+def _raw_infer(server, inputs, parameters=None):
+    raw = grpcclient.InferenceServerClient(server.grpc_url)
+    try:
+        return raw.infer("specwhisper", inputs, parameters=parameters)
+    finally:
+        raw.close()
+
+
+def _tensor(name, array, dtype):
+    tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+    tensor.set_data_from_numpy(array)
+    return tensor
+
+
+def test_bad_requests_get_clear_errors_and_server_keeps_serving(server, client):
+    good = clips("en", 1)[0][0].path
+    rate = _tensor("SAMPLE_RATE", np.array([16_000], np.int32), "INT32")
+    language = np.array([b"en"], dtype=object)
+    cases = [
+        ("empty file", lambda: client.transcribe(b""), "empty"),
+        ("corrupt bytes", lambda: client.transcribe(b"RIFF" + os.urandom(4000)), "cannot decode"),
+        ("silence", lambda: client.transcribe(np.zeros(16_000, np.float32), sample_rate=16_000), "silent"),
+        ("NaN", lambda: client.transcribe(np.full(16_000, np.nan, np.float32), sample_rate=16_000), "NaN"),
+        (
+            "too long",
+            lambda: client.transcribe(np.full(8_000 * (MAX_AUDIO_SECONDS + 5), 0.1, np.float32), sample_rate=8_000),
+            "over the maximum",
+        ),
+        ("unknown language", lambda: client.transcribe(good, language="xx"), "unknown language"),
+        ("unknown task", lambda: client.transcribe(good, task="summarize"), "unknown task"),
+        (
+            "wrong dtype",
+            lambda: _raw_infer(server, [_tensor("AUDIO", np.ones(100, np.int16), "INT16"), rate]),
+            "(?i)type",
+        ),
+        (
+            "wrong shape",
+            lambda: _raw_infer(server, [_tensor("AUDIO", np.ones((2, 50), np.float32), "FP32"), rate]),
+            "shape",
+        ),
+        ("missing audio", lambda: _raw_infer(server, [_tensor("LANGUAGE", language, "BYTES")]), "exactly one of"),
+        (
+            "unknown parameter",
+            lambda: _raw_infer(
+                server, [_tensor("AUDIO", np.ones(16_000, np.float32) * 0.1, "FP32"), rate], {"beam": 5}
+            ),
+            "unknown request parameter",
+        ),
+        ("unknown input", lambda: _raw_infer(server, [_tensor("VOLUME", np.ones(1, np.float32), "FP32")]), "VOLUME"),
+    ]
+    for name, send, message in cases:
+        with pytest.raises(Exception, match=message) as caught:
+            send()
+        print(f"{name}: {caught.value}")
+    assert client.transcribe(good, language="en").text
+
+
+def test_cli_writes_subtitles_and_json(server, tmp_path):
+    files = [prompt.path for prompt, _ in clips("en", 2, min_seconds=3.0)]
+    for fmt in ("srt", "vtt", "json", "txt"):
+        assert (
+            cli_main(
+                [
+                    "transcribe",
+                    *map(str, files),
+                    "--url",
+                    server.grpc_url,
+                    "--language",
+                    "en",
+                    "--format",
+                    fmt,
+                    "--output-dir",
+                    str(tmp_path),
+                ]
+            )
+            == 0
+        )
+    srt = (tmp_path / f"{files[0].stem}.srt").read_text()
+    assert srt.startswith("1\n00:00:00,000 --> 00:00:0") and srt.strip().splitlines()[2]
+    assert (tmp_path / f"{files[0].stem}.vtt").read_text().startswith("WEBVTT\n\n00:00:00.000 --> ")
+    document = json.loads((tmp_path / f"{files[1].stem}.json").read_text())
+    assert document["language"] == "en" and document["segments"] and document["stats"]["tokens_out"] > 0
+    assert (tmp_path / f"{files[1].stem}.txt").read_text().strip() == document["text"]
+    assert cli_main(["transcribe", str(tmp_path / "missing.wav"), "--url", server.grpc_url]) == 1
+
+
+def test_cli_streams_long_files(server, tmp_path):
+    long_file = tmp_path / "long.wav"
+    sf.write(long_file, long_form("en", 75), 16_000)
+    assert (
+        cli_main(
+            ["transcribe", str(long_file), "--url", server.grpc_url, "--format", "srt", "--output-dir", str(tmp_path)]
+        )
+        == 0
+    )
+    assert (tmp_path / "long.srt").read_text().count(" --> ") > 3
+
+
+def _server_rss_mb(server: TritonServer) -> float:
+    """Resident memory of tritonserver and its Python-backend stubs, in MB."""
+    pids = [server.process.pid]
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+        except OSError:
+            continue
+        if f"PPid:\t{server.process.pid}\n" in text:
+            pids.append(int(status.parent.name))
+    total = 0
+    for pid in pids:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                total += int(line.split()[1])
+    return total / 1024
+
+
+def _load(server, files, expected, speculative: bool, seconds: float, clients: int = 8) -> dict:
+    """``clients`` threads sending requests back to back for ``seconds``; latencies and checks."""
+    latencies, failures, mismatches = [], [], []
+    deadline = time.monotonic() + seconds
+
+    def worker(index: int) -> None:
+        with SpeechClient(server.grpc_url, timeout=300) as own:
+            turn = index
+            while time.monotonic() < deadline:
+                path = files[turn % len(files)]
+                started = time.monotonic()
+                try:
+                    text = own.transcribe(path, language="en", speculative=speculative).text
+                except TranscriptionError as error:
+                    failures.append(str(error))
+                    continue
+                latencies.append(time.monotonic() - started)
+                if text != expected[path]:
+                    mismatches.append(path.name)
+                turn += 1
+
+    started = time.monotonic()
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    elapsed = time.monotonic() - started
+    latencies.sort()
+    return {
+        "failures": failures,
+        "mismatches": mismatches,
+        "requests": len(latencies),
+        "throughput_rps": round(len(latencies) / elapsed, 3),
+        "p50_s": round(statistics.median(latencies), 3),
+        "p95_s": round(latencies[int(0.95 * (len(latencies) - 1))], 3),
+    }
+
+
+def test_concurrent_clients(server, client):
+    """8 clients for a bounded time: no failures, outputs equal single requests, memory flat."""
+    files = [prompt.path for prompt, _ in clips("en", 8)]
+    expected = {path: client.transcribe(path, language="en").text for path in files}
+    _load(server, files, expected, speculative=True, seconds=5)  # warm every instance first
+    report = {}
+    for speculative in (True, False):
+        before = _server_rss_mb(server)
+        outcome = _load(server, files, expected, speculative, LOAD_SECONDS / 2)
+        outcome["rss_growth_mb"] = round(_server_rss_mb(server) - before, 1)
+        assert not outcome.pop("failures") and not outcome.pop("mismatches")
+        assert outcome["rss_growth_mb"] < 100, "server memory should stay flat after warm-up"
+        report["speculative" if speculative else "plain"] = outcome
+    print(f"load check, 8 clients, {LOAD_SECONDS:.0f} s: {json.dumps(report)}")
