@@ -54,7 +54,7 @@ def _both(engine: Transcriber, audio: np.ndarray, **options) -> tuple[Transcript
 @pytest.mark.parametrize("engine_name", ["decoder_only", "full_assistant"])
 def test_short_form_identity(engine_name, language, timestamps, request):
     engine = request.getfixturevalue(engine_name)
-    for _, audio in clips(language, 4):
+    for _, audio in clips(language, 3):
         plain, fast = _both(engine, audio, language=language, timestamps=timestamps)
         assert plain.text
         assert fast.stats.tokens_drafted > 0
@@ -73,27 +73,30 @@ def test_short_form_equals_transformers_generate(decoder_only, english_clips, hf
 
 @pytest.mark.parametrize("language", ["en", "es"])
 @pytest.mark.parametrize("timestamps", [False, True])
-def test_long_form_identity(decoder_only, agreeing, language, timestamps):
-    audio = long_form(language, 150)
+def test_long_form_identity(decoder_only, language, timestamps):
+    audio = long_form(language, 100)
     plain, _ = _both(decoder_only, audio, language=language, timestamps=timestamps)
-    assert plain.stats.windows >= 5
-    _, agreed = _both(agreeing, audio, language=language, timestamps=timestamps)
-    print(f"{language} ts={timestamps}: always-agreeing draft {agreed.stats.to_dict()}")
-    assert agreed.stats.acceptance_rate > 0.95
-    assert agreed.stats.tokens_per_main_pass > 3
+    assert plain.stats.windows >= 4
     if timestamps:
         starts = [segment.start for segment in plain.segments]
         assert starts == sorted(starts) and plain.segments[-1].end <= len(audio) / 16_000 + 1
         assert len(plain.segments) > plain.stats.windows, "timestamps should split windows into segments"
 
 
+def test_always_agreeing_draft_is_accepted(agreeing):
+    """A draft that is the main decoder itself: nearly every draft kept, many tokens per main pass."""
+    _, agreed = _both(agreeing, long_form("es", 65), language="es", timestamps=True)
+    print(f"always-agreeing draft: {agreed.stats.to_dict()}")
+    assert agreed.stats.acceptance_rate > 0.95
+    assert agreed.stats.tokens_per_main_pass > 3
+
+
 @pytest.mark.parametrize("language", ["es", "fr"])
-def test_translate_identity(full_assistant, agreeing, language):
+def test_translate_identity(full_assistant, language):
     for _, audio in clips(language, 3, min_seconds=3.0):
         plain, _ = _both(full_assistant, audio, language=language, task="translate")
-        _both(agreeing, audio, language=language, task="translate", timestamps=True)
         assert plain.text.isascii(), f"translation should be English: {plain.text!r}"
-    _both(full_assistant, long_form(language, 70, skip=40), language=language, task="translate", timestamps=True)
+    _both(full_assistant, long_form(language, 65, skip=40), language=language, task="translate", timestamps=True)
 
 
 def test_language_detection(decoder_only):
