@@ -77,8 +77,10 @@ class Transcriber:
             raise OptionError(f"unknown task {options.task!r}: use 'transcribe' or 'translate'")
         if options.language is not None:
             if facts.is_multilingual and options.language not in facts.languages:
+                known = sorted(facts.languages)
                 raise OptionError(
-                    f"unknown language {options.language!r}: this model knows {', '.join(sorted(facts.languages))}"
+                    f"unknown language {options.language!r}: use one of this model's {len(known)} language codes"
+                    f" ({', '.join(known[:8])}, ...), or none to detect it"
                 )
             if not facts.is_multilingual and options.language != "en":
                 raise OptionError(f"this model is English-only; language {options.language!r} is not available")

@@ -24,6 +24,11 @@ def _tensors(arrays):
     return [pb_utils.Tensor(name, value) for name, value in arrays.items()]
 
 
+def _refusal(error):
+    """A per-request error with gRPC's INVALID_ARGUMENT status: the request, not the server, is at fault."""
+    return pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error), pb_utils.TritonError.INVALID_ARG))
+
+
 class TritonPythonModel:
     def initialize(self, args):
         config = json.loads(args["model_config"])
@@ -67,7 +72,7 @@ class TritonPythonModel:
                 result = self.transcriber.transcribe(audio, options)
             except RequestError as error:
                 self.metrics.record_failure(type(error).__name__)
-                responses.append(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))))
+                responses.append(_refusal(error))
                 continue
             self.metrics.record(result.stats, len(audio) / 16_000, options.speculative)
             responses.append(pb_utils.InferenceResponse(output_tensors=_tensors(outputs(result))))
@@ -89,7 +94,7 @@ class TritonPythonModel:
                 sender.send(pb_utils.InferenceResponse(output_tensors=_tensors(partial)))
         except RequestError as error:
             self.metrics.record_failure(type(error).__name__)
-            sender.send(pb_utils.InferenceResponse(error=pb_utils.TritonError(str(error))), flags=final)
+            sender.send(_refusal(error), flags=final)
             return
         self.metrics.record(stats, len(audio) / 16_000, options.speculative)
         done = {
