@@ -1,8 +1,11 @@
 # The two commands a newcomer needs. Both install what they use.
-.PHONY: setup test lint
+.PHONY: setup demo test lint
 
 setup:
 	bash .ci/setup
+
+demo: setup
+	.venv/bin/specwhisper-demo
 
 test: setup
 	.venv/bin/ruff check .
