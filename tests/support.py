@@ -21,16 +21,3 @@ def hf_greedy(model, processor, audio: np.ndarray, language: str | None) -> list
 
 def clips(language: str, count: int, min_seconds: float = 2.0) -> list[tuple[asterisk.Prompt, np.ndarray]]:
     return [(prompt, asterisk.load_audio(prompt.path)) for prompt in asterisk.select(language, count, min_seconds)]
-
-
-def long_form(language: str, seconds: float, skip: int = 0) -> np.ndarray:
-    """Speech-dense long-form audio: consecutive prompts (of >= 1 s) joined by 0.3 s pauses."""
-    pause = np.zeros(int(0.3 * asterisk.SAMPLE_RATE), dtype=np.float32)
-    pieces: list[np.ndarray] = []
-    total = 0.0
-    for prompt in [p for p in asterisk.prompts(language) if p.seconds >= 1.0][skip:]:
-        pieces += [asterisk.load_audio(prompt.path), pause]
-        total += prompt.seconds + 0.3
-        if total >= seconds:
-            return np.concatenate(pieces)
-    raise ValueError(f"not enough {language} prompts for {seconds} s")

@@ -17,7 +17,8 @@ from specwhisper_backend import audio as audio_input
 from specwhisper_backend.errors import AudioError, OptionError
 from specwhisper_backend.runtime import ExportedModel
 from specwhisper_backend.transcriber import TranscribeOptions, Transcriber, Transcription
-from tests.support import clips, long_form
+from specwhisper_export.asterisk import long_form
+from tests.support import clips
 
 pytestmark = pytest.mark.slow
 

@@ -19,9 +19,10 @@ import tritonclient.grpc as grpcclient
 from specwhisper_backend.tritonserver import TritonServer
 from specwhisper_client import SpeechClient, StreamEnd, TranscriptionError
 from specwhisper_client.cli import main as cli_main
+from specwhisper_export.asterisk import long_form
 from specwhisper_export.repository import ExportRequest, write_repository
 from specwhisper_export.triton_config import ServingOptions
-from tests.support import clips, long_form
+from tests.support import clips
 
 pytestmark = pytest.mark.slow
 

@@ -95,3 +95,17 @@ def select(language: str, count: int, min_seconds: float = 2.0, max_seconds: flo
         raise ValueError(f"only {len(pool)} {language} prompts of {min_seconds}-{max_seconds} s, {count} wanted")
     step = len(pool) / count
     return [pool[int(i * step)] for i in range(count)]
+
+
+def long_form(language: str, seconds: float, skip: int = 0) -> np.ndarray:
+    """Speech-dense long-form audio: consecutive prompts (of >= 1 s, from the ``skip``-th on) joined by
+    0.3 s pauses, at least ``seconds`` long."""
+    pause = np.zeros(int(0.3 * SAMPLE_RATE), dtype=np.float32)
+    pieces: list[np.ndarray] = []
+    total = 0.0
+    for prompt in [p for p in prompts(language) if p.seconds >= 1.0][skip:]:
+        pieces += [load_audio(prompt.path), pause]
+        total += prompt.seconds + 0.3
+        if total >= seconds:
+            return np.concatenate(pieces)
+    raise ValueError(f"not enough {language} prompts for {seconds} s of audio")

@@ -35,18 +35,6 @@ class Run:
     tokens: list[list[int]] | None = None
 
 
-def long_form_audio(language: str, seconds: float, skip: int) -> np.ndarray:
-    """Speech-dense long-form audio: consecutive prompts (of >= 1 s) joined by 0.3 s pauses."""
-    pause = np.zeros(int(0.3 * asterisk.SAMPLE_RATE), dtype=np.float32)
-    pieces, total = [], 0.0
-    for prompt in [p for p in asterisk.prompts(language) if p.seconds >= 1.0][skip:]:
-        pieces += [asterisk.load_audio(prompt.path), pause]
-        total += prompt.seconds + 0.3
-        if total >= seconds:
-            break
-    return np.concatenate(pieces)
-
-
 def _merge(total: DecodeStats, part: DecodeStats) -> None:
     for name, value in vars(part).items():
         setattr(total, name, getattr(total, name) + value)
@@ -140,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
                 assisted.seconds / max(results[key]["speculative_s"], 1e-9), 2
             )
         if args.long_seconds > 0:
-            audio = [long_form_audio(language, args.long_seconds, skip=100)]
+            audio = [asterisk.long_form(language, args.long_seconds, skip=100)]
             key = f"{language} long-form ({len(audio[0]) / 16_000:.0f} s, timestamps)"
             results[key] = compare(
                 run_engine(engine, audio, language, False, True), run_engine(engine, audio, language, True, True)

@@ -17,7 +17,6 @@ import soundfile as sf
 from specwhisper_backend.tritonserver import TritonServer
 from specwhisper_client import SpeechClient
 from specwhisper_export import asterisk
-from specwhisper_export.benchmark import long_form_audio
 from specwhisper_export.repository import ExportRequest, write_repository
 from specwhisper_export.triton_config import ServingOptions
 
@@ -44,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
         data, label = args.audio.read_bytes(), str(args.audio)
     else:
         buffer = io.BytesIO()
-        sf.write(buffer, long_form_audio("en", 60, skip=0), asterisk.SAMPLE_RATE, format="WAV")
+        sf.write(buffer, asterisk.long_form("en", 60), asterisk.SAMPLE_RATE, format="WAV")
         data, label = buffer.getvalue(), "60 s of English Asterisk prompts"
     print("starting tritonserver ...", flush=True)
     with TritonServer(args.repository.resolve()) as server, SpeechClient(server.grpc_url) as client:
