@@ -23,6 +23,7 @@ SOUNDS_ROOT = Path("/usr/share/asterisk/sounds")
 DOCS_ROOT = Path("/usr/share/doc")
 LANGUAGES = ("en", "es", "fr")
 SAMPLE_RATE = 16_000
+LONG_FORM_PAUSE = 0.3  # seconds of silence between joined prompts
 
 
 @dataclass(frozen=True)
@@ -97,15 +98,21 @@ def select(language: str, count: int, min_seconds: float = 2.0, max_seconds: flo
     return [pool[int(i * step)] for i in range(count)]
 
 
-def long_form(language: str, seconds: float, skip: int = 0) -> np.ndarray:
-    """Speech-dense long-form audio: consecutive prompts (of >= 1 s, from the ``skip``-th on) joined by
-    0.3 s pauses, at least ``seconds`` long."""
-    pause = np.zeros(int(0.3 * SAMPLE_RATE), dtype=np.float32)
-    pieces: list[np.ndarray] = []
+def long_form_prompts(language: str, seconds: float, skip: int = 0) -> list[Prompt]:
+    """Consecutive prompts (of >= 1 s, from the ``skip``-th on) that with 0.3 s pauses last ``seconds``."""
+    chosen: list[Prompt] = []
     total = 0.0
     for prompt in [p for p in prompts(language) if p.seconds >= 1.0][skip:]:
-        pieces += [load_audio(prompt.path), pause]
-        total += prompt.seconds + 0.3
+        chosen.append(prompt)
+        total += prompt.seconds + LONG_FORM_PAUSE
         if total >= seconds:
-            return np.concatenate(pieces)
+            return chosen
     raise ValueError(f"not enough {language} prompts for {seconds} s of audio")
+
+
+def long_form(language: str, seconds: float, skip: int = 0) -> np.ndarray:
+    """Speech-dense long-form audio: :func:`long_form_prompts` joined by short pauses."""
+    pause = np.zeros(int(LONG_FORM_PAUSE * SAMPLE_RATE), dtype=np.float32)
+    return np.concatenate(
+        [piece for p in long_form_prompts(language, seconds, skip) for piece in (load_audio(p.path), pause)]
+    )
