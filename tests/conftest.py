@@ -7,6 +7,7 @@ import pytest
 
 from specwhisper_export import asterisk
 from specwhisper_export.cut import cached_cut
+from specwhisper_export.draft_training import draft_checkpoint
 from specwhisper_export.presets import load_whisper
 from specwhisper_export.repository import ExportRequest, export_artefacts
 from tests.support import clips, hf_greedy
@@ -38,9 +39,15 @@ def full_cut() -> str:
 
 
 @pytest.fixture(scope="session")
-def serving_assistant(decoder_only_cut) -> str:
+def trained_draft() -> str:
+    """base's own trained draft (the product's default assistant; trained once, ~20 min, then cached)."""
+    return str(draft_checkpoint("base"))
+
+
+@pytest.fixture(scope="session")
+def serving_assistant(trained_draft) -> str:
     """The assistant the Triton tests serve with base."""
-    return decoder_only_cut
+    return trained_draft
 
 
 @pytest.fixture(scope="session")

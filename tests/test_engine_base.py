@@ -34,6 +34,11 @@ def full_assistant(base_export_full_assistant) -> Transcriber:
 
 
 @pytest.fixture(scope="module")
+def trained(trained_draft) -> Transcriber:
+    return Transcriber(ExportedModel(export_artefacts(ExportRequest("base", trained_draft)), intra_op_threads=2))
+
+
+@pytest.fixture(scope="module")
 def agreeing(agreeing_export) -> Transcriber:
     return Transcriber(ExportedModel(agreeing_export, intra_op_threads=2))
 
@@ -82,6 +87,17 @@ def test_long_form_identity(decoder_only, language, timestamps):
         starts = [segment.start for segment in plain.segments]
         assert starts == sorted(starts) and plain.segments[-1].end <= len(audio) / 16_000 + 1
         assert len(plain.segments) > plain.stats.windows, "timestamps should split windows into segments"
+
+
+@pytest.mark.parametrize("language", ["en", "es", "fr"])
+def test_trained_draft_identity_and_acceptance(trained, language):
+    """The product's default assistant: identical tokens, and a real share of drafts accepted."""
+    for _, audio in clips(language, 3):
+        _both(trained, audio, language=language)
+    _, fast = _both(trained, long_form(language, 65, skip=60), language=language, timestamps=True)
+    print(f"trained draft, {language} long-form: {fast.stats.to_dict()}")
+    assert fast.stats.acceptance_rate > 0.3
+    assert fast.stats.tokens_per_main_pass > 1.5
 
 
 def test_always_agreeing_draft_is_accepted(agreeing):

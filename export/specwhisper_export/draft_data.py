@@ -1,0 +1,481 @@
+"""Training data for a draft decoder: audio windows and what the main model says on them.
+
+A draft pays only when it predicts what the MAIN model will output, not what was spoken, so no
+transcripts are needed: the targets are the main model's own greedy tokens and its top logits,
+decoded exactly as serving decodes (the exported ONNX graphs and the backend's logit filters) for
+each prompt form served (transcribe/translate, with and without timestamps).
+
+The few real recordings at hand (short Asterisk prompts) are memorised in a few epochs, so variety
+is made here: windows of 5-25 s concatenating random clips of one language, like the long-form
+audio Whisper serves, plus espeak-ng speaking new sentences recombined from the training split's
+transcripts. Clips are split into training and held-out BY FILE before anything is concatenated,
+so no held-out recording (or its transcript) ever reaches training.
+
+Everything (encoder outputs included: the draft reads them) is computed once, seeded, and kept in
+``cache_root()/draft-data/<key>``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import random
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator, Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+from tqdm import tqdm
+
+from specwhisper_backend.cache import cached_dir, checkpoint_identity, input_key
+from specwhisper_backend.facts import ModelFacts
+from specwhisper_backend.features import log_mel, window
+from specwhisper_backend.logit_filters import ApplyTimestampRules, LogitFilter, SuppressAtBegin, SuppressTokens
+from specwhisper_backend.runtime import ExportedModel
+from specwhisper_export import asterisk
+from specwhisper_export.presets import resolve_checkpoint
+from specwhisper_export.repository import ExportRequest, export_artefacts
+
+log = logging.getLogger(__name__)
+
+SAMPLE_RATE = asterisk.SAMPLE_RATE
+AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
+Split = Literal["train", "heldout"]
+Task = Literal["transcribe", "translate"]
+# The prompt forms served; every window is decoded in the default one plus one other drawn at random.
+DEFAULT_FORM: tuple[Task, bool] = ("transcribe", False)
+OTHER_FORMS: tuple[tuple[Task, bool], ...] = (("transcribe", True), ("translate", False), ("translate", True))
+# espeak-ng voices per language (the built-in ones; mbrola voices need extra packages).
+ESPEAK_VOICES = {
+    "en": ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp"),
+    "es": ("es", "es-419"),
+    "fr": ("fr-fr", "fr-be", "fr-ch"),
+}
+ESPEAK_VARIANTS = ("", "+m1", "+m3", "+m5", "+f1", "+f2", "+f4")
+# Text tokens per window at most: speech needs up to ~6 a second with timestamps; more is a
+# repetition loop, which would hold up its whole batch (openai/whisper allows 224 per window).
+TOKENS_PER_SECOND, MIN_TOKENS, MAX_TEXT_TOKENS = 8, 16, 224
+HELDOUT_AUDIO_FILE = "heldout_audio.npz"
+
+
+@dataclass(frozen=True)
+class CorpusOptions:
+    """What audio the draft learns from and which main-model outputs it imitates."""
+
+    languages: tuple[str, ...] = asterisk.LANGUAGES  # Asterisk prompts and espeak-ng speech in these
+    audio: tuple[str, ...] = ()  # extra files or folders (no transcripts; language detected by the main model)
+    use_asterisk: bool = True
+    train_windows: int = 60  # concatenated real-speech windows per language
+    espeak_windows: int = 20  # synthetic windows per language (skipped if espeak-ng is absent)
+    heldout_windows: int = 10  # real-speech windows per language, from held-out files only
+    min_seconds: float = 5.0
+    max_seconds: float = 25.0
+    heldout_every: int = 5  # every n-th file (by sorted name, per language) is held out
+    max_files: int = 0  # per language and split before windowing; 0 keeps all (tests use a few)
+    top_k: int = 16  # main-model logits kept per position for distillation
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.languages and not self.audio:
+            raise ValueError("no audio: give languages (Asterisk/espeak-ng) or audio files")
+        if unknown := set(self.languages) - set(asterisk.LANGUAGES):
+            raise ValueError(f"no built-in speech for {sorted(unknown)}; known: {asterisk.LANGUAGES}")
+        if min(self.train_windows, self.espeak_windows, self.heldout_windows, self.max_files) < 0:
+            raise ValueError("window and file counts must be >= 0")
+        if not 1.0 <= self.min_seconds <= self.max_seconds <= 29.0:
+            raise ValueError("need 1 <= min_seconds <= max_seconds <= 29 (a window is 30 s)")
+        if self.heldout_every < 2:
+            raise ValueError("heldout_every must be >= 2")
+        if not 1 <= self.top_k <= 256:
+            raise ValueError("top_k must be in 1..256")
+
+
+@dataclass(frozen=True)
+class Clip:
+    """One source file; ``name`` is unique and orders the held-out split."""
+
+    language: str
+    name: str
+    path: Path
+    text: str | None = None
+
+
+@dataclass(frozen=True)
+class Window:
+    """Up to 30 s of audio the main model is run on (metadata; the audio is not kept)."""
+
+    language: str
+    split: Split
+    source: Literal["speech", "espeak"]
+    parts: tuple[str, ...]  # clip names or the spoken text
+    seconds: float
+
+
+@dataclass(frozen=True)
+class Target:
+    """The main model's greedy decoding of one window in one prompt form.
+
+    ``tokens`` is prompt + text (+ end of text when it ended); position ``prompt_length - 1 + i``
+    predicts ``tokens[prompt_length + i]``, and ``topk_ids[i]``/``topk_logits[i]`` are the main
+    model's filtered logits there (the largest ``top_k``).
+    """
+
+    window: int
+    task: Task
+    timestamps: bool
+    prompt_length: int
+    tokens: np.ndarray  # int32 [T]
+    topk_ids: np.ndarray  # int32 [T - prompt_length, k]
+    topk_logits: np.ndarray  # float16 [T - prompt_length, k]
+
+    @property
+    def text_tokens(self) -> np.ndarray:
+        return self.tokens[self.prompt_length :]
+
+
+@dataclass
+class DraftData:
+    """A cached corpus: windows, the main encoder's output for each, and the targets."""
+
+    directory: Path
+    windows: list[Window]
+    states: np.ndarray  # float16 [N, n_audio_ctx, d_model], memory-mapped
+    targets: list[Target] = field(default_factory=list)
+
+    def split(self, split: Split) -> list[Target]:
+        return [t for t in self.targets if self.windows[t.window].split == split]
+
+
+def split_by_file(clips: Sequence[Clip], every: int) -> dict[Split, list[Clip]]:
+    """Every ``every``-th clip of each language, by sorted name, is held out; the rest trains."""
+    result: dict[Split, list[Clip]] = {"train": [], "heldout": []}
+    for language in sorted({c.language for c in clips}):
+        ordered = sorted((c for c in clips if c.language == language), key=lambda c: c.name)
+        for index, clip in enumerate(ordered):
+            result["heldout" if index % every == every - 1 else "train"].append(clip)
+    return result
+
+
+def concatenate(
+    clips: Sequence[Clip], count: int, rng: random.Random, min_seconds: float, max_seconds: float, loader
+) -> Iterator[tuple[list[str], np.ndarray]]:
+    """``count`` windows of ``min_seconds``-``max_seconds``, each random clips of ``clips`` with short gaps.
+
+    Clips longer than ``max_seconds`` are cropped; a window never repeats a clip.
+    """
+    limit = int(max_seconds * SAMPLE_RATE)
+    for _ in range(count):
+        goal = rng.uniform(min_seconds, max_seconds) * SAMPLE_RATE
+        order = rng.sample(range(len(clips)), len(clips))
+        names: list[str] = []
+        pieces: list[np.ndarray] = []
+        length = 0
+        for index in order:
+            audio = loader(clips[index])[:limit]
+            gap = np.zeros(int(rng.uniform(0.1, 0.6) * SAMPLE_RATE), np.float32) if pieces else np.zeros(0, np.float32)
+            if length + len(gap) + len(audio) > limit:
+                if pieces:
+                    continue
+                audio = audio[:limit]
+            pieces += [gap, audio]
+            names.append(clips[index].name)
+            length += len(gap) + len(audio)
+            if length >= goal:
+                break
+        yield names, np.concatenate(pieces)
+
+
+def espeak_available() -> bool:
+    return shutil.which("espeak-ng") is not None
+
+
+def synthesize(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
+    """espeak-ng speech of ``text`` at 16 kHz."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "speech.wav"
+        subprocess.run(
+            ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(path), text],
+            check=True,
+            capture_output=True,
+        )
+        return asterisk.load_audio(path)
+
+
+def recombined_texts(texts: Sequence[str], rng: random.Random, sentences: tuple[int, int] = (2, 6)) -> str:
+    """A new passage: whole training transcripts and word spans cut from others, in random order."""
+    parts = []
+    for _ in range(rng.randint(*sentences)):
+        words = rng.choice(texts).split()
+        if rng.random() < 0.5 and len(words) > 3:
+            start = rng.randrange(len(words) - 2)
+            words = words[start : start + rng.randint(3, len(words) - start)]
+        parts.append(" ".join(words).rstrip(".,;:!?") + rng.choice([".", ".", ",", "?", "!"]))
+    return " ".join(parts)
+
+
+def espeak_windows(
+    texts: Sequence[str], language: str, count: int, rng: random.Random, max_seconds: float
+) -> Iterator[tuple[str, np.ndarray]]:
+    """``count`` synthetic windows in ``language`` speaking recombined ``texts`` with varied voices."""
+    limit = int(max_seconds * SAMPLE_RATE)
+    for _ in range(count):
+        text = recombined_texts(texts, rng)
+        voice = rng.choice(ESPEAK_VOICES[language]) + rng.choice(ESPEAK_VARIANTS)
+        audio = synthesize(text, voice, speed=rng.randint(130, 200), pitch=rng.randint(25, 75))
+        yield text, audio[:limit]
+
+
+def find_audio(paths: Sequence[str]) -> list[Path]:
+    """Audio files named, or found under the folders named, sorted."""
+    found: list[Path] = []
+    for item in map(Path, paths):
+        if item.is_dir():
+            found += [p for p in item.rglob("*") if p.suffix.lower() in AUDIO_SUFFIXES]
+        elif item.is_file():
+            found.append(item)
+        else:
+            raise FileNotFoundError(f"no audio file or folder {item}")
+    return sorted(set(found))
+
+
+class MainTeacher:
+    """The main model as served (ONNX Runtime, backend filters), producing a draft's targets."""
+
+    def __init__(self, main: str, threads: int = 2) -> None:
+        self.model = ExportedModel(export_artefacts(ExportRequest(main=main)), intra_op_threads=threads)
+        self.facts: ModelFacts = self.model.facts
+        self.mel_filters = np.load(self.model.directory / "mel_filters.npy")
+
+    def features(self, audio: np.ndarray) -> np.ndarray:
+        return window(log_mel(audio, self.mel_filters), 0)
+
+    def detect_language(self, states: np.ndarray) -> str:
+        """The likeliest language token after <|startoftranscript|>, as the Transcriber detects it."""
+        self.model.main.start(states)
+        logits = self.model.main.forward(np.asarray([[self.facts.tokens.sot]]))[0, 0]
+        codes = list(self.facts.languages)
+        return codes[int(np.argmax(logits[[self.facts.languages[c] for c in codes]]))]
+
+    def prompt(self, language: str, task: Task, timestamps: bool) -> list[int]:
+        tokens = self.facts.tokens
+        prompt = [
+            tokens.sot,
+            self.facts.languages[language],
+            tokens.translate if task == "translate" else tokens.transcribe,
+        ]
+        return prompt if timestamps else [*prompt, tokens.no_timestamps]
+
+    def filters(self, prompt_length: int, timestamps: bool) -> list[LogitFilter]:
+        """The Transcriber's rules for a window that starts with this prompt."""
+        facts = self.facts
+        rules: list[LogitFilter] = [
+            SuppressAtBegin(facts.begin_suppress_tokens, prompt_length),
+            SuppressTokens(facts.suppress_tokens),
+        ]
+        if timestamps:
+            tokens = facts.tokens
+            rules.append(
+                ApplyTimestampRules(
+                    tokens.timestamp_begin,
+                    tokens.eot,
+                    tokens.no_timestamps,
+                    prompt_length,
+                    facts.max_initial_timestamp_index,
+                )
+            )
+        return rules
+
+    def greedy(
+        self, states: np.ndarray, prompts: Sequence[list[int]], timestamps: Sequence[bool], top_k: int, limit: int
+    ) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+        """Batched greedy decoding, one row per prompt over ``states[row]``, of at most ``limit`` tokens:
+        tokens and top-k logits."""
+        session, eot = self.model.main, self.facts.tokens.eot
+        rows = len(prompts)
+        session.start(states)
+        counts = np.asarray([len(p) - 1 for p in prompts])
+        prefill = np.full((rows, counts.max()), eot, dtype=np.int64)
+        for row, prompt in enumerate(prompts):
+            prefill[row, : len(prompt) - 1] = prompt[:-1]
+        session.forward(prefill, counts)
+        rules = [self.filters(len(p), ts) for p, ts in zip(prompts, timestamps, strict=True)]
+        tokens = [list(p) for p in prompts]
+        tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in prompts]
+        done = [False] * rows
+        for _ in range(limit):
+            logits = session.forward(np.asarray([[t[-1]] for t in tokens]))[:, 0]
+            for row in range(rows):
+                if done[row]:
+                    continue
+                scores = np.array(logits[row], dtype=np.float32, copy=True)
+                for rule in rules[row]:
+                    rule.apply(scores, tokens[row])
+                ids = np.argpartition(-scores, top_k)[:top_k]
+                ids = ids[np.argsort(-scores[ids])]
+                tops[row].append((ids, scores[ids]))
+                tokens[row].append(int(ids[0]))
+                done[row] = int(ids[0]) == eot
+            if all(done):
+                break
+        results = []
+        for row in range(rows):
+            ids = np.stack([i for i, _ in tops[row]]).astype(np.int32)
+            # Suppressed ids have -inf: a large finite value keeps fp16 and softmax sane.
+            values = np.maximum(np.stack([v for _, v in tops[row]]), -1e4).astype(np.float16)
+            results.append((tokens[row], ids, values))
+        return results
+
+
+def _clips(options: CorpusOptions, teacher: MainTeacher) -> list[Clip]:
+    clips: list[Clip] = []
+    if options.use_asterisk:
+        for language in options.languages:
+            clips += [
+                Clip(language, f"asterisk/{language}/{p.name}", p.path, p.text) for p in asterisk.prompts(language)
+            ]
+    for path in find_audio(options.audio):
+        audio = asterisk.load_audio(path)[: 30 * SAMPLE_RATE]
+        language = teacher.detect_language(teacher.model.encode(teacher.features(audio)))
+        clips.append(Clip(language, str(path), path))
+    return clips
+
+
+def _limit(clips: list[Clip], count: int) -> list[Clip]:
+    """At most ``count`` clips per language, spread over the sorted list (0: all)."""
+    if not count:
+        return clips
+    kept = []
+    for language in sorted({c.language for c in clips}):
+        mine = [c for c in clips if c.language == language]
+        step = max(len(mine) / count, 1)
+        kept += [mine[int(i * step)] for i in range(min(count, len(mine)))]
+    return kept
+
+
+def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple[Window, np.ndarray]]:
+    """The corpus's windows with their audio, in a fixed (seeded) order."""
+    rng = random.Random(options.seed)
+    splits = split_by_file(_clips(options, teacher), options.heldout_every)
+    audio_cache: dict[str, np.ndarray] = {}
+
+    def load(clip: Clip) -> np.ndarray:
+        if clip.name not in audio_cache:
+            audio_cache[clip.name] = asterisk.load_audio(clip.path)
+        return audio_cache[clip.name]
+
+    plan: list[tuple[Split, int]] = [("train", options.train_windows), ("heldout", options.heldout_windows)]
+    for split, count in plan:
+        clips = _limit(splits[split], options.max_files)
+        for language in sorted({c.language for c in clips}):
+            mine = [c for c in clips if c.language == language]
+            for names, audio in concatenate(mine, count, rng, options.min_seconds, options.max_seconds, load):
+                yield Window(language, split, "speech", tuple(names), len(audio) / SAMPLE_RATE), audio
+
+    texts = {lang: [c.text for c in splits["train"] if c.language == lang and c.text] for lang in options.languages}
+    if options.espeak_windows and not espeak_available():
+        log.warning("espeak-ng not found: training without synthetic speech (apt-get install espeak-ng)")
+        return
+    for language in options.languages if options.espeak_windows else ():
+        for text, audio in espeak_windows(texts[language], language, options.espeak_windows, rng, options.max_seconds):
+            yield Window(language, "train", "espeak", (text,), len(audio) / SAMPLE_RATE), audio
+
+
+def _forms(rng: random.Random) -> list[tuple[Task, bool]]:
+    return [DEFAULT_FORM, rng.choice(OTHER_FORMS)]
+
+
+def _build(options: CorpusOptions, main: str, directory: Path, batch: int = 4) -> None:
+    teacher = MainTeacher(main)
+    produced = list(tqdm(make_windows(options, teacher), desc="draft data: audio windows", unit="window"))
+    windows = [w for w, _ in produced]
+    # Held-out audio is kept (small) so that reports can also decode it through the engine.
+    heldout = {str(i): audio.astype(np.float16) for i, (w, audio) in enumerate(produced) if w.split == "heldout"}
+    np.savez(directory / HELDOUT_AUDIO_FILE, **heldout)
+    d_model = teacher.model.facts.main.heads * teacher.model.facts.main.head_dim
+    states = np.lib.format.open_memmap(
+        directory / "states.npy", mode="w+", dtype=np.float16, shape=(len(windows), teacher.facts.n_audio_ctx, d_model)
+    )
+    rng = random.Random(options.seed + 1)
+    records: list[dict] = []
+    flat_tokens: list[np.ndarray] = []
+    flat_ids: list[np.ndarray] = []
+    flat_logits: list[np.ndarray] = []
+    # Batches of windows of similar length decode for similar numbers of steps: less padding work.
+    by_length = sorted(range(len(windows)), key=lambda i: windows[i].seconds)
+    for first in tqdm(range(0, len(windows), batch), desc="draft data: main model targets", unit="batch"):
+        chosen = by_length[first : first + batch]
+        encoded = teacher.model.encode(np.concatenate([teacher.features(produced[i][1]) for i in chosen]))
+        states[chosen] = encoded.astype(np.float16)
+        rows = [(slot, i, task, ts) for slot, i in enumerate(chosen) for task, ts in _forms(rng)]
+        prompts = [teacher.prompt(windows[i].language, task, ts) for _, i, task, ts in rows]
+        seconds = max(windows[i].seconds for i in chosen)
+        limit = min(MAX_TEXT_TOKENS, MIN_TOKENS + int(TOKENS_PER_SECOND * seconds))
+        decoded = teacher.greedy(
+            encoded[[slot for slot, _, _, _ in rows]], prompts, [ts for *_, ts in rows], options.top_k, limit
+        )
+        for (_, i, task, ts), prompt, (tokens, ids, logits) in zip(rows, prompts, decoded, strict=True):
+            records.append({"window": i, "task": task, "timestamps": ts, "prompt_length": len(prompt)})
+            flat_tokens.append(np.asarray(tokens, np.int32))
+            flat_ids.append(ids)
+            flat_logits.append(logits)
+    states.flush()
+    np.savez(
+        directory / "targets.npz",
+        token_lengths=np.asarray([len(t) for t in flat_tokens]),
+        tokens=np.concatenate(flat_tokens),
+        topk_ids=np.concatenate(flat_ids),
+        topk_logits=np.concatenate(flat_logits),
+    )
+    (directory / "targets.json").write_text(json.dumps(records))
+    (directory / "windows.json").write_text(json.dumps([asdict(w) for w in windows], indent=1))
+
+
+def load_draft_data(directory: Path) -> DraftData:
+    """Read a corpus written by :func:`draft_data` (encoder states memory-mapped)."""
+    directory = Path(directory)
+    windows = [
+        Window(**{**w, "parts": tuple(w["parts"])}) for w in json.loads((directory / "windows.json").read_text())
+    ]
+    arrays = np.load(directory / "targets.npz")
+    token_ends = np.cumsum(arrays["token_lengths"])
+    targets = []
+    position = 0
+    for record, end, length in zip(
+        json.loads((directory / "targets.json").read_text()), token_ends, arrays["token_lengths"], strict=True
+    ):
+        tokens = arrays["tokens"][end - length : end]
+        scored = length - record["prompt_length"]
+        targets.append(
+            Target(
+                tokens=tokens,
+                topk_ids=arrays["topk_ids"][position : position + scored],
+                topk_logits=arrays["topk_logits"][position : position + scored],
+                **record,
+            )
+        )
+        position += scored
+    states = np.load(directory / "states.npy", mmap_mode="r")
+    return DraftData(directory, windows, states, targets)
+
+
+def heldout_audio(data: DraftData) -> list[tuple[int, np.ndarray]]:
+    """(window index, 16 kHz audio) of every held-out window, in window order."""
+    with np.load(data.directory / HELDOUT_AUDIO_FILE) as stored:
+        return sorted((int(name), stored[name].astype(np.float32)) for name in stored.files)
+
+
+def draft_data(options: CorpusOptions, main: str) -> DraftData:
+    """The corpus for ``main``, built on first use in ``cache_root()/draft-data/<key>``."""
+    checkpoint = resolve_checkpoint(main)
+    key = input_key("draft-data", checkpoint_identity(checkpoint), asdict(options), code_version())
+    return load_draft_data(cached_dir("draft-data", key, lambda tmp: _build(options, checkpoint, tmp)))
+
+
+def code_version() -> str:
+    """A digest of this module: a change to how targets are made invalidates cached corpora."""
+    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]

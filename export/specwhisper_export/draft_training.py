@@ -1,0 +1,604 @@
+"""``specwhisper-train-draft``: train a decoder-only draft aligned with a main Whisper model, on CPU.
+
+The draft (distil-whisper style) reads the main encoder's output: a few of the main decoder's
+layers with their own cross-attention, the main model's token embeddings (a frozen copy) and an
+output head over a TRIMMED vocabulary. The head dominates a small decoder's cost (``512 x 51865``
+for multilingual Whisper), so it only scores the ids the main model actually says (those it emits
+on the training audio, the most frequent BPE merges, and every special and timestamp token); the
+export scatters them back to full-vocabulary ids, so serving needs no mapping.
+
+It learns from the main model itself (:mod:`specwhisper_export.draft_data`): cross-entropy on the
+main model's greedy tokens plus distillation on its top logits. The checkpoint is a standard one
+that ``specwhisper-export --assistant`` takes: ``WhisperForCausalLM`` + the main processor +
+``draft_vocab.json``. :func:`evaluate_draft` reports what matters for speculative decoding on
+held-out recordings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import logging
+import math
+import random
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+from transformers import WhisperForCausalLM, WhisperProcessor
+
+from specwhisper_backend.cache import cached_dir, checkpoint_identity, input_key
+from specwhisper_backend.decoder_session import DecoderSession
+from specwhisper_backend.drafting import DraftPolicy
+from specwhisper_backend.facts import ModelFacts
+from specwhisper_backend.runtime import ExportedModel, session_options
+from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
+from specwhisper_export import draft_data
+from specwhisper_export.cut import cut_decoder_only
+from specwhisper_export.draft_data import CorpusOptions, DraftData, Target
+from specwhisper_export.graphs import CrossKVGraph, DecoderGraph
+from specwhisper_export.presets import load_whisper, resolve_checkpoint
+from specwhisper_export.repository import DRAFT_VOCAB_FILE, ExportRequest, export_artefacts
+
+log = logging.getLogger(__name__)
+
+TRAINING_FILE = "draft_training.json"
+
+
+@dataclass(frozen=True)
+class DraftTrainingOptions:
+    """How a draft is built and trained; the defaults are the ``base`` preset's (< 20 min on 2 cores)."""
+
+    corpus: CorpusOptions = field(default_factory=CorpusOptions)
+    layers: tuple[int, ...] = (0, 5)  # main decoder layers the draft starts from (2 is the useful floor)
+    vocab_rank_floor: int = 8192  # ids below this (GPT-2 style: the most frequent merges) are always kept
+    # Also keep the main model's top-k alternatives at every training position: a better lexicon than
+    # merge rank (on base's held-out set, k=16 and no floor: 16.7k ids, 99.0 % coverage).
+    vocab_teacher_top_k: int = 0
+    steps: int = 350
+    batch_windows: int = 4  # windows per step, each with all its targets (prompt forms)
+    learning_rate: float = 5e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    ce_weight: float = 1.0  # cross-entropy on the main model's greedy token
+    kd_weight: float = 1.0  # cross-entropy against the main model's (top-k) distribution
+    threads: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.layers or any(i < 0 for i in self.layers):
+            raise ValueError(f"layers must name main decoder layers, got {self.layers}")
+        if self.vocab_rank_floor < 0 or self.vocab_teacher_top_k < 0:
+            raise ValueError("vocab_rank_floor and vocab_teacher_top_k must be >= 0")
+        if self.steps < 1 or self.batch_windows < 1 or self.threads < 1:
+            raise ValueError("steps, batch_windows and threads must be >= 1")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError("warmup_steps must be within 0..steps")
+        if self.learning_rate <= 0 or self.weight_decay < 0:
+            raise ValueError("learning_rate must be > 0 and weight_decay >= 0")
+        if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:
+            raise ValueError("ce_weight and kd_weight must be >= 0, not both 0")
+
+
+# Named main models whose draft builds on first use (see draft_checkpoint).
+DRAFT_PRESETS: dict[str, DraftTrainingOptions] = {"base": DraftTrainingOptions()}
+
+
+def draft_vocabulary(
+    targets: Sequence[Target], vocab_size: int, first_special: int, rank_floor: int, teacher_top_k: int = 0
+) -> np.ndarray:
+    """Sorted ids the head covers: those the main model said (and its ``teacher_top_k`` likeliest
+    alternatives at each position), the ``rank_floor`` most frequent merges, and every special and
+    timestamp id (``first_special`` onwards, end of text included)."""
+    said = [t.text_tokens for t in targets] + [t.topk_ids[:, :teacher_top_k].ravel() for t in targets]
+    kept = np.union1d(np.arange(min(rank_floor, first_special)), np.arange(first_special, vocab_size))
+    return np.unique(np.concatenate([kept, *said])).astype(np.int64)
+
+
+def coverage(targets: Sequence[Target], token_ids: np.ndarray) -> float:
+    """Share of the main model's output tokens (text, timestamps, end of text) inside ``token_ids``."""
+    said = np.concatenate([t.text_tokens for t in targets])
+    return float(np.isin(said, token_ids).mean())
+
+
+class TrimmedDraft(nn.Module):
+    """A decoder-only Whisper with a head over ``token_ids`` only (training and evaluation view)."""
+
+    def __init__(self, decoder_only: WhisperForCausalLM, token_ids: np.ndarray, head: torch.Tensor) -> None:
+        super().__init__()
+        self.model = decoder_only
+        self.register_buffer("token_ids", torch.as_tensor(token_ids, dtype=torch.int64))
+        self.head = nn.Parameter(head.detach().clone())
+        # The embeddings stay the main model's: the export and the engine share its vocabulary.
+        self.model.model.decoder.embed_tokens.weight.requires_grad_(False)
+
+    @classmethod
+    def from_main(cls, main, layers: Sequence[int], token_ids: np.ndarray) -> TrimmedDraft:
+        """The untrained start: ``layers`` of the main decoder, head rows from the main output projection."""
+        draft = cut_decoder_only(main, layers)
+        return cls(draft, token_ids, main.proj_out.weight[torch.as_tensor(token_ids)])
+
+    @classmethod
+    def load(cls, checkpoint: Path) -> TrimmedDraft:
+        """A checkpoint saved by :meth:`save` (or any decoder-only one, then over its full vocabulary)."""
+        draft = WhisperForCausalLM.from_pretrained(checkpoint, dtype=torch.float32).eval()
+        vocab_file = Path(checkpoint) / DRAFT_VOCAB_FILE
+        if vocab_file.is_file():
+            ids = np.asarray(json.loads(vocab_file.read_text())["token_ids"], dtype=np.int64)
+        else:
+            ids = np.arange(draft.config.vocab_size)
+        return cls(draft, ids, draft.proj_out.weight[torch.as_tensor(ids)])
+
+    def logits(self, input_ids: torch.Tensor, states: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor):
+        """Scores over the trimmed vocabulary at ``positions`` (a ``[B, T]`` mask): ``[M, len(token_ids)]``.
+
+        ``states [W, n_audio_ctx, d]`` holds each window once and ``rows [B]`` says which window a row
+        reads: the cross-attention keys and values over 1500 frames, most of the cost, are projected
+        once per window rather than once per prompt form. The decoder is the export's own graph
+        (an empty cache), so what is trained is what is served.
+        """
+        decoder = self.model.model.decoder
+        cross = [kv[rows] for kv in CrossKVGraph(decoder)(states)]
+        batch, length = input_ids.shape
+        shape = (batch, cross[0].shape[1], 0, cross[0].shape[-1])
+        empty = [input_ids.new_zeros(shape, dtype=states.dtype) for _ in range(len(cross))]
+        hidden, *_ = DecoderGraph(decoder, nn.Identity())(
+            input_ids,
+            torch.arange(length).expand(batch, length),
+            torch.ones(batch, length, dtype=torch.int64),
+            *empty,
+            *cross,
+        )
+        return hidden[positions] @ self.head.t()
+
+    def save(self, directory: Path, processor: WhisperProcessor) -> None:
+        """A standard checkpoint: untied full-size ``proj_out`` (kept rows trained, the others the
+        embedding's), the main processor and ``draft_vocab.json``."""
+        model = copy.deepcopy(self.model)
+        model.config.tie_word_embeddings = False
+        weight = model.model.decoder.embed_tokens.weight.detach().clone()
+        weight[self.token_ids] = self.head.detach()
+        model.proj_out = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        model.proj_out.weight = nn.Parameter(weight)
+        model.save_pretrained(directory)
+        processor.save_pretrained(directory)
+        (Path(directory) / DRAFT_VOCAB_FILE).write_text(json.dumps({"token_ids": self.token_ids.tolist()}))
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    states: torch.Tensor  # [W, n_audio_ctx, d]: each window once
+    rows: torch.Tensor  # [B] the window each row reads
+    positions: torch.Tensor  # bool [B, T]: where the main model's next token is a target
+    labels: torch.Tensor  # [M] trimmed-vocabulary index, -100 outside it
+    next_ids: torch.Tensor  # [M] full-vocabulary ids (for agreement)
+    teacher_ids: torch.Tensor  # [M, k] trimmed-vocabulary index, -1 outside it
+    teacher_logits: torch.Tensor  # [M, k]
+
+
+def make_batch(data: DraftData, targets: Sequence[Target], to_trimmed: np.ndarray) -> Batch:
+    """Targets padded to one length (padding is never a target, and a causal decoder ignores what follows)."""
+    width = max(len(t.tokens) for t in targets) - 1
+    input_ids = np.zeros((len(targets), width), dtype=np.int64)
+    positions = np.zeros((len(targets), width), dtype=bool)
+    for row, target in enumerate(targets):
+        input_ids[row, : len(target.tokens) - 1] = target.tokens[:-1]
+        positions[row, target.prompt_length - 1 : len(target.tokens) - 1] = True
+    next_ids = np.concatenate([t.text_tokens for t in targets]).astype(np.int64)
+    teacher_ids = np.concatenate([t.topk_ids for t in targets])
+    windows = [t.window for t in targets]
+    unique, inverse = np.unique(windows, return_inverse=True)
+    states = torch.from_numpy(np.asarray(data.states[unique], dtype=np.float32))
+    labels = to_trimmed[next_ids]
+    return Batch(
+        input_ids=torch.from_numpy(input_ids),
+        states=states,
+        rows=torch.from_numpy(inverse),
+        positions=torch.from_numpy(positions),
+        labels=torch.from_numpy(np.where(labels < 0, -100, labels)),
+        next_ids=torch.from_numpy(next_ids),
+        teacher_ids=torch.from_numpy(to_trimmed[teacher_ids]),
+        teacher_logits=torch.from_numpy(np.concatenate([t.topk_logits for t in targets]).astype(np.float32)),
+    )
+
+
+def loss(draft: TrimmedDraft, batch: Batch, options: DraftTrainingOptions) -> torch.Tensor:
+    """``ce_weight`` x CE(greedy token) + ``kd_weight`` x CE(main's top-k distribution, renormalised
+    over the ids the head covers)."""
+    log_q = F.log_softmax(draft.logits(batch.input_ids, batch.states, batch.rows, batch.positions), dim=-1)
+    ce = F.nll_loss(log_q, batch.labels, ignore_index=-100)
+    covered = batch.teacher_ids >= 0
+    teacher = F.softmax(batch.teacher_logits.masked_fill(~covered, -1e4), dim=-1) * covered
+    kd = -(teacher * log_q.gather(1, batch.teacher_ids.clamp(min=0))).sum(-1).mean()
+    return options.ce_weight * ce + options.kd_weight * kd
+
+
+def _by_window(targets: Sequence[Target]) -> dict[int, list[Target]]:
+    grouped: dict[int, list[Target]] = {}
+    for target in targets:
+        grouped.setdefault(target.window, []).append(target)
+    return grouped
+
+
+def _schedule(step: int, options: DraftTrainingOptions) -> float:
+    """Linear warm-up, then cosine decay to a tenth of the learning rate."""
+    if step < options.warmup_steps:
+        return (step + 1) / options.warmup_steps
+    progress = (step - options.warmup_steps) / max(options.steps - options.warmup_steps, 1)
+    return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def train(draft: TrimmedDraft, data: DraftData, options: DraftTrainingOptions) -> list[float]:
+    """Optimise ``draft`` in place on the training split; returns the loss per step."""
+    torch.manual_seed(options.seed)
+    rng = random.Random(options.seed)
+    to_trimmed = np.full(draft.model.config.vocab_size, -1, dtype=np.int64)
+    to_trimmed[draft.token_ids.numpy()] = np.arange(len(draft.token_ids))
+    grouped = _by_window(data.split("train"))
+    windows = sorted(grouped)
+    parameters = [p for p in draft.parameters() if p.requires_grad]
+    optimiser = torch.optim.AdamW(parameters, lr=options.learning_rate, weight_decay=options.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, lambda step: _schedule(step, options))
+    draft.train()
+    order: list[int] = []
+    losses = []
+    for _ in (bar := tqdm(range(options.steps), desc="training draft", unit="step")):
+        if len(order) < options.batch_windows:
+            order += rng.sample(windows, len(windows))  # a new epoch, reshuffled
+        chosen, order = order[: options.batch_windows], order[options.batch_windows :]
+        batch = make_batch(data, [t for w in chosen for t in grouped[w]], to_trimmed)
+        value = loss(draft, batch, options)
+        optimiser.zero_grad()
+        value.backward()
+        torch.nn.utils.clip_grad_norm_(parameters, 1.0)
+        optimiser.step()
+        scheduler.step()
+        losses.append(value.item())
+        bar.set_postfix(loss=f"{statistics.fmean(losses[-20:]):.3f}")
+    draft.eval()
+    return losses
+
+
+def agreement(
+    draft: TrimmedDraft, data: DraftData, targets: Sequence[Target], batch_windows: int = 4
+) -> list[np.ndarray]:
+    """Per target: whether the draft's top-1 (teacher-forced on the main model's tokens) is the
+    main model's next token, at each generated position."""
+    to_trimmed = np.full(draft.model.config.vocab_size, -1, dtype=np.int64)
+    to_trimmed[draft.token_ids.numpy()] = np.arange(len(draft.token_ids))
+    grouped = _by_window(targets)
+    windows = sorted(grouped)
+    matches: dict[int, np.ndarray] = {}
+    with torch.no_grad():
+        for first in range(0, len(windows), batch_windows):
+            chosen = [t for w in windows[first : first + batch_windows] for t in grouped[w]]
+            batch = make_batch(data, chosen, to_trimmed)
+            predicted = draft.token_ids[
+                draft.logits(batch.input_ids, batch.states, batch.rows, batch.positions).argmax(-1)
+            ]
+            hits = (predicted == batch.next_ids).numpy()
+            ends = np.cumsum([len(t.text_tokens) for t in chosen])
+            for target, end in zip(chosen, ends, strict=True):
+                matches[id(target)] = hits[end - len(target.text_tokens) : end]
+    return [matches[id(t)] for t in targets]
+
+
+def tokens_per_pass(hits: np.ndarray, k: int) -> tuple[int, int]:
+    """Speculative decoding of one text with ``k`` drafts a round, from teacher-forced hits: (tokens, passes).
+
+    A round's drafts follow the text so far, which is the main model's; while they agree they stay
+    the main model's, so the first miss after a round's start ends it, exactly as in decoding.
+    Each round (one main pass) yields its accepted drafts plus the main model's own next token.
+    """
+    position = passes = 0
+    while position < len(hits):
+        window = hits[position : position + k]
+        accepted = len(window) if window.all() else int(np.argmin(window))
+        position += accepted + 1
+        passes += 1
+    return len(hits), passes
+
+
+@dataclass(frozen=True)
+class LanguageFigures:
+    language: str
+    texts: int
+    tokens: int
+    agreement: float  # share of the draft's teacher-forced top-1 equal to the main model's token
+    coverage: float  # share of the main model's tokens inside the trimmed vocabulary
+    tokens_per_pass: float  # at the report's K
+    # Through the engine (ONNX Runtime, adaptive drafting off: K drafts a round), None if not run.
+    engine_acceptance: float | None = None
+    engine_tokens_per_pass: float | None = None
+    engine_speedup: float | None = None  # decode-phase seconds, plain over speculative
+
+
+@dataclass(frozen=True)
+class DraftReport:
+    k: int
+    main_step_ms: float  # one token through the main decoder
+    verify_ms: float  # K + 1 tokens in one main pass
+    draft_ms: float  # one token through the draft decoder
+    draft_int8_ms: float  # the same with int8 weights (quantize_draft), for comparison
+    languages: tuple[LanguageFigures, ...]
+
+    @property
+    def draft_cost(self) -> float:
+        """A draft token's cost in main steps."""
+        return self.draft_ms / self.main_step_ms
+
+    def speedup(self, figures: LanguageFigures) -> float:
+        """Decode-phase speed-up implied: tokens per round over a round's cost in main steps."""
+        return figures.tokens_per_pass / ((self.verify_ms + self.k * self.draft_ms) / self.main_step_ms)
+
+    def format(self) -> str:
+        lines = [
+            f"K={self.k}  main step {self.main_step_ms:.2f} ms, verify {self.k + 1} tokens {self.verify_ms:.2f} ms, "
+            f"draft token {self.draft_ms:.2f} ms = {self.draft_cost:.3f} main steps "
+            f"(int8 weights: {self.draft_int8_ms:.2f} ms)",
+            f"{'lang':<5}{'texts':>6}{'tokens':>7}{'agree':>8}{'cover':>8}{'tok/pass':>9}{'speedup':>8}"
+            f"{'engine: accept':>16}{'tok/pass':>9}{'speedup':>8}",
+        ]
+        for f in self.languages:
+            engine = ""
+            if f.engine_acceptance is not None:
+                engine = f"{f.engine_acceptance:>16.1%}{f.engine_tokens_per_pass:>9.2f}{f.engine_speedup:>8.2f}"
+            lines.append(
+                f"{f.language:<5}{f.texts:>6}{f.tokens:>7}{f.agreement:>8.1%}{f.coverage:>8.1%}"
+                f"{f.tokens_per_pass:>9.2f}{self.speedup(f):>8.2f}{engine}"
+            )
+        return "\n".join(lines)
+
+
+def measure_costs(
+    main: DecoderSession, drafts: Sequence[DecoderSession], states: np.ndarray, prefix: Sequence[int], max_new: int
+) -> tuple[dict[int, float], list[float]]:
+    """Median milliseconds of main passes over 1..``max_new`` tokens and of each draft's one-token
+    pass, after ``prefix``, in ONNX Runtime; interleaved, so load from elsewhere hits all alike."""
+    token = np.asarray([[prefix[-1]]])
+    runs: list[tuple[DecoderSession, np.ndarray]] = [(main, np.repeat(token, n, axis=1)) for n in range(1, max_new + 1)]
+    runs += [(draft, token) for draft in drafts]
+    kept = {}
+    for session in (main, *drafts):
+        session.start(states)
+        session.forward(np.asarray([prefix]))
+        kept[id(session)] = session.lengths.copy()
+    samples: list[list[float]] = [[] for _ in runs]
+    for _ in range(25):
+        for times, (session, feed) in zip(samples, runs, strict=True):
+            started = time.perf_counter()
+            session.forward(feed)
+            times.append((time.perf_counter() - started) * 1e3)
+            session.truncate(kept[id(session)])
+    medians = [statistics.median(times) for times in samples]
+    return dict(enumerate(medians[:max_new], start=1)), medians[max_new:]
+
+
+def quantize_draft(export_dir: Path, out_dir: Path) -> Path:
+    """``out_dir`` laid out like ``export_dir`` for the assistant, its decoder with int8 weights
+    (ONNX Runtime dynamic quantisation; the main model stays fp32). Returns ``out_dir``."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    facts = ModelFacts.load(export_dir).assistant
+    for name in (facts.cross_kv_file, f"{facts.cross_kv_file}.data"):
+        if (export_dir / name).exists():
+            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
+            (out_dir / name).symlink_to(export_dir / name)
+    quantize_dynamic(export_dir / facts.decoder_file, out_dir / facts.decoder_file, weight_type=QuantType.QInt8)
+    return out_dir
+
+
+def _engine_figures(exported: ExportedModel, audio: Sequence[np.ndarray], language: str, k: int):
+    """Acceptance, tokens per main pass and decode speed-up through the Transcriber, K drafts a round."""
+    policy = DraftPolicy(start=k, minimum=k, maximum=k, judge_after_rounds=10**9)
+    transcriber = Transcriber(exported, policy)
+    drafted = accepted = tokens = passes = 0
+    plain_seconds = speculative_seconds = 0.0
+    for clip in audio:
+        fast = transcriber.transcribe(clip, TranscribeOptions(language=language, speculative=True)).stats
+        slow = transcriber.transcribe(clip, TranscribeOptions(language=language, speculative=False)).stats
+        drafted, accepted = drafted + fast.tokens_drafted, accepted + fast.tokens_accepted
+        tokens, passes = tokens + fast.tokens_out, passes + fast.main_passes
+        plain_seconds += slow.seconds_verify
+        speculative_seconds += fast.seconds_verify + fast.seconds_draft
+    return accepted / max(drafted, 1), tokens / max(passes, 1), plain_seconds / max(speculative_seconds, 1e-9)
+
+
+def evaluate_draft(
+    main: str, checkpoint: Path, corpus: CorpusOptions, max_k: int = 8, engine_windows: int = 4
+) -> DraftReport:
+    """The held-out report for a draft checkpoint; K is the draft length that maximises the mean
+    implied speed-up over the languages (with the costs measured on the exported graphs)."""
+    data = draft_data.draft_data(corpus, main)
+    heldout = data.split("heldout")
+    draft = TrimmedDraft.load(checkpoint)
+    hits = agreement(draft, data, heldout)
+    exported = ExportedModel(export_artefacts(ExportRequest(main=main, assistant=str(checkpoint))), intra_op_threads=2)
+    window = heldout[0]
+    states = np.asarray(data.states[window.window : window.window + 1], dtype=np.float32)
+    prefix = window.tokens[: window.prompt_length + 20].tolist()
+    with tempfile.TemporaryDirectory() as tmp:
+        facts = exported.facts
+        int8 = DecoderSession(
+            facts.assistant, quantize_draft(exported.directory, Path(tmp)), facts.n_text_ctx, session_options(2)
+        )
+        main_ms, (draft_ms, int8_ms) = measure_costs(
+            exported.main, [exported.assistant, int8], states, prefix, max_k + 1
+        )
+
+    languages = sorted({data.windows[t.window].language for t in heldout})
+
+    def figures(k: int) -> list[LanguageFigures]:
+        rows = []
+        for language in languages:
+            mine = [(t, h) for t, h in zip(heldout, hits, strict=True) if data.windows[t.window].language == language]
+            counted = [tokens_per_pass(h, k) for _, h in mine]
+            rows.append(
+                LanguageFigures(
+                    language=language,
+                    texts=len(mine),
+                    tokens=sum(len(h) for _, h in mine),
+                    agreement=float(np.concatenate([h for _, h in mine]).mean()),
+                    coverage=coverage([t for t, _ in mine], draft.token_ids.numpy()),
+                    tokens_per_pass=sum(c[0] for c in counted) / sum(c[1] for c in counted),
+                )
+            )
+        return rows
+
+    def report(k: int, rows: Sequence[LanguageFigures]) -> DraftReport:
+        return DraftReport(k, main_ms[1], main_ms[k + 1], draft_ms, int8_ms, tuple(rows))
+
+    candidates = [report(k, figures(k)) for k in range(1, max_k + 1)]
+    best = max(candidates, key=lambda r: statistics.fmean(r.speedup(f) for f in r.languages))
+    if not engine_windows:
+        return best
+    audio = draft_data.heldout_audio(data)
+    rows = []
+    for f in best.languages:
+        clips = [a for w, a in audio if data.windows[w].language == f.language][:engine_windows]
+        acceptance, per_pass, speedup = _engine_figures(exported, clips, f.language, best.k)
+        rows.append(replace(f, engine_acceptance=acceptance, engine_tokens_per_pass=per_pass, engine_speedup=speedup))
+    return replace(best, languages=tuple(rows))
+
+
+# Part of a cached draft's key besides its options and the data module: bump it when a change here
+# changes what training produces (not for changes to the report, which needs no retraining).
+TRAINING_VERSION = 1
+
+
+def train_draft(main: str, options: DraftTrainingOptions, out: Path) -> dict:
+    """Train a draft for ``main`` and save it in ``out``; returns what was recorded in draft_training.json."""
+    torch.set_num_threads(options.threads)
+    started = time.perf_counter()
+    data = draft_data.draft_data(options.corpus, main)
+    data_seconds = time.perf_counter() - started
+    model, processor = load_whisper(main)
+    train_targets = data.split("train")
+    eot = model.config.eos_token_id
+    token_ids = draft_vocabulary(
+        train_targets, model.config.vocab_size, eot, options.vocab_rank_floor, options.vocab_teacher_top_k
+    )
+    draft = TrimmedDraft.from_main(model, options.layers, token_ids)
+    del model
+    losses = train(draft, data, options)
+    draft.save(out, processor)
+    record = {
+        "main": main,
+        "options": asdict(options),
+        "vocabulary": len(token_ids),
+        "train_windows": len({t.window for t in train_targets}),
+        "train_texts": len(train_targets),
+        "heldout_coverage": coverage(data.split("heldout"), token_ids),
+        "final_loss": statistics.fmean(losses[-20:]),
+        "seconds_data": round(data_seconds, 1),
+        "seconds_total": round(time.perf_counter() - started, 1),
+    }
+    (Path(out) / TRAINING_FILE).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def draft_checkpoint(main: str, options: DraftTrainingOptions | None = None) -> Path:
+    """The trained draft of ``main`` (a preset in DRAFT_PRESETS, or any main with ``options``),
+    trained on first use and cached in ``cache_root()/drafts``."""
+    if options is None:
+        if main not in DRAFT_PRESETS:
+            raise KeyError(f"no draft preset for {main!r}; known: {sorted(DRAFT_PRESETS)}; pass options")
+        options = DRAFT_PRESETS[main]
+    identity = checkpoint_identity(resolve_checkpoint(main))
+    key = input_key("draft", identity, asdict(options), draft_data.code_version(), TRAINING_VERSION)
+    return cached_dir("drafts", key, lambda tmp: train_draft(main, options, tmp))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults, corpus = DraftTrainingOptions(), CorpusOptions()
+    parser = argparse.ArgumentParser(
+        prog="specwhisper-train-draft",
+        description="Train a decoder-only draft (trimmed vocabulary) aligned with a main Whisper model, on CPU.",
+    )
+    parser.add_argument("--main", default="base", help="preset, checkpoint directory or Hugging Face id")
+    parser.add_argument("--audio", nargs="*", default=[], help="extra audio files or folders (no transcripts needed)")
+    parser.add_argument("--languages", nargs="*", default=list(corpus.languages), help="built-in speech languages")
+    parser.add_argument("--out", type=Path, help="checkpoint directory to write (default: the cached draft)")
+    parser.add_argument("--layers", type=int, nargs="+", default=list(defaults.layers))
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--train-windows", type=int, default=corpus.train_windows, help="per language")
+    parser.add_argument("--espeak-windows", type=int, default=corpus.espeak_windows, help="per language")
+    parser.add_argument("--heldout-windows", type=int, default=corpus.heldout_windows, help="per language")
+    parser.add_argument("--max-files", type=int, default=corpus.max_files, help="per language and split; 0: all")
+    parser.add_argument("--vocab-rank-floor", type=int, default=defaults.vocab_rank_floor)
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--engine-windows",
+        type=int,
+        default=4,
+        help="held-out windows per language decoded through the engine for the report (0: teacher-forced figures only)",
+    )
+    parser.add_argument("--no-report", action="store_true", help="skip the held-out report (and the ONNX export)")
+    return parser
+
+
+def options_from(args: argparse.Namespace) -> DraftTrainingOptions:
+    corpus = CorpusOptions(
+        languages=tuple(args.languages),
+        audio=tuple(str(Path(a).resolve()) for a in args.audio),
+        train_windows=args.train_windows,
+        espeak_windows=args.espeak_windows,
+        heldout_windows=args.heldout_windows,
+        max_files=args.max_files,
+        seed=args.seed,
+    )
+    return DraftTrainingOptions(
+        corpus=corpus,
+        layers=tuple(args.layers),
+        steps=args.steps,
+        warmup_steps=min(DraftTrainingOptions.warmup_steps, args.steps),
+        vocab_rank_floor=args.vocab_rank_floor,
+        seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        options = options_from(args)
+    except ValueError as error:
+        print(f"specwhisper-train-draft: error: {error}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    if args.out is None:
+        checkpoint = draft_checkpoint(args.main, options)
+    else:
+        checkpoint = args.out
+        if checkpoint.exists() and any(checkpoint.iterdir()):
+            print(f"specwhisper-train-draft: error: {checkpoint} is not empty", file=sys.stderr)
+            return 2
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        train_draft(args.main, options, checkpoint)
+    record = json.loads((checkpoint / TRAINING_FILE).read_text())
+    print(f"draft checkpoint: {checkpoint}")
+    print(
+        f"{len(options.layers)} layers {list(options.layers)}, vocabulary {record['vocabulary']} ids, "
+        f"trained in {record['seconds_total']:.0f} s (data {record['seconds_data']:.0f} s), "
+        f"final loss {record['final_loss']:.3f}"
+    )
+    if not args.no_report:
+        report = evaluate_draft(args.main, checkpoint, options.corpus, engine_windows=args.engine_windows)
+        print(report.format())
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

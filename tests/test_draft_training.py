@@ -1,0 +1,233 @@
+"""Draft training: data split and windows, the trimmed vocabulary, the training loop, the checkpoint
+contract with the export, and (slow) a reduced real run of ``specwhisper-train-draft`` on base."""
+
+from __future__ import annotations
+
+import json
+import logging
+import random
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from transformers import WhisperConfig, WhisperForCausalLM, WhisperForConditionalGeneration
+
+from specwhisper_export import draft_data, draft_training
+from specwhisper_export.draft_data import Clip, CorpusOptions, DraftData, Target, Window
+from specwhisper_export.draft_training import (
+    DraftTrainingOptions,
+    TrimmedDraft,
+    agreement,
+    coverage,
+    draft_vocabulary,
+    tokens_per_pass,
+    train,
+)
+from specwhisper_export.repository import DRAFT_VOCAB_FILE
+
+VOCAB, EOT, WIDTH, FRAMES = 300, 250, 64, 40  # ids >= EOT play the specials
+
+
+def test_options_refuse_what_cannot_train():
+    with pytest.raises(ValueError):
+        DraftTrainingOptions(layers=())
+    with pytest.raises(ValueError):
+        DraftTrainingOptions(steps=10, warmup_steps=20)
+    with pytest.raises(ValueError):
+        DraftTrainingOptions(ce_weight=0, kd_weight=0)
+    with pytest.raises(ValueError):
+        CorpusOptions(min_seconds=20, max_seconds=10)
+    with pytest.raises(ValueError):
+        CorpusOptions(languages=("de",))
+
+
+def test_every_nth_file_per_language_is_held_out_and_never_trains():
+    clips = [Clip(lang, f"{lang}/{i:03d}", Path(f"/x/{lang}{i}.wav")) for lang in ("en", "fr") for i in range(12)]
+    random.Random(1).shuffle(clips)
+    split = draft_data.split_by_file(clips, every=5)
+    held = sorted(c.name for c in split["heldout"])
+    assert held == ["en/004", "en/009", "fr/004", "fr/009"]
+    assert not {c.name for c in split["train"]} & set(held)
+    assert len(split["train"]) + len(held) == len(clips)
+
+
+def test_windows_concatenate_distinct_clips_of_one_pool_within_bounds():
+    lengths = {f"c{i}": (i % 7 + 1) * 8_000 for i in range(30)}  # 0.5 to 3.5 s
+    clips = [Clip("en", name, Path(name)) for name in lengths]
+
+    def load(clip: Clip) -> np.ndarray:
+        return np.ones(lengths[clip.name], np.float32)
+
+    def windows(seed: int) -> list[tuple[list[str], np.ndarray]]:
+        return list(draft_data.concatenate(clips, 20, random.Random(seed), 5.0, 12.0, load))
+
+    made = windows(0)
+    assert len(made) == 20
+    for names, audio in made:
+        assert len(set(names)) == len(names) and set(names) <= set(lengths)
+        assert len(audio) <= 12 * 16_000
+        assert len(audio) >= 5 * 16_000 or sum(lengths.values()) < 5 * 16_000
+    assert [n for n, _ in made] == [n for n, _ in windows(0)]  # seeded
+    assert [n for n, _ in made] != [n for n, _ in windows(1)]
+
+
+def test_recombined_texts_only_use_training_words():
+    texts = ["press one for sales", "please hold the line now", "goodbye"]
+    words = {w for t in texts for w in t.split()}
+    for seed in range(5):
+        passage = draft_data.recombined_texts(texts, random.Random(seed))
+        assert {w.strip(".,?!") for w in passage.split()} <= words
+
+
+def test_missing_espeak_is_skipped_with_a_message(monkeypatch, caplog):
+    monkeypatch.setattr(draft_data, "espeak_available", lambda: False)
+    options = CorpusOptions(languages=("en",), train_windows=1, heldout_windows=1, espeak_windows=3, max_files=6)
+    with caplog.at_level(logging.WARNING):
+        made = list(draft_data.make_windows(options, teacher=None))
+    assert [w.source for w, _ in made] == ["speech", "speech"]
+    assert [w.split for w, _ in made] == ["train", "heldout"]
+    assert "espeak-ng not found" in caplog.text
+
+
+@pytest.mark.skipif(not draft_data.espeak_available(), reason="espeak-ng is not installed")
+def test_espeak_speaks_each_language():
+    for language, voices in draft_data.ESPEAK_VOICES.items():
+        audio = draft_data.synthesize("uno dos tres" if language != "en" else "one two three", voices[0], 170, 50)
+        assert audio.dtype == np.float32 and 0.5 * 16_000 < len(audio) < 5 * 16_000, language
+        assert np.abs(audio).max() > 0.05
+
+
+def _target(window: int, tokens: list[int], prompt_length: int, top: int = 4) -> Target:
+    text = np.asarray(tokens[prompt_length:], np.int32)
+    others = (text[:, None] + np.arange(1, top)[None, :]) % EOT
+    return Target(
+        window=window,
+        task="transcribe",
+        timestamps=False,
+        prompt_length=prompt_length,
+        tokens=np.asarray(tokens, np.int32),
+        topk_ids=np.concatenate([text[:, None], others], axis=1).astype(np.int32),
+        topk_logits=np.tile(np.asarray([8.0, 2.0, 1.0, 0.0][:top], np.float16), (len(text), 1)),
+    )
+
+
+def test_vocabulary_keeps_specials_frequent_merges_and_what_the_main_model_said():
+    targets = [_target(0, [EOT + 1, EOT + 2, 120, 7, 199, EOT], 2)]
+    ids = draft_vocabulary(targets, VOCAB, first_special=EOT, rank_floor=10)
+    assert list(ids) == sorted({*range(10), 120, 199, *range(EOT, VOCAB)})
+    assert coverage(targets, ids) == 1.0
+    assert coverage(targets, ids[ids != 199]) == 3 / 4
+    alternatives = draft_vocabulary(targets, VOCAB, first_special=EOT, rank_floor=10, teacher_top_k=2)
+    assert set(alternatives) - set(ids) == {121, 200}  # runners-up (_target: id + 1) not kept already
+
+
+def test_tokens_per_pass_follows_speculative_rounds():
+    assert tokens_per_pass(np.ones(10, bool), 4) == (10, 2)  # 4 drafts + 1 own token a round
+    assert tokens_per_pass(np.zeros(6, bool), 4) == (6, 6)  # one token a pass, as without a draft
+    # K=2: [hit, miss] -> 1 accepted + own (2 tokens); [hit, hit] -> 2 + own ends the text.
+    assert tokens_per_pass(np.asarray([1, 0, 1, 1, 1], bool), 2) == (5, 2)
+
+
+@pytest.fixture(scope="module")
+def tiny_main():
+    torch.manual_seed(0)
+    config = WhisperConfig(
+        vocab_size=VOCAB,
+        d_model=WIDTH,
+        encoder_layers=1,
+        decoder_layers=3,
+        encoder_attention_heads=4,
+        decoder_attention_heads=4,
+        encoder_ffn_dim=128,
+        decoder_ffn_dim=128,
+        max_source_positions=FRAMES,
+        max_target_positions=64,
+        decoder_start_token_id=EOT + 1,
+        pad_token_id=EOT,
+        eos_token_id=EOT,
+        bos_token_id=EOT,
+    )
+    return WhisperForConditionalGeneration(config).eval()
+
+
+@pytest.fixture
+def tiny_data(tmp_path) -> DraftData:
+    """Four training windows, each decoded in two prompt forms, with random 'encoder states'."""
+    rng = np.random.default_rng(0)
+    windows = [Window("en", "train", "speech", (f"w{i}",), 5.0) for i in range(4)]
+    targets = []
+    for window in range(4):
+        for task_token in (EOT + 3, EOT + 4):
+            text = rng.integers(20, 120, size=12).tolist()
+            targets.append(_target(window, [EOT + 1, EOT + 2, task_token, *text, EOT], 3))
+    states = rng.standard_normal((4, FRAMES, WIDTH)).astype(np.float16)
+    return DraftData(tmp_path, windows, states, targets)
+
+
+def test_training_fits_the_main_models_outputs(tiny_main, tiny_data):
+    """The loop, losses and agreement work together: a few windows are learnt by heart."""
+    ids = draft_vocabulary(tiny_data.targets, VOCAB, EOT, rank_floor=16)
+    draft = TrimmedDraft.from_main(tiny_main, (0, 2), ids)
+    before = np.concatenate(agreement(draft, tiny_data, tiny_data.targets)).mean()
+    options = DraftTrainingOptions(steps=80, batch_windows=2, learning_rate=3e-3, warmup_steps=5)
+    losses = train(draft, tiny_data, options)
+    after = np.concatenate(agreement(draft, tiny_data, tiny_data.targets)).mean()
+    assert before < 0.2 and after > 0.95, (before, after)
+    assert np.mean(losses[-5:]) < np.mean(losses[:5]) / 4
+    embedding = tiny_main.model.decoder.embed_tokens.weight
+    assert torch.equal(draft.model.model.decoder.embed_tokens.weight, embedding)  # frozen copy
+
+
+class _NoProcessor:
+    def save_pretrained(self, directory: Path) -> None:
+        (Path(directory) / "processor.marker").write_text("")
+
+
+def test_checkpoint_is_a_full_vocabulary_model_with_the_trained_rows(tiny_main, tmp_path):
+    ids = np.asarray([3, 5, 40, *range(EOT, VOCAB)])
+    draft = TrimmedDraft.from_main(tiny_main, (1,), ids)
+    with torch.no_grad():
+        draft.head.add_(torch.randn_like(draft.head))
+    draft.save(tmp_path, _NoProcessor())
+
+    assert json.loads((tmp_path / DRAFT_VOCAB_FILE).read_text()) == {"token_ids": ids.tolist()}
+    saved = WhisperForCausalLM.from_pretrained(tmp_path)
+    embedding = tiny_main.model.decoder.embed_tokens.weight
+    assert torch.equal(saved.proj_out.weight[ids], draft.head)
+    others = np.setdiff1d(np.arange(VOCAB), ids)
+    assert torch.equal(saved.proj_out.weight[others], embedding[others])
+    assert torch.equal(saved.model.decoder.embed_tokens.weight, embedding)  # not tied to the head
+
+    reloaded = TrimmedDraft.load(tmp_path)
+    tokens = torch.tensor([[EOT + 1, 3, 40, 5]])
+    states = torch.randn(1, FRAMES, WIDTH)
+    where = torch.ones(1, 4, dtype=torch.bool)
+    with torch.no_grad():
+        expected = draft.logits(tokens, states, torch.zeros(1, dtype=torch.int64), where)
+        got = reloaded.logits(tokens, states, torch.zeros(1, dtype=torch.int64), where)
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.slow
+def test_reduced_run_of_the_command_beats_an_untrained_cut(tmp_path, capsys, base):
+    """End to end on base: few files, few steps; the report is printed, and on held-out windows the
+    trained draft agrees with base more often than the same layers cut and left untrained."""
+    out = tmp_path / "draft"
+    argv = ["--main", "base", "--out", str(out), "--max-files", "15", "--train-windows", "4"]
+    argv += ["--espeak-windows", "2", "--heldout-windows", "2", "--steps", "40", "--engine-windows", "1"]
+    assert draft_training.main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "tok/pass" in printed and "draft token" in printed
+
+    args = draft_training.build_parser().parse_args(argv)
+    options = draft_training.options_from(args)
+    data = draft_data.draft_data(options.corpus, "base")
+    heldout = data.split("heldout")
+    trained = TrimmedDraft.load(out)
+    untrained = TrimmedDraft.from_main(base[0], options.layers, trained.token_ids.numpy())
+    trained_rate = np.concatenate(agreement(trained, data, heldout)).mean()
+    untrained_rate = np.concatenate(agreement(untrained, data, heldout)).mean()
+    print(f"held-out agreement: trained {trained_rate:.1%}, untrained cut {untrained_rate:.1%}")
+    assert trained_rate > untrained_rate + 0.1
+    assert {"config.json", "model.safetensors", "tokenizer.json", DRAFT_VOCAB_FILE} <= {p.name for p in out.iterdir()}
