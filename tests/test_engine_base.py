@@ -18,6 +18,7 @@ from specwhisper_backend.errors import AudioError, OptionError
 from specwhisper_backend.runtime import ExportedModel
 from specwhisper_backend.transcriber import TranscribeOptions, Transcriber, Transcription
 from specwhisper_export.asterisk import long_form
+from specwhisper_export.repository import ExportRequest, export_artefacts
 from tests.support import clips
 
 pytestmark = pytest.mark.slow
