@@ -18,6 +18,9 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    # Draft and main decoder alternate step by step, each with its own thread pool: a pool that
+    # spin-waits after its run keeps the cores from the other (measured here: 3-4x slower steps).
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return options
 
 
