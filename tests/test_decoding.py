@@ -125,11 +125,13 @@ def test_draft_length_adapts():
     drafter = Drafter(ScriptedDecoder(10), EOT, DraftPolicy(start=4, minimum=2, maximum=9))
     drafter.session.start()
     stats = DecodeStats()
-    drafter.propose([1, 2], 4, [], stats)
-    drafter.update(4, 4, stats)
+    assert drafter.propose([1, 2], 4, [], stats) == [], "a window's first round is a plain, measuring step"
+    drafter.update(0, 0, 0.01, stats)
+    assert len(drafter.propose([1, 2], 4, [], stats)) == 4
+    drafter.update(4, 4, 0.01, stats)
     assert drafter.draft_length == 6
     drafter.propose([1, 2, 3, 4, 5, 6, 7], 6, [], stats)
-    drafter.update(1, 6, stats)
+    drafter.update(1, 6, 0.01, stats)
     assert drafter.draft_length == 5
     assert drafter.session.lengths[0] == 7 + 1, "cache keeps the text plus the accepted draft"
 

@@ -76,7 +76,8 @@ def decode_window(
 
         started = time.perf_counter()
         logits = main.forward(np.asarray([[tokens[-1], *drafts]]))[0]
-        stats.add_verify(time.perf_counter() - started)
+        verify_seconds = time.perf_counter() - started
+        stats.add_verify(verify_seconds)
 
         choices: list[int] = []
         for i in range(len(drafts) + 1):
@@ -87,7 +88,7 @@ def decode_window(
         new = [*drafts[:accepted], choices[accepted]]
         stats.add_round(drafted=len(drafts), accepted=accepted)
         if drafter:
-            drafter.update(accepted, len(drafts), stats)
+            drafter.update(accepted, len(drafts), verify_seconds, stats)
 
         # The main cache holds the pending token and every draft; keep pending + accepted drafts.
         main.truncate(main.lengths - (len(drafts) - accepted))

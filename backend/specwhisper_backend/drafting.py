@@ -23,8 +23,9 @@ class DraftPolicy:
     maximum: int = 16
     grow: int = 2
     shrink: int = 1
-    # Stop drafting for the rest of a window once, after this many rounds, the measured speed of
-    # drafting (tokens per round over the round's cost in main passes) falls below plain decoding.
+    # Stop drafting for the rest of a window once, after this many rounds, the tokens it produced
+    # took longer (drafting plus verification, measured) than plain steps would have: the first
+    # round of each window is a plain step, which measures that cost on this machine, now.
     judge_after_rounds: int = 4
 
     def __post_init__(self) -> None:
@@ -42,26 +43,26 @@ class Drafter:
         self.draft_length = self.policy.start
         self.active = True
         self._proposed_after = 0  # text length when the last proposal was made
-        self._rounds = 0
-        self._produced = 0  # tokens kept per round, summed
-        self._cost = 0.0  # rounds' cost in main passes, summed
+        self.reset_window()
 
     def reset_window(self) -> None:
         """A new window: the session was restarted on new audio; drafting gets a fresh chance."""
         self.active = True
-        self._rounds = self._produced = 0
-        self._cost = 0.0
+        self._plain_step: float | None = None  # seconds of one plain main step, measured this window
+        self._rounds = self._produced = 0  # drafting rounds, and the tokens they produced
+        self._spent = 0.0  # seconds those rounds took, drafting and verification
+        self._draft_seconds = 0.0  # drafting time of the current round
 
     def propose(
         self, tokens: Sequence[int], count: int, filters: Sequence[LogitFilter], stats: DecodeStats
     ) -> list[int]:
         """Up to ``count`` greedy tokens following ``tokens``; fewer if the draft ends the text."""
-        if count <= 0 or not self.active:
+        if count <= 0 or not self.active or self._plain_step is None:
             return []
         session = self.session
         self._proposed_after = len(tokens)
         fresh = list(tokens[int(session.lengths[0]) :])
-        started = time.perf_counter()
+        round_started = started = time.perf_counter()
         logits = session.forward(np.asarray([fresh]))[0, -1]
         stats.add_draft(time.perf_counter() - started)
         drafts: list[int] = []
@@ -74,14 +75,17 @@ class Drafter:
             drafts.append(token)
             context.append(token)
             if token == self.eot or len(drafts) == count:
+                self._draft_seconds = time.perf_counter() - round_started
                 return drafts
             started = time.perf_counter()
             logits = session.forward(np.asarray([[token]]))[0, 0]
             stats.add_draft(time.perf_counter() - started)
 
-    def update(self, accepted: int, drafted: int, stats: DecodeStats) -> None:
+    def update(self, accepted: int, drafted: int, verify_seconds: float, stats: DecodeStats) -> None:
         """Roll the cache back to the accepted text, adapt the draft length, judge whether drafting pays."""
         if not drafted:
+            if self._plain_step is None:
+                self._plain_step = verify_seconds
             return
         # The session consumed the text and all drafts but the last; keep text + accepted drafts.
         keep = self._proposed_after + min(accepted, max(drafted - 1, 0))
@@ -94,9 +98,8 @@ class Drafter:
 
         self._rounds += 1
         self._produced += accepted + 1
-        draft_cost = stats.seconds_draft / max(stats.assistant_passes, 1)
-        verify_cost = stats.seconds_verify / max(stats.main_passes, 1)
-        self._cost += 1.0 + drafted * draft_cost / max(verify_cost, 1e-9)
-        if self._rounds >= policy.judge_after_rounds and self._produced < self._cost:
+        self._spent += self._draft_seconds + verify_seconds
+        plain_cost = self._produced * (self._plain_step or 0.0)
+        if self._rounds >= policy.judge_after_rounds and plain_cost < self._spent:
             self.active = False
             stats.fallback_windows += 1
