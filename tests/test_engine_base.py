@@ -14,6 +14,7 @@ import pytest
 import soundfile as sf
 
 from specwhisper_backend import audio as audio_input
+from specwhisper_backend.drafting import DraftPolicy
 from specwhisper_backend.errors import AudioError, OptionError
 from specwhisper_backend.runtime import ExportedModel
 from specwhisper_backend.transcriber import TranscribeOptions, Transcriber, Transcription
@@ -41,7 +42,10 @@ def trained(trained_draft) -> Transcriber:
 
 @pytest.fixture(scope="module")
 def agreeing(agreeing_export) -> Transcriber:
-    return Transcriber(ExportedModel(agreeing_export, intra_op_threads=2))
+    # This draft costs as much as the main model, so the engine would rightly stop drafting; the
+    # test is about acceptance, so the judge is kept out of the way.
+    never_fall_back = DraftPolicy(judge_after_rounds=10**9)
+    return Transcriber(ExportedModel(agreeing_export, intra_op_threads=2), draft_policy=never_fall_back)
 
 
 def _tokens(result: Transcription) -> list[tuple[int, ...]]:
