@@ -47,11 +47,11 @@ def main(argv: list[str] | None = None) -> int:
         data, label = buffer.getvalue(), "60 s of English Asterisk prompts"
     print("starting tritonserver ...", flush=True)
     with TritonServer(args.repository.resolve()) as server, SpeechClient(server.grpc_url) as client:
-        client.transcribe(data, language="en")  # first request warms caches
+        client.transcribe(data, language="en", timestamps=True)  # first request warms caches
         timings = {}
         for speculative in (False, True):
             started = time.perf_counter()
-            result = client.transcribe(data, language="en", speculative=speculative)
+            result = client.transcribe(data, language="en", timestamps=True, speculative=speculative)
             timings[speculative] = time.perf_counter() - started
         print(f"\n{label}:\n{result.text}\n")
         print(
