@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specwhisper_backend.decoding import accept, decode_window, select
+from specwhisper_backend.decoding import accept, decode_window
 from specwhisper_backend.drafting import Drafter, DraftPolicy
-from specwhisper_backend.logit_filters import ApplyTimestampRules, SuppressAtBegin, SuppressTokens
+from specwhisper_backend.logit_filters import ApplyTimestampRules, SuppressAtBegin, SuppressTokens, select
 from specwhisper_backend.stats import DecodeStats
 
 VOCAB, EOT = 64, 30  # ids 40+ play the timestamps in TestTimestampRules, as in Whisper after <|endoftext|>

@@ -19,16 +19,8 @@ import numpy as np
 
 from specwhisper_backend.decoder_session import DecoderSession
 from specwhisper_backend.drafting import Drafter
-from specwhisper_backend.logit_filters import LogitFilter
+from specwhisper_backend.logit_filters import LogitFilter, select
 from specwhisper_backend.stats import DecodeStats
-
-
-def select(logits: np.ndarray, tokens: Sequence[int], filters: Sequence[LogitFilter]) -> int:
-    """The greedy choice after ``tokens``: filters applied to a copy of ``logits [V]``, then argmax."""
-    scores = np.array(logits, dtype=np.float32, copy=True)
-    for rule in filters:
-        rule.apply(scores, tokens)
-    return int(scores.argmax())
 
 
 def accept(drafts: Sequence[int], choices: Sequence[int]) -> int:

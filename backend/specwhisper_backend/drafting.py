@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from specwhisper_backend.decoder_session import DecoderSession
-from specwhisper_backend.logit_filters import LogitFilter
+from specwhisper_backend.logit_filters import LogitFilter, select
 from specwhisper_backend.stats import DecodeStats
 
 
@@ -68,10 +68,7 @@ class Drafter:
         drafts: list[int] = []
         context = list(tokens)
         while True:
-            scores = np.array(logits, dtype=np.float32, copy=True)
-            for rule in filters:
-                rule.apply(scores, context)
-            token = int(scores.argmax())
+            token = select(logits, context, filters)
             drafts.append(token)
             context.append(token)
             if token == self.eot or len(drafts) == count:

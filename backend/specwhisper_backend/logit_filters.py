@@ -18,6 +18,18 @@ class LogitFilter(Protocol):
         """Edit ``logits [V]`` in place for the next token after ``tokens`` (prompt included)."""
 
 
+def select(logits: np.ndarray, tokens: Sequence[int], filters: Sequence[LogitFilter]) -> int:
+    """The greedy choice after ``tokens``: filters applied to a copy of ``logits [V]``, then argmax.
+
+    The main model's verification and the draft's proposals both choose through here, so a draft
+    is built under exactly the rules it will be judged by.
+    """
+    scores = np.array(logits, dtype=np.float32, copy=True)
+    for rule in filters:
+        rule.apply(scores, tokens)
+    return int(scores.argmax())
+
+
 class SuppressTokens:
     """Never emit these ids (Whisper's ``suppress_tokens``: symbols and non-speech annotations)."""
 
