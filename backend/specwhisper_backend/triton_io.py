@@ -92,11 +92,16 @@ def segment_json(segments: list[Segment]) -> str:
     )
 
 
-def outputs(result: Transcription) -> dict[str, np.ndarray]:
-    """The output tensors of a whole transcription."""
+def outputs(text: str, language: str, segments: list[Segment], stats: dict) -> dict[str, np.ndarray]:
+    """The output tensors of a response: a whole transcription, one streamed segment (empty stats),
+    or the end of a stream (no text or segments, the request's stats)."""
     return {
-        "TEXT": np.array([result.text.encode()], dtype=object),
-        "DETECTED_LANGUAGE": np.array([result.language.encode()], dtype=object),
-        "SEGMENTS_JSON": np.array([segment_json(result.segments).encode()], dtype=object),
-        "STATS_JSON": np.array([json.dumps(result.stats.to_dict()).encode()], dtype=object),
+        "TEXT": np.array([text.encode()], dtype=object),
+        "DETECTED_LANGUAGE": np.array([language.encode()], dtype=object),
+        "SEGMENTS_JSON": np.array([segment_json(segments).encode()], dtype=object),
+        "STATS_JSON": np.array([json.dumps(stats).encode()], dtype=object),
     }
+
+
+def transcription_outputs(result: Transcription) -> dict[str, np.ndarray]:
+    return outputs(result.text, result.language, result.segments, result.stats.to_dict())

@@ -17,7 +17,7 @@ from specwhisper_backend.metrics import ServingMetrics
 from specwhisper_backend.runtime import ExportedModel
 from specwhisper_backend.stats import DecodeStats
 from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
-from specwhisper_backend.triton_io import INPUT_NAMES, outputs, parse_request, segment_json
+from specwhisper_backend.triton_io import INPUT_NAMES, outputs, parse_request, transcription_outputs
 
 
 def _tensors(arrays):
@@ -75,7 +75,7 @@ class TritonPythonModel:
                 responses.append(_refusal(error))
                 continue
             self.metrics.record(result.stats, len(audio) / 16_000, options.speculative)
-            responses.append(pb_utils.InferenceResponse(output_tensors=_tensors(outputs(result))))
+            responses.append(pb_utils.InferenceResponse(output_tensors=_tensors(transcription_outputs(result))))
         return responses
 
     def _stream(self, request):
@@ -85,24 +85,14 @@ class TritonPythonModel:
             audio, options = parse_request(self._inputs(request), self.max_audio_seconds, request.parameters())
             stats, language = DecodeStats(), []
             for segment in self.transcriber.segments(audio, options, stats, language):
-                partial = {
-                    "TEXT": np.array([segment.text.encode()], dtype=object),
-                    "DETECTED_LANGUAGE": np.array([language[0].encode()], dtype=object),
-                    "SEGMENTS_JSON": np.array([segment_json([segment]).encode()], dtype=object),
-                    "STATS_JSON": np.array([b"{}"], dtype=object),
-                }
+                partial = outputs(segment.text, language[0], [segment], {})
                 sender.send(pb_utils.InferenceResponse(output_tensors=_tensors(partial)))
         except RequestError as error:
             self.metrics.record_failure(type(error).__name__)
             sender.send(_refusal(error), flags=final)
             return
         self.metrics.record(stats, len(audio) / 16_000, options.speculative)
-        done = {
-            "TEXT": np.array([b""], dtype=object),
-            "DETECTED_LANGUAGE": np.array([language[0].encode() if language else b""], dtype=object),
-            "SEGMENTS_JSON": np.array([b"[]"], dtype=object),
-            "STATS_JSON": np.array([json.dumps(stats.to_dict()).encode()], dtype=object),
-        }
+        done = outputs("", language[0] if language else "", [], stats.to_dict())
         sender.send(pb_utils.InferenceResponse(output_tensors=_tensors(done)), flags=final)
 
     def finalize(self):
