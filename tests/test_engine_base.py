@@ -31,6 +31,12 @@ def decoder_only(base_export) -> Transcriber:
 
 
 @pytest.fixture(scope="module")
+def device_cache(base_export) -> Transcriber:
+    """The GPU path's KV caches (device buffers through IO binding), on ONNX Runtime's CPU device."""
+    return Transcriber(ExportedModel(base_export, intra_op_threads=2, cache_device="cpu-bound"))
+
+
+@pytest.fixture(scope="module")
 def full_assistant(base_export_full_assistant) -> Transcriber:
     return Transcriber(ExportedModel(base_export_full_assistant, intra_op_threads=2))
 
@@ -94,6 +100,18 @@ def test_long_form_identity(decoder_only, language, timestamps):
         assert len(plain.segments) > plain.stats.windows, "timestamps should split windows into segments"
 
 
+@pytest.mark.parametrize("language", ["en", "es"])
+def test_device_resident_caches_give_the_same_tokens(decoder_only, device_cache, language):
+    """Caches kept in device buffers and updated by the kv_writer graph decode exactly like NumPy
+    caches, with drafts rejected and windows restarted (long-form, timestamps)."""
+    audio = long_form(language, 65)
+    for speculative in (False, True):
+        options = TranscribeOptions(language=language, timestamps=True, speculative=speculative)
+        on_device = device_cache.transcribe(audio, options)
+        assert _tokens(on_device) == _tokens(decoder_only.transcribe(audio, options))
+        assert on_device.stats.tokens_drafted > 0 or not speculative
+
+
 @pytest.mark.parametrize("language", ["en", "es", "fr"])
 def test_trained_draft_identity_and_acceptance(trained, language):
     """The product's default assistant: identical tokens, and a real share of drafts accepted."""
@@ -103,6 +121,31 @@ def test_trained_draft_identity_and_acceptance(trained, language):
     print(f"trained draft, {language} long-form: {fast.stats.to_dict()}")
     assert fast.stats.acceptance_rate > 0.3
     assert fast.stats.tokens_per_main_pass > 1.5
+
+
+def test_int8_draft_is_cheaper_and_changes_nothing_but_acceptance(trained_draft, trained):
+    """``--assistant-int8``: the draft decoder's weights shrink about 4x; the output stays the main model's."""
+    request = ExportRequest("base", trained_draft, assistant_int8=True)
+    int8_dir, fp32_dir = export_artefacts(request), export_artefacts(ExportRequest("base", trained_draft))
+    decoder = trained.model.facts.assistant.decoder_file
+
+    def size(directory):
+        return sum(p.stat().st_size for p in (directory / decoder).parent.glob("decoder.onnx*"))
+
+    assert size(int8_dir) < size(fp32_dir) / 3
+    assert (int8_dir / trained.model.facts.main.decoder_file).samefile(fp32_dir / trained.model.facts.main.decoder_file)
+    int8 = Transcriber(ExportedModel(int8_dir, intra_op_threads=2))
+    for language in ("en", "es"):
+        accepted = {}
+        for name, engine in (("fp32", trained), ("int8", int8)):
+            results = [_both(engine, audio, language=language)[1] for _, audio in clips(language, 3)]
+            accepted[name] = sum(r.stats.tokens_accepted for r in results) / sum(
+                r.stats.tokens_drafted for r in results
+            )
+            accepted[name + " tokens"] = [_tokens(r) for r in results]
+        assert accepted["int8 tokens"] == accepted["fp32 tokens"]
+        print(f"{language}: acceptance fp32 {accepted['fp32']:.1%}, int8 {accepted['int8']:.1%}")
+        assert accepted["int8"] > accepted["fp32"] - 0.1
 
 
 def test_always_agreeing_draft_is_accepted(agreeing):

@@ -150,3 +150,12 @@ def test_onnx_greedy_equals_transformers_generate_tiny_en(tiny_en, tiny_en_expor
 def test_assistant_with_another_vocabulary_is_refused():
     with pytest.raises(IncompatibleAssistantError, match="vocabulary size 51864 != main model's 51865"):
         export_artefacts(ExportRequest(main="base", assistant="tiny.en"))
+
+
+@pytest.mark.parametrize(
+    ("request_options", "message"),
+    [({"assistant_int8": True}, "int8 assistant needs an assistant"), ({"precision": "fp8"}, "precision must be")],
+)
+def test_impossible_export_requests_are_refused(request_options, message):
+    with pytest.raises(ValueError, match=message):
+        ExportRequest(main="base", **request_options)

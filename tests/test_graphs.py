@@ -15,7 +15,7 @@ import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from specwhisper_backend.decoder_session import DecoderSession
-from specwhisper_backend.facts import DecoderFacts
+from specwhisper_backend.facts import KV_WRITER_FILE, DecoderFacts
 from specwhisper_export import onnx_export
 
 LAYERS, HEADS, WIDTH = 3, 4, 64
@@ -44,10 +44,16 @@ def tiny_random(tmp_path_factory):
     onnx_export.export_encoder(model, folder / onnx_export.ENCODER_FILE)
     onnx_export.export_cross_kv(model, WIDTH, folder / onnx_export.CROSS_KV_FILE)
     onnx_export.export_decoder(model, folder / onnx_export.DECODER_FILE)
+    onnx_export.export_kv_writer(folder / KV_WRITER_FILE, "float32")
     return model, folder
 
 
-def _decoder(folder, dtype="float32") -> DecoderSession:
+# Where the decoder keeps its KV caches: NumPy, or an ONNX Runtime device buffer through IO
+# binding (the GPU path, run here on the CPU device).
+CACHE_DEVICES = pytest.mark.parametrize("cache_device", ["cpu", "cpu-bound"])
+
+
+def _decoder(folder, dtype="float32", cache_device="cpu") -> DecoderSession:
     facts = DecoderFacts(
         layers=LAYERS,
         heads=HEADS,
@@ -56,7 +62,7 @@ def _decoder(folder, dtype="float32") -> DecoderSession:
         decoder_file=onnx_export.DECODER_FILE,
         dtype=dtype,
     )
-    return DecoderSession(facts, folder, max_length=448)
+    return DecoderSession(facts, folder, max_length=448, cache_device=cache_device)
 
 
 def test_encoder_matches_torch(tiny_random):
@@ -68,7 +74,8 @@ def test_encoder_matches_torch(tiny_random):
     np.testing.assert_allclose(ours[0], reference, atol=1e-4)
 
 
-def test_rows_at_different_lengths_with_rollback(tiny_random):
+@CACHE_DEVICES
+def test_rows_at_different_lengths_with_rollback(tiny_random, cache_device):
     """Two rows fed unequal chunks (padded), one rolled back and refed: logits equal a full forward."""
     model, folder = tiny_random
     torch.manual_seed(1)
@@ -76,7 +83,7 @@ def test_rows_at_different_lengths_with_rollback(tiny_random):
     ids = torch.randint(3, 300, (2, 80))
     with torch.no_grad():
         reference = model(encoder_outputs=(states,), decoder_input_ids=ids).logits.numpy()
-    decoder = _decoder(folder)
+    decoder = _decoder(folder, cache_device=cache_device)
     decoder.start(states.numpy())
 
     first = decoder.forward(ids[:, :5].numpy(), counts=np.array([5, 3]))
@@ -100,16 +107,44 @@ def test_rows_at_different_lengths_with_rollback(tiny_random):
     np.testing.assert_allclose(third[1, :71], reference[1, 9:80], atol=1e-4)
 
 
-def test_single_token_steps_match_one_pass(tiny_random):
+@CACHE_DEVICES
+def test_single_token_steps_match_one_pass(tiny_random, cache_device):
     model, folder = tiny_random
     states = torch.randn(1, 1500, WIDTH)
     ids = torch.randint(3, 300, (1, 12))
     with torch.no_grad():
         reference = model(encoder_outputs=(states,), decoder_input_ids=ids).logits.numpy()
-    decoder = _decoder(folder)
+    decoder = _decoder(folder, cache_device=cache_device)
     decoder.start(states.numpy())
     steps = [decoder.forward(ids[:, i : i + 1].numpy())[0, 0] for i in range(12)]
     np.testing.assert_allclose(np.stack(steps), reference[0], atol=1e-4)
+
+
+def test_kv_writer_scatters_each_rows_new_tokens_in_place(tiny_random):
+    """New K/V land at each row's own slots, padding past the end goes to the last (scratch) slot,
+    and with the output bound on the input buffer nothing else in it changes."""
+    _, folder = tiny_random
+    session = ort.InferenceSession(str(folder / KV_WRITER_FILE))
+    rng = np.random.default_rng(0)
+    cache = rng.standard_normal((6, 3, 2, 10, 4)).astype(np.float32)
+    new = rng.standard_normal((6, 3, 2, 3, 4)).astype(np.float32)
+    starts = np.array([0, 4, 8])
+    expected = cache.copy()
+    for row, start in enumerate(starts):
+        for step in range(3):
+            expected[:, row, :, min(start + step, 9)] = new[:, row, :, step]
+    buffer = ort.OrtValue.ortvalue_from_numpy(cache.copy())
+    binding = session.io_binding()
+    binding.bind_ortvalue_input("cache", buffer)
+    binding.bind_cpu_input("new", new)
+    binding.bind_cpu_input("starts", starts)
+    binding.bind_ortvalue_output("cache_out", buffer)
+    session.run_with_iobinding(binding)
+    assert binding.get_outputs()[0].data_ptr() == buffer.data_ptr()
+    got = buffer.numpy()
+    np.testing.assert_array_equal(got[:, :, :, :9], expected[:, :, :, :9])
+    scratch = got[:, 2, :, 9]  # row 2's two padded steps both went there, in either order
+    assert np.array_equal(scratch, new[:, 2, :, 1]) or np.array_equal(scratch, new[:, 2, :, 2])
 
 
 def test_truncate_cannot_grow(tiny_random):

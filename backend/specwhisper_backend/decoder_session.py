@@ -5,6 +5,11 @@ the graph whole (no copy); the graph returns only the new tokens' K/V, which are
 row's next free slots. Each row has its own length, so rows may advance by different numbers of
 tokens, and rejecting draft tokens is :meth:`DecoderSession.truncate`: a length moves back and the
 rejected slots are overwritten later. Nothing kept is ever recomputed.
+
+Where the cache lives is the one thing that differs between devices. On the CPU it is NumPy
+(:class:`HostCache`). On a GPU, copying every layer's cache to and from the host each step would
+cost more than the step, so :class:`DeviceCache` keeps it in device memory with ONNX Runtime IO
+binding, and the export's small ``kv_writer`` graph scatters each step's new K/V into it in place.
 """
 
 from __future__ import annotations
@@ -14,15 +19,139 @@ from pathlib import Path
 import numpy as np
 import onnxruntime as ort
 
-from specwhisper_backend.facts import DecoderFacts
+from specwhisper_backend.facts import KV_WRITER_FILE, DecoderFacts, cache_names
 
-# The cache grows in steps of this many slots: attention reads every slot of the buffer (masked),
-# so a buffer much larger than the text would waste work, and regrowing at every token would copy.
+# The host cache grows in steps of this many slots: attention reads every slot of the buffer
+# (masked), so a buffer much larger than the text would waste work, and regrowing at every token
+# would copy.
 CAPACITY_STEP = 64
 
 
-def _names(layers: int, prefix: str) -> list[str]:
-    return [f"{prefix}_{kv}_{i}" for i in range(layers) for kv in ("key", "value")]
+class HostCache:
+    """NumPy caches, fed to ``session.run`` as they are; new K/V are copied in by slicing."""
+
+    def __init__(self, decoder: ort.InferenceSession, cross_kv: ort.InferenceSession, facts: DecoderFacts) -> None:
+        self.decoder, self.cross_kv, self.facts = decoder, cross_kv, facts
+        self.dtype = np.dtype(facts.dtype)
+        self._past_names = cache_names(facts.layers, "past")
+        self._cross_names = cache_names(facts.layers, "cross")
+        self._cross: list[np.ndarray] = []
+        self._buffers: list[np.ndarray] = []
+
+    @property
+    def capacity(self) -> int:
+        return self._buffers[0].shape[2]
+
+    def start(self, encoder_hidden_states: np.ndarray) -> None:
+        self._cross = self.cross_kv.run(None, {"encoder_hidden_states": encoder_hidden_states})
+        self._buffers = self._empty(encoder_hidden_states.shape[0], CAPACITY_STEP)
+
+    def _empty(self, rows: int, capacity: int) -> list[np.ndarray]:
+        shape = (rows, self.facts.heads, capacity, self.facts.head_dim)
+        return [np.zeros(shape, dtype=self.dtype) for _ in self._past_names]
+
+    def reserve(self, needed: int) -> None:
+        capacity = self.capacity
+        if needed <= capacity:
+            return
+        grown = self._empty(self._buffers[0].shape[0], -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
+        for old, new in zip(self._buffers, grown, strict=True):
+            new[:, :, :capacity] = old
+        self._buffers = grown
+
+    def step(self, feed: dict[str, np.ndarray], lengths: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        feed = {**feed, **dict(zip(self._past_names, self._buffers, strict=True))}
+        feed.update(zip(self._cross_names, self._cross, strict=True))
+        logits, *new_kv = self.decoder.run(None, feed)
+        if np.all(counts == counts[0]) and np.all(lengths == lengths[0]):
+            start, stop = int(lengths[0]), int(lengths[0] + counts[0])
+            for buffer, new in zip(self._buffers, new_kv, strict=True):
+                buffer[:, :, start:stop] = new[:, :, : stop - start]
+        else:
+            for row, (start, count) in enumerate(zip(lengths, counts, strict=True)):
+                for buffer, new in zip(self._buffers, new_kv, strict=True):
+                    buffer[row, :, start : start + count] = new[row, :, :count]
+        return logits
+
+
+class DeviceCache:
+    """Caches in one stacked device buffer ``[2 x layers, B, H, max_length + 1, Dh]``.
+
+    Each layer's past input and new-K/V output is bound by pointer into a stacked buffer, so the
+    decoder reads the caches and writes a step's K/V without a host round trip, and one
+    ``kv_writer`` run then scatters them into every row's slots, its output bound on its input. The
+    buffer is allocated whole (the context is at most ``max_length`` tokens); its last slot is
+    scratch that padded tokens are written to and no row ever reads. Only token ids, positions,
+    masks and the logits cross to the host.
+    """
+
+    def __init__(
+        self,
+        decoder: ort.InferenceSession,
+        cross_kv: ort.InferenceSession,
+        writer: ort.InferenceSession,
+        facts: DecoderFacts,
+        max_length: int,
+        device: str,
+        device_id: int = 0,
+    ) -> None:
+        self.decoder, self.cross_kv, self.writer, self.facts = decoder, cross_kv, writer, facts
+        self.device, self.device_id = device, device_id
+        self.dtype = np.dtype(facts.dtype)
+        self.capacity = max_length + 1
+        self._past_names = cache_names(facts.layers, "past")
+        self._cross_names = cache_names(facts.layers, "cross")
+        self._new_names = cache_names(facts.layers, "new")
+        self._cross: list[ort.OrtValue] = []
+        self._buffer: ort.OrtValue | None = None
+
+    def start(self, encoder_hidden_states: np.ndarray) -> None:
+        binding = self.cross_kv.io_binding()
+        binding.bind_cpu_input("encoder_hidden_states", encoder_hidden_states)
+        for name in self._cross_names:
+            binding.bind_output(name, self.device, self.device_id)
+        self.cross_kv.run_with_iobinding(binding)
+        self._cross = binding.get_outputs()
+        rows = encoder_hidden_states.shape[0]
+        # Zeroed, not just allocated: masked slots must hold finite values (0 x NaN is NaN).
+        shape = (len(self._past_names), rows, self.facts.heads, self.capacity, self.facts.head_dim)
+        self._buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype), self.device, self.device_id)
+
+    def reserve(self, needed: int) -> None:
+        """Nothing to grow: the buffer holds the whole context from the start."""
+
+    def _bind_layers(self, binding: ort.IOBinding, names: list[str], stacked: ort.OrtValue, output: bool) -> None:
+        shape = stacked.shape()[1:]
+        layer_bytes = int(np.prod(shape)) * self.dtype.itemsize
+        bind = binding.bind_output if output else binding.bind_input
+        for index, name in enumerate(names):
+            pointer = stacked.data_ptr() + index * layer_bytes
+            bind(name, self.device, self.device_id, self.dtype, shape, pointer)
+
+    def step(self, feed: dict[str, np.ndarray], lengths: np.ndarray, counts: np.ndarray) -> np.ndarray:
+        rows, new_len = feed["input_ids"].shape
+        shape = (len(self._new_names), rows, self.facts.heads, new_len, self.facts.head_dim)
+        new_kv = ort.OrtValue.ortvalue_from_shape_and_type(shape, self.dtype, self.device, self.device_id)
+
+        binding = self.decoder.io_binding()
+        for name, value in feed.items():
+            binding.bind_cpu_input(name, value)
+        self._bind_layers(binding, self._past_names, self._buffer, output=False)
+        for name, value in zip(self._cross_names, self._cross, strict=True):
+            binding.bind_ortvalue_input(name, value)
+        binding.bind_output("logits", "cpu")
+        self._bind_layers(binding, self._new_names, new_kv, output=True)
+        self.decoder.run_with_iobinding(binding)
+        logits = binding.get_outputs()[0].numpy()
+
+        # Padded tokens' K/V land past their row's end (or in the scratch slot): never read.
+        write = self.writer.io_binding()
+        write.bind_ortvalue_input("cache", self._buffer)
+        write.bind_ortvalue_input("new", new_kv)
+        write.bind_cpu_input("starts", lengths)
+        write.bind_ortvalue_output("cache_out", self._buffer)
+        self.writer.run_with_iobinding(write)
+        return logits
 
 
 class DecoderSession:
@@ -35,17 +164,28 @@ class DecoderSession:
         max_length: int,
         options: ort.SessionOptions | None = None,
         providers: list[str] | None = None,
+        cache_device: str | None = None,
     ) -> None:
+        """``cache_device``: where the KV caches live, ``"cpu"`` (NumPy) or an ONNX Runtime device
+        (``"cuda"``, or ``"cpu"`` through IO binding as ``"cpu-bound"``); by default ``"cuda"``
+        when the CUDA execution provider is in use, else NumPy."""
         providers = providers or ["CPUExecutionProvider"]
-        self.cross_kv = ort.InferenceSession(str(Path(directory) / facts.cross_kv_file), options, providers=providers)
-        self.decoder = ort.InferenceSession(str(Path(directory) / facts.decoder_file), options, providers=providers)
+        directory = Path(directory)
+
+        def open_session(path: Path) -> ort.InferenceSession:
+            return ort.InferenceSession(str(path), options, providers=providers)
+
+        decoder, cross_kv = open_session(directory / facts.decoder_file), open_session(directory / facts.cross_kv_file)
+        if cache_device is None:
+            cache_device = "cuda" if "CUDAExecutionProvider" in decoder.get_providers() else "cpu"
+        if cache_device == "cpu":
+            self.cache: HostCache | DeviceCache = HostCache(decoder, cross_kv, facts)
+        else:
+            device = "cpu" if cache_device == "cpu-bound" else cache_device
+            writer = open_session(directory / KV_WRITER_FILE)
+            self.cache = DeviceCache(decoder, cross_kv, writer, facts, max_length, device)
         self.facts = facts
         self.max_length = max_length
-        self.dtype = np.dtype(facts.dtype)
-        self._past_names = _names(facts.layers, "past")
-        self._cross_names = _names(facts.layers, "cross")
-        self._cross: list[np.ndarray] = []
-        self._cache: list[np.ndarray] = []
         self.lengths = np.zeros(0, dtype=np.int64)
 
     @property
@@ -54,23 +194,8 @@ class DecoderSession:
 
     def start(self, encoder_hidden_states: np.ndarray) -> None:
         """Begin new rows for these audio windows: cross K/V once, empty self-attention caches."""
-        self._cross = self.cross_kv.run(None, {"encoder_hidden_states": encoder_hidden_states})
+        self.cache.start(encoder_hidden_states)
         self.lengths = np.zeros(encoder_hidden_states.shape[0], dtype=np.int64)
-        self._cache = self._empty_cache(CAPACITY_STEP)
-
-    def _empty_cache(self, capacity: int) -> list[np.ndarray]:
-        shape = (self.batch_size, self.facts.heads, capacity, self.facts.head_dim)
-        return [np.zeros(shape, dtype=self.dtype) for _ in self._past_names]
-
-    def _reserve(self, needed: int) -> None:
-        capacity = self._cache[0].shape[2]
-        if needed <= capacity:
-            return
-        steps = -(-needed // CAPACITY_STEP)
-        grown = self._empty_cache(steps * CAPACITY_STEP)
-        for old, new in zip(self._cache, grown, strict=True):
-            new[:, :, :capacity] = old
-        self._cache = grown
 
     def forward(self, tokens: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
         """Feed ``tokens [B, S]`` after each row's current length and return their logits ``[B, S, V]``.
@@ -85,34 +210,18 @@ class DecoderSession:
         ends = self.lengths + counts
         if ends.max(initial=0) > self.max_length:
             raise ValueError(f"decoder context of {self.max_length} tokens exceeded")
-        self._reserve(int(ends.max(initial=0)))
-        capacity = self._cache[0].shape[2]
+        self.cache.reserve(int(ends.max(initial=0)))
 
-        slots = np.arange(capacity)
+        slots = np.arange(self.cache.capacity)
         fresh = np.arange(new_len)
         mask = np.concatenate(
             [slots[None, :] < self.lengths[:, None], fresh[None, :] < counts[:, None]], axis=1
         ).astype(np.int64)
         positions = np.minimum(self.lengths[:, None] + fresh[None, :], self.max_length - 1)
-
         feed = {"input_ids": tokens.astype(np.int64, copy=False), "position_ids": positions, "attention_mask": mask}
-        feed.update(zip(self._past_names, self._cache, strict=True))
-        feed.update(zip(self._cross_names, self._cross, strict=True))
-        logits, *new_kv = self.decoder.run(None, feed)
-
-        self._store(new_kv, counts)
+        logits = self.cache.step(feed, self.lengths, counts)
         self.lengths = ends
         return logits
-
-    def _store(self, new_kv: list[np.ndarray], counts: np.ndarray) -> None:
-        if np.all(counts == counts[0]) and np.all(self.lengths == self.lengths[0]):
-            start, stop = int(self.lengths[0]), int(self.lengths[0] + counts[0])
-            for buffer, new in zip(self._cache, new_kv, strict=True):
-                buffer[:, :, start:stop] = new[:, :, : stop - start]
-            return
-        for row, (start, count) in enumerate(zip(self.lengths, counts, strict=True)):
-            for buffer, new in zip(self._cache, new_kv, strict=True):
-                buffer[row, :, start : start + count] = new[row, :, :count]
 
     def truncate(self, lengths: np.ndarray) -> None:
         """Forget every row's tokens past ``lengths[b]`` (rejected drafts); kept K/V stay in place."""

@@ -12,7 +12,15 @@ from pathlib import Path
 from typing import Literal
 
 FACTS_FILE = "model_facts.json"
-FACTS_FORMAT = 1
+FACTS_FORMAT = 2
+# Writes a decoder step's new K/V into caches that stay on the device (see decoder_session).
+KV_WRITER_FILE = "kv_writer.onnx"
+
+
+def cache_names(layers: int, prefix: str) -> list[str]:
+    """``<prefix>_key_0, <prefix>_value_0, <prefix>_key_1, ...``: how the decoder graphs name their
+    per-layer cache inputs (``past``, ``cross``) and outputs (``new``), in order."""
+    return [f"{prefix}_{kv}_{i}" for i in range(layers) for kv in ("key", "value")]
 
 
 @dataclass(frozen=True)

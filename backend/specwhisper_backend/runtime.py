@@ -27,7 +27,14 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
 class ExportedModel:
     """Encoders and decoder sessions of a main model and (when exported with one) its assistant."""
 
-    def __init__(self, directory: Path, intra_op_threads: int = 0, providers: list[str] | None = None) -> None:
+    def __init__(
+        self,
+        directory: Path,
+        intra_op_threads: int = 0,
+        providers: list[str] | None = None,
+        cache_device: str | None = None,
+    ) -> None:
+        """``cache_device``: where the decoders keep their KV caches (see :class:`DecoderSession`)."""
         self.directory = Path(directory)
         self.facts = ModelFacts.load(self.directory)
         options = session_options(intra_op_threads)
@@ -39,10 +46,12 @@ class ExportedModel:
 
         main = self.facts.main
         self.encoder = open_session(main.encoder_file)
-        self.main = DecoderSession(main, self.directory, max_length, options, providers)
+        self.main = DecoderSession(main, self.directory, max_length, options, providers, cache_device)
         assistant = self.facts.assistant
         self.assistant = (
-            DecoderSession(assistant, self.directory, max_length, options, providers) if assistant else None
+            DecoderSession(assistant, self.directory, max_length, options, providers, cache_device)
+            if assistant
+            else None
         )
         self.assistant_encoder = open_session(assistant.encoder_file) if assistant and assistant.encoder_file else None
 

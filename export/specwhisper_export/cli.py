@@ -29,6 +29,11 @@ def build_parser() -> argparse.ArgumentParser:
         "encoder; auto picks decoder_only when the assistant can read the main encoder's output",
     )
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="fp16 is for GPU deployments")
+    parser.add_argument(
+        "--assistant-int8",
+        action="store_true",
+        help="int8 weights for the assistant decoder only (a cheaper draft; the output is unchanged)",
+    )
     parser.add_argument("--out", type=Path, required=True, help="Triton model repository to write into")
     parser.add_argument("--model-name", default="specwhisper")
     parser.add_argument("--instances", type=int, default=1, help="Triton model instances")
@@ -48,7 +53,11 @@ def main(argv: list[str] | None = None) -> int:
             instances=args.instances, intra_op_threads=args.threads, device=args.device, streaming=not args.no_stream
         )
         request = ExportRequest(
-            main=args.main, assistant=args.assistant, assistant_form=args.assistant_form, precision=args.precision
+            main=args.main,
+            assistant=args.assistant,
+            assistant_form=args.assistant_form,
+            precision=args.precision,
+            assistant_int8=args.assistant_int8,
         )
         model_dirs = write_repository(request, args.out, args.model_name, serving)
     except (IncompatibleAssistantError, ValueError) as error:

@@ -24,7 +24,6 @@ import math
 import random
 import statistics
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, replace
@@ -40,7 +39,6 @@ from transformers import WhisperForCausalLM, WhisperProcessor
 from specwhisper_backend.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_backend.decoder_session import DecoderSession
 from specwhisper_backend.drafting import DraftPolicy
-from specwhisper_backend.facts import ModelFacts
 from specwhisper_backend.runtime import ExportedModel, session_options
 from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
 from specwhisper_export import draft_data
@@ -330,7 +328,7 @@ class DraftReport:
     main_step_ms: float  # one token through the main decoder
     verify_ms: float  # K + 1 tokens in one main pass
     draft_ms: float  # one token through the draft decoder
-    draft_int8_ms: float  # the same with int8 weights (quantize_draft), for comparison
+    draft_int8_ms: float  # the same with int8 weights (export --assistant-int8)
     languages: tuple[LanguageFigures, ...]
 
     @property
@@ -346,7 +344,7 @@ class DraftReport:
         lines = [
             f"K={self.k}  main step {self.main_step_ms:.2f} ms, verify {self.k + 1} tokens {self.verify_ms:.2f} ms, "
             f"draft token {self.draft_ms:.2f} ms = {self.draft_cost:.3f} main steps "
-            f"(int8 weights: {self.draft_int8_ms:.2f} ms)",
+            f"(int8 weights, --assistant-int8: {self.draft_int8_ms:.2f} ms)",
             f"{'lang':<5}{'texts':>6}{'tokens':>7}{'agree':>8}{'cover':>8}{'tok/pass':>9}{'speedup':>8}"
             f"{'engine: accept':>16}{'tok/pass':>9}{'speedup':>8}",
         ]
@@ -385,20 +383,6 @@ def measure_costs(
     return dict(enumerate(medians[:max_new], start=1)), medians[max_new:]
 
 
-def quantize_draft(export_dir: Path, out_dir: Path) -> Path:
-    """``out_dir`` laid out like ``export_dir`` for the assistant, its decoder with int8 weights
-    (ONNX Runtime dynamic quantisation; the main model stays fp32). Returns ``out_dir``."""
-    from onnxruntime.quantization import QuantType, quantize_dynamic
-
-    facts = ModelFacts.load(export_dir).assistant
-    for name in (facts.cross_kv_file, f"{facts.cross_kv_file}.data"):
-        if (export_dir / name).exists():
-            (out_dir / name).parent.mkdir(parents=True, exist_ok=True)
-            (out_dir / name).symlink_to(export_dir / name)
-    quantize_dynamic(export_dir / facts.decoder_file, out_dir / facts.decoder_file, weight_type=QuantType.QInt8)
-    return out_dir
-
-
 def _engine_figures(exported: ExportedModel, audio: Sequence[np.ndarray], language: str, k: int):
     """Acceptance, tokens per main pass and decode speed-up through the Transcriber, K drafts a round."""
     policy = DraftPolicy(start=k, minimum=k, maximum=k, judge_after_rounds=10**9)
@@ -428,14 +412,13 @@ def evaluate_draft(
     window = heldout[0]
     states = np.asarray(data.states[window.window : window.window + 1], dtype=np.float32)
     prefix = window.tokens[: window.prompt_length + 20].tolist()
-    with tempfile.TemporaryDirectory() as tmp:
-        facts = exported.facts
-        int8 = DecoderSession(
-            facts.assistant, quantize_draft(exported.directory, Path(tmp)), facts.n_text_ctx, session_options(2)
-        )
-        main_ms, (draft_ms, int8_ms) = measure_costs(
-            exported.main, [exported.assistant, int8], states, prefix, max_k + 1
-        )
+    int8 = DecoderSession(
+        exported.facts.assistant,
+        export_artefacts(ExportRequest(main=main, assistant=str(checkpoint), assistant_int8=True)),
+        exported.facts.n_text_ctx,
+        session_options(2),
+    )
+    main_ms, (draft_ms, int8_ms) = measure_costs(exported.main, [exported.assistant, int8], states, prefix, max_k + 1)
 
     languages = sorted({data.windows[t.window].language for t in heldout})
 

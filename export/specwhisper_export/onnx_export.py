@@ -17,6 +17,7 @@ import torch
 from torch.export import Dim
 from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 
+from specwhisper_backend.facts import cache_names
 from specwhisper_export.graphs import CrossKVGraph, DecoderGraph, EncoderGraph, TrimmedHead
 
 OPSET = 18
@@ -47,11 +48,6 @@ def decoder_shape(model: WhisperForConditionalGeneration | WhisperForCausalLM) -
         d_model=cfg.d_model,
         vocab_size=cfg.vocab_size,
     )
-
-
-def cache_input_names(layers: int, prefix: str) -> list[str]:
-    """``<prefix>_key_0, <prefix>_value_0, <prefix>_key_1, ...``: the order the graphs use."""
-    return [f"{prefix}_{kv}_{i}" for i in range(layers) for kv in ("key", "value")]
 
 
 def _export(
@@ -110,7 +106,7 @@ def export_cross_kv(model: WhisperForConditionalGeneration | WhisperForCausalLM,
         (states,),
         path,
         ["encoder_hidden_states"],
-        cache_input_names(layers, "cross"),
+        cache_names(layers, "cross"),
         ({0: Dim("batch"), 1: Dim("enc_len")},),
     )
 
@@ -148,9 +144,84 @@ def export_decoder(
             "input_ids",
             "position_ids",
             "attention_mask",
-            *cache_input_names(shape.layers, "past"),
-            *cache_input_names(shape.layers, "cross"),
+            *cache_names(shape.layers, "past"),
+            *cache_names(shape.layers, "cross"),
         ],
-        ["logits", *cache_input_names(shape.layers, "new")],
+        ["logits", *cache_names(shape.layers, "new")],
         ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: Dim("total")}, tuple(caches)),
     )
+
+
+def export_kv_writer(path: Path, dtype: str) -> None:
+    """The graph that keeps KV caches on the device: ``ScatterND`` of a step's new K/V
+    ``[N, B, H, S, D]`` into the stacked caches ``[N, B, H, L, D]`` at each row's slots
+    ``starts[b] + s`` (clamped to the last slot, which the engine keeps as scratch for padding).
+
+    Bound with its output on its input's buffer, ONNX Runtime updates the caches in place (the
+    kernel copies only when the buffers differ), so a step moves only the new tokens' K/V.
+    Written with ``onnx.helper``: it is index plumbing, not a torch module.
+    """
+    import onnx
+    from onnx import TensorProto, helper
+
+    element = TensorProto.FLOAT16 if dtype == "float16" else TensorProto.FLOAT
+
+    def const(name: str, values: list[int]) -> onnx.NodeProto:
+        tensor = helper.make_tensor(name, TensorProto.INT64, [len(values)], values)
+        return helper.make_node("Constant", [], [name], value=tensor)
+
+    def axis_index(name: str, size: str, shape: list[int]) -> list[onnx.NodeProto]:
+        """``name``: 0..size-1 laid along one axis of ``[N, B, H, S, 1]``, broadcast to all of it."""
+        return [
+            helper.make_node("Range", ["zero", size, "one"], [f"{name}_range"]),
+            const(f"{name}_shape", shape),
+            helper.make_node("Reshape", [f"{name}_range", f"{name}_shape"], [f"{name}_line"]),
+            helper.make_node("Expand", [f"{name}_line", "index_shape"], [name]),
+        ]
+
+    nodes = [
+        helper.make_node("Constant", [], ["zero"], value=helper.make_tensor("zero", TensorProto.INT64, [], [0])),
+        helper.make_node("Constant", [], ["one"], value=helper.make_tensor("one", TensorProto.INT64, [], [1])),
+        const("unit", [1]),
+        const("first", [0]),
+        const("fourth", [4]),
+        helper.make_node("Shape", ["new"], ["new_shape"]),
+        helper.make_node("Shape", ["cache"], ["cache_shape"]),
+        helper.make_node("Slice", ["new_shape", "first", "fourth"], ["lead"]),
+        helper.make_node("Concat", ["lead", "unit"], ["index_shape"], axis=0),  # [N, B, H, S, 1]
+    ]
+    for axis, size in enumerate(("n", "b", "h", "s")):
+        nodes += [
+            const(f"at_{size}", [axis]),
+            helper.make_node("Gather", ["new_shape", f"at_{size}"], [f"{size}_1"], axis=0),
+            helper.make_node("Squeeze", [f"{size}_1"], [size]),
+        ]
+    nodes += axis_index("layer_index", "n", [-1, 1, 1, 1, 1])
+    nodes += axis_index("row_index", "b", [1, -1, 1, 1, 1])
+    nodes += axis_index("head_index", "h", [1, 1, -1, 1, 1])
+    nodes += axis_index("step_index", "s", [1, 1, 1, -1, 1])
+    nodes += [
+        const("row_shape", [1, -1, 1, 1, 1]),
+        helper.make_node("Reshape", ["starts", "row_shape"], ["row_starts"]),
+        helper.make_node("Add", ["row_starts", "step_index"], ["wanted_slot"]),
+        const("at_l", [3]),
+        helper.make_node("Gather", ["cache_shape", "at_l"], ["slots"], axis=0),
+        helper.make_node("Sub", ["slots", "unit"], ["last_slot"]),
+        helper.make_node("Min", ["wanted_slot", "last_slot"], ["slot_index"]),
+        helper.make_node("Concat", ["layer_index", "row_index", "head_index", "slot_index"], ["indices"], axis=-1),
+        helper.make_node("ScatterND", ["cache", "indices", "new"], ["cache_out"]),
+    ]
+    dims = {"cache": ["layers_x2", "batch", "heads", "slots", "head_dim"]}
+    graph = helper.make_graph(
+        nodes,
+        "kv_writer",
+        [
+            helper.make_tensor_value_info("cache", element, dims["cache"]),
+            helper.make_tensor_value_info("new", element, ["layers_x2", "batch", "heads", "new_tokens", "head_dim"]),
+            helper.make_tensor_value_info("starts", TensorProto.INT64, ["batch"]),
+        ],
+        [helper.make_tensor_value_info("cache_out", element, dims["cache"])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    onnx.checker.check_model(model, full_check=True)
+    onnx.save(model, path)

@@ -51,12 +51,17 @@ class ExportRequest:
     assistant: str | None = None
     assistant_form: AssistantForm = "auto"
     precision: Precision = "fp32"
+    # int8 weights for the assistant's decoder only: a cheaper draft step; what it proposes is still
+    # verified by the main model, so this can change acceptance, never the output.
+    assistant_int8: bool = False
 
     def __post_init__(self) -> None:
         if self.assistant_form not in ("auto", "decoder_only", "full"):
             raise ValueError(f"assistant_form must be auto, decoder_only or full, not {self.assistant_form!r}")
         if self.precision not in ("fp32", "fp16"):
             raise ValueError(f"precision must be fp32 or fp16, not {self.precision!r}")
+        if self.assistant_int8 and (self.assistant is None or self.precision != "fp32"):
+            raise ValueError("an int8 assistant needs an assistant and an fp32 export")
 
 
 def _code_version() -> str:
@@ -160,6 +165,9 @@ def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, f
         ]
         assistant_facts = _decoder_facts(assistant, "assistant", with_encoder=full, dtype=np_dtype)
 
+    steps.append(
+        ("KV cache writer", lambda: onnx_export.export_kv_writer(out / backend_facts.KV_WRITER_FILE, np_dtype))
+    )
     for name, step in (bar := tqdm(steps, desc="ONNX export", unit="graph")):
         bar.set_postfix_str(name)
         step()
@@ -198,7 +206,31 @@ def export_artefacts(request: ExportRequest) -> Path:
         form,
         request.precision,
     )
-    return cached_dir("onnx", key, lambda tmp: _build(request, main_ckpt, assistant_ckpt, form, tmp))
+    artefacts = cached_dir("onnx", key, lambda tmp: _build(request, main_ckpt, assistant_ckpt, form, tmp))
+    return _int8_assistant(artefacts) if request.assistant_int8 else artefacts
+
+
+def _int8_assistant(artefacts: Path) -> Path:
+    """``artefacts`` with the assistant decoder's weights in int8 (ONNX Runtime dynamic
+    quantisation), cached beside it; every other file is linked, not copied."""
+    key = input_key("int8-assistant", artefacts.name, inspect.getsource(_quantize_assistant))
+    return cached_dir("onnx", key, lambda tmp: _quantize_assistant(artefacts, tmp))
+
+
+def _quantize_assistant(artefacts: Path, out: Path) -> None:
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    decoder = backend_facts.ModelFacts.load(artefacts).assistant.decoder_file
+    _link_tree(artefacts, out)
+    # The quantiser refuses hard-linked external data (the cache links it into repositories), and
+    # writes helper files beside its input: it reads a private copy.
+    work = out / "quantize-input"
+    work.mkdir()
+    for path in (artefacts / decoder).parent.glob(Path(decoder).name + "*"):
+        shutil.copy2(path, work / path.name)
+        (out / decoder).parent.joinpath(path.name).unlink()
+    quantize_dynamic(work / Path(decoder).name, out / decoder, weight_type=QuantType.QInt8)
+    shutil.rmtree(work)
 
 
 def _link_tree(source: Path, target: Path) -> None:
