@@ -98,6 +98,30 @@ def test_espeak_speaks_each_language():
         assert np.abs(audio).max() > 0.05
 
 
+def test_fortunes_are_prose_without_attributions_or_art(tmp_path, monkeypatch):
+    folder = tmp_path / "fortunes"
+    folder.mkdir()
+    (folder / "wisdom").write_text(
+        "A stitch in time saves nine, or so they say.\n\t\t-- Someone Famous,\n\t\tin a book\n%\n"
+        "  ___    ___\n |___|  |___|  |_|  |_|  |_|  |_|  |_|\n%\nShort.\n%\n"
+        "The early bird catches the worm,\nbut the second mouse gets the cheese.\n"
+    )
+    (folder / "wisdom.dat").write_bytes(b"\x00\x01")
+    (folder / "wisdom.u8").symlink_to(folder / "wisdom")
+    monkeypatch.setitem(draft_data.FORTUNE_FOLDERS, "en", folder)
+    assert draft_data.fortune_texts("en") == [
+        "A stitch in time saves nine, or so they say.",
+        "The early bird catches the worm, but the second mouse gets the cheese.",
+    ]
+    assert draft_data.fortune_texts("fr") == []
+
+
+def test_installed_fortunes_give_english_and_spanish_prose():
+    """.ci/setup installs Debian's fortunes and fortunes-es: thousands of passages each."""
+    for language in ("en", "es"):
+        assert len(draft_data.fortune_texts(language)) > 5000, f"apt-get install {language} fortunes"
+
+
 def _target(window: int, tokens: list[int], prompt_length: int, top: int = 4) -> Target:
     text = np.asarray(tokens[prompt_length:], np.int32)
     others = (text[:, None] + np.arange(1, top)[None, :]) % EOT

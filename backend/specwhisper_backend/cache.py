@@ -37,7 +37,8 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     """Return `<root>/<kind>/<key>`, calling `build(tmp_dir)` first if it is not there yet.
 
     The build writes into a temporary sibling that is renamed into place only when it
-    finished, so an interrupted build never leaves a half-written entry that looks complete.
+    finished, so an interrupted build never leaves a half-written entry that looks complete. When
+    another process finished the same entry first (two jobs on one machine), its copy is kept.
     """
     final = cache_root() / kind / key
     if final.is_dir():
@@ -48,7 +49,12 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     tmp.mkdir(parents=True)
     try:
         build(tmp)
-        tmp.rename(final)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.is_dir():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)  # same inputs, same content: keep the winner's
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -130,11 +130,11 @@ class Transcriber:
             stats.windows += 1
             self.model.main.start(states)
             if language is None:
-                language = self._detect_language(stats)
+                language = self.detect_language(stats)
             if not language_out:
                 language_out.append(language)
 
-            prompt = self._prompt(language, options, context)
+            prompt = self.prompt(language, options, context)
             if drafter is not None:
                 started = time.perf_counter()
                 drafter.session.start(self.model.encode_for_assistant(window, states))
@@ -143,7 +143,7 @@ class Transcriber:
             result = decode_window(
                 self.model.main,
                 prompt,
-                self._filters(options, len(prompt)),
+                self.logit_filters(options, len(prompt)),
                 tokens.eot,
                 facts.n_text_ctx,
                 stats,
@@ -155,8 +155,11 @@ class Transcriber:
             context = context + result.tokens if options.condition_on_previous_text else []
             yield from (segment for segment in produced if segment.text.strip())
 
-    def _detect_language(self, stats: DecodeStats) -> str:
-        """The main model's likeliest language token after <|startoftranscript|> (one decoder pass)."""
+    # The rules of one window, public so that a draft's training targets are decoded exactly as served.
+
+    def detect_language(self, stats: DecodeStats) -> str:
+        """The main model's likeliest language token after <|startoftranscript|> (one decoder pass
+        over the window the main decoder was started on)."""
         started = time.perf_counter()
         logits = self.model.main.forward(np.asarray([[self.facts.tokens.sot]]))[0, 0]
         stats.add_verify(time.perf_counter() - started)
@@ -165,7 +168,7 @@ class Transcriber:
         ids = np.asarray([self.facts.languages[code] for code in codes])
         return codes[int(np.argmax(logits[ids]))]
 
-    def _prompt(self, language: str, options: TranscribeOptions, context: list[int]) -> list[int]:
+    def prompt(self, language: str, options: TranscribeOptions, context: list[int]) -> list[int]:
         tokens = self.facts.tokens
         prompt: list[int] = []
         if context:
@@ -179,7 +182,7 @@ class Transcriber:
             prompt.append(tokens.no_timestamps)
         return prompt
 
-    def _filters(self, options: TranscribeOptions, prompt_length: int) -> list[LogitFilter]:
+    def logit_filters(self, options: TranscribeOptions, prompt_length: int) -> list[LogitFilter]:
         facts = self.facts
         filters: list[LogitFilter] = [
             SuppressAtBegin(facts.begin_suppress_tokens, prompt_length),

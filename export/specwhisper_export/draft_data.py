@@ -8,8 +8,9 @@ each prompt form served (transcribe/translate, with and without timestamps).
 The few real recordings at hand (short Asterisk prompts) are memorised in a few epochs, so variety
 is made here: windows of 5-25 s concatenating random clips of one language, like the long-form
 audio Whisper serves, plus espeak-ng speaking new sentences recombined from the training split's
-transcripts. Clips are split into training and held-out BY FILE before anything is concatenated,
-so no held-out recording (or its transcript) ever reaches training.
+transcripts and reading prose (Debian's fortune-cookie files, where installed). Clips are split
+into training and held-out BY FILE before anything is concatenated, so no held-out recording (or
+its transcript) ever reaches training.
 
 Everything (encoder outputs included: the draft reads them) is computed once, seeded, and kept in
 ``cache_root()/draft-data/<key>``.
@@ -35,8 +36,10 @@ from tqdm import tqdm
 from specwhisper_backend.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_backend.facts import ModelFacts
 from specwhisper_backend.features import log_mel, window
-from specwhisper_backend.logit_filters import ApplyTimestampRules, LogitFilter, SuppressAtBegin, SuppressTokens
+from specwhisper_backend.logit_filters import LogitFilter
 from specwhisper_backend.runtime import ExportedModel
+from specwhisper_backend.stats import DecodeStats
+from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
 from specwhisper_export import asterisk
 from specwhisper_export.presets import resolve_checkpoint
 from specwhisper_export.repository import ExportRequest, export_artefacts
@@ -61,6 +64,10 @@ ESPEAK_VARIANTS = ("", "+m1", "+m3", "+m5", "+f1", "+f2", "+f4")
 # repetition loop, which would hold up its whole batch (openai/whisper allows 224 per window).
 TOKENS_PER_SECOND, MIN_TOKENS, MAX_TEXT_TOKENS = 8, 16, 224
 HELDOUT_AUDIO_FILE = "heldout_audio.npz"
+# Prose for espeak-ng beyond the few transcripts at hand: Debian's fortune cookies (apt packages
+# fortunes, fortunes-es). Text the main model has never been asked about is what teaches a draft
+# to read audio rather than recall the training sentences.
+FORTUNE_FOLDERS = {"en": Path("/usr/share/games/fortunes"), "es": Path("/usr/share/games/fortunes/es")}
 
 
 @dataclass(frozen=True)
@@ -72,6 +79,7 @@ class CorpusOptions:
     use_asterisk: bool = True
     train_windows: int = 60  # concatenated real-speech windows per language
     espeak_windows: int = 20  # synthetic windows per language (skipped if espeak-ng is absent)
+    fortune_windows: int = 60  # synthetic windows of fortune-cookie prose, in languages that have it
     heldout_windows: int = 10  # real-speech windows per language, from held-out files only
     min_seconds: float = 5.0
     max_seconds: float = 25.0
@@ -85,7 +93,8 @@ class CorpusOptions:
             raise ValueError("no audio: give languages (Asterisk/espeak-ng) or audio files")
         if unknown := set(self.languages) - set(asterisk.LANGUAGES):
             raise ValueError(f"no built-in speech for {sorted(unknown)}; known: {asterisk.LANGUAGES}")
-        if min(self.train_windows, self.espeak_windows, self.heldout_windows, self.max_files) < 0:
+        counts = (self.train_windows, self.espeak_windows, self.fortune_windows, self.heldout_windows, self.max_files)
+        if min(counts) < 0:
             raise ValueError("window and file counts must be >= 0")
         if not 1.0 <= self.min_seconds <= self.max_seconds <= 29.0:
             raise ValueError("need 1 <= min_seconds <= max_seconds <= 29 (a window is 30 s)")
@@ -230,6 +239,40 @@ def espeak_windows(
         yield text, audio[:limit]
 
 
+def fortune_texts(language: str) -> list[str]:
+    """The plain-prose fortunes of ``language`` (attributions cut, art and tables left out)."""
+    folder = FORTUNE_FOLDERS.get(language)
+    if folder is None or not folder.is_dir():
+        return []
+    texts = []
+    for path in sorted(folder.iterdir()):
+        if path.is_symlink() or not path.is_file() or path.suffix == ".dat":
+            continue
+        for entry in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
+            lines = entry.splitlines()
+            said = next((i for i, line in enumerate(lines) if line.strip().startswith("--")), len(lines))
+            text = " ".join(" ".join(lines[:said]).split())
+            prose = sum(c.isalpha() or c in " .,;:!?'\"-" for c in text)
+            if 30 <= len(text) <= 400 and prose >= 0.97 * len(text):
+                texts.append(text)
+    return texts
+
+
+def fortune_windows(
+    texts: Sequence[str], language: str, count: int, rng: random.Random, max_seconds: float
+) -> Iterator[tuple[str, np.ndarray]]:
+    """``count`` windows of espeak-ng reading random fortunes of ``language`` one after another."""
+    limit = int(max_seconds * SAMPLE_RATE)
+    for _ in range(count):
+        words = rng.randint(15, 60)
+        chosen: list[str] = []
+        while sum(len(t.split()) for t in chosen) < words:
+            chosen.append(rng.choice(texts))
+        text = " ".join(chosen)
+        voice = rng.choice(ESPEAK_VOICES[language]) + rng.choice(ESPEAK_VARIANTS)
+        yield text, synthesize(text, voice, speed=rng.randint(130, 200), pitch=rng.randint(25, 75))[:limit]
+
+
 def find_audio(paths: Sequence[str]) -> list[Path]:
     """Audio files named, or found under the folders named, sorted."""
     found: list[Path] = []
@@ -244,51 +287,26 @@ def find_audio(paths: Sequence[str]) -> list[Path]:
 
 
 class MainTeacher:
-    """The main model as served (ONNX Runtime, backend filters), producing a draft's targets."""
+    """The main model as served (ONNX Runtime, and the Transcriber's own prompts, logit filters and
+    language detection), producing a draft's targets."""
 
     def __init__(self, main: str, threads: int = 2) -> None:
         self.model = ExportedModel(export_artefacts(ExportRequest(main=main)), intra_op_threads=threads)
+        self.engine = Transcriber(self.model)
         self.facts: ModelFacts = self.model.facts
-        self.mel_filters = np.load(self.model.directory / "mel_filters.npy")
 
     def features(self, audio: np.ndarray) -> np.ndarray:
-        return window(log_mel(audio, self.mel_filters), 0)
+        return window(log_mel(audio, self.engine.mel_filters), 0)
 
     def detect_language(self, states: np.ndarray) -> str:
-        """The likeliest language token after <|startoftranscript|>, as the Transcriber detects it."""
         self.model.main.start(states)
-        logits = self.model.main.forward(np.asarray([[self.facts.tokens.sot]]))[0, 0]
-        codes = list(self.facts.languages)
-        return codes[int(np.argmax(logits[[self.facts.languages[c] for c in codes]]))]
+        return self.engine.detect_language(DecodeStats())
 
     def prompt(self, language: str, task: Task, timestamps: bool) -> list[int]:
-        tokens = self.facts.tokens
-        prompt = [
-            tokens.sot,
-            self.facts.languages[language],
-            tokens.translate if task == "translate" else tokens.transcribe,
-        ]
-        return prompt if timestamps else [*prompt, tokens.no_timestamps]
+        return self.engine.prompt(language, TranscribeOptions(language, task, timestamps), context=[])
 
     def filters(self, prompt_length: int, timestamps: bool) -> list[LogitFilter]:
-        """The Transcriber's rules for a window that starts with this prompt."""
-        facts = self.facts
-        rules: list[LogitFilter] = [
-            SuppressAtBegin(facts.begin_suppress_tokens, prompt_length),
-            SuppressTokens(facts.suppress_tokens),
-        ]
-        if timestamps:
-            tokens = facts.tokens
-            rules.append(
-                ApplyTimestampRules(
-                    tokens.timestamp_begin,
-                    tokens.eot,
-                    tokens.no_timestamps,
-                    prompt_length,
-                    facts.max_initial_timestamp_index,
-                )
-            )
-        return rules
+        return self.engine.logit_filters(TranscribeOptions(timestamps=timestamps), prompt_length)
 
     def greedy(
         self, states: np.ndarray, prompts: Sequence[list[int]], timestamps: Sequence[bool], top_k: int, limit: int
@@ -383,13 +401,19 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
     for language in options.languages if options.espeak_windows else ():
         for text, audio in espeak_windows(texts[language], language, options.espeak_windows, rng, options.max_seconds):
             yield Window(language, "train", "espeak", (text,), len(audio) / SAMPLE_RATE), audio
+    for language in options.languages if options.fortune_windows else ():
+        prose = fortune_texts(language)
+        for text, audio in fortune_windows(
+            prose, language, options.fortune_windows if prose else 0, rng, options.max_seconds
+        ):
+            yield Window(language, "train", "espeak", (text,), len(audio) / SAMPLE_RATE), audio
 
 
 def _forms(rng: random.Random) -> list[tuple[Task, bool]]:
     return [DEFAULT_FORM, rng.choice(OTHER_FORMS)]
 
 
-def _build(options: CorpusOptions, main: str, directory: Path, batch: int = 4) -> None:
+def _build(options: CorpusOptions, main: str, directory: Path, batch: int = 8) -> None:
     teacher = MainTeacher(main)
     produced = list(tqdm(make_windows(options, teacher), desc="draft data: audio windows", unit="window"))
     windows = [w for w, _ in produced]
@@ -406,6 +430,7 @@ def _build(options: CorpusOptions, main: str, directory: Path, batch: int = 4) -
     flat_ids: list[np.ndarray] = []
     flat_logits: list[np.ndarray] = []
     # Batches of windows of similar length decode for similar numbers of steps: less padding work.
+    # A decoder step reads all its weights whatever the batch, so bigger batches are cheaper per row.
     by_length = sorted(range(len(windows)), key=lambda i: windows[i].seconds)
     for first in tqdm(range(0, len(windows), batch), desc="draft data: main model targets", unit="batch"):
         chosen = by_length[first : first + batch]
@@ -472,8 +497,16 @@ def heldout_audio(data: DraftData) -> list[tuple[int, np.ndarray]]:
 def draft_data(options: CorpusOptions, main: str) -> DraftData:
     """The corpus for ``main``, built on first use in ``cache_root()/draft-data/<key>``."""
     checkpoint = resolve_checkpoint(main)
-    key = input_key("draft-data", checkpoint_identity(checkpoint), asdict(options), code_version())
+    key = input_key("draft-data", checkpoint_identity(checkpoint), asdict(options), code_version(), _speech_sources())
     return load_draft_data(cached_dir("draft-data", key, lambda tmp: _build(options, checkpoint, tmp)))
+
+
+def _speech_sources() -> dict:
+    """What synthetic speech this machine can make: part of a corpus's identity."""
+    return {
+        "espeak-ng": espeak_available(),
+        "fortunes": {language: len(fortune_texts(language)) for language in sorted(FORTUNE_FOLDERS)},
+    }
 
 
 def code_version() -> str:
