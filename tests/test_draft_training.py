@@ -239,7 +239,8 @@ def test_reduced_run_of_the_command_beats_an_untrained_cut(tmp_path, capsys, bas
     trained draft agrees with base more often than the same layers cut and left untrained."""
     out = tmp_path / "draft"
     argv = ["--main", "base", "--out", str(out), "--max-files", "15", "--train-windows", "4"]
-    argv += ["--espeak-windows", "2", "--heldout-windows", "2", "--steps", "40", "--engine-windows", "1"]
+    argv += ["--espeak-windows", "2", "--fortune-windows", "2", "--heldout-windows", "2"]
+    argv += ["--steps", "40", "--engine-windows", "1"]
     assert draft_training.main(argv) == 0
     printed = capsys.readouterr().out
     assert "tok/pass" in printed and "draft token" in printed

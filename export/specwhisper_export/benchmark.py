@@ -98,6 +98,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specwhisper-bench", description=__doc__)
     parser.add_argument("--main", default="base")
     parser.add_argument("--assistant", required=True, help="draft checkpoint (decoder-only) or preset")
+    parser.add_argument("--assistant-int8", action="store_true", help="the draft decoder with int8 weights")
     parser.add_argument("--languages", nargs="+", default=["en", "es"])
     parser.add_argument("--clips", type=int, default=10, help="short clips per language")
     parser.add_argument("--long-seconds", type=float, default=120, help="long-form audio per language (0: none)")
@@ -108,7 +109,8 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     assistant_ckpt = resolve_checkpoint(args.assistant)
-    engine = Transcriber(ExportedModel(export_artefacts(ExportRequest(args.main, assistant_ckpt)), args.threads))
+    request = ExportRequest(args.main, assistant_ckpt, assistant_int8=args.assistant_int8)
+    engine = Transcriber(ExportedModel(export_artefacts(request), args.threads))
     model, processor = load_whisper(args.main)
     assistant = None if args.no_transformers else WhisperForCausalLM.from_pretrained(assistant_ckpt).eval()
 

@@ -32,13 +32,20 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specwhisper-demo", description=__doc__)
     parser.add_argument("--main", default="base")
     parser.add_argument("--assistant", help="default: the trained draft for --main")
+    parser.add_argument(
+        "--assistant-int8",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the draft decoder with int8 weights (a cheaper draft; the transcript is the main model's either way)",
+    )
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--audio", type=Path, help="default: 60 s of real English speech (Asterisk prompts)")
     args = parser.parse_args(argv)
 
     assistant = args.assistant or default_assistant(args.main)
     print(f"exporting {args.main} with assistant {assistant} into {args.repository} ...", flush=True)
-    write_repository(ExportRequest(main=args.main, assistant=assistant), args.repository, serving=ServingOptions())
+    request = ExportRequest(main=args.main, assistant=assistant, assistant_int8=args.assistant_int8)
+    write_repository(request, args.repository, serving=ServingOptions())
     if args.audio:
         data, label = args.audio.read_bytes(), str(args.audio)
     else:

@@ -39,7 +39,7 @@ from transformers import WhisperForCausalLM, WhisperProcessor
 from specwhisper_backend.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_backend.decoder_session import DecoderSession
 from specwhisper_backend.drafting import DraftPolicy
-from specwhisper_backend.runtime import ExportedModel, session_options
+from specwhisper_backend.runtime import ExportedModel
 from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
 from specwhisper_export import draft_data
 from specwhisper_export.cut import cut_decoder_only
@@ -59,11 +59,12 @@ class DraftTrainingOptions:
 
     corpus: CorpusOptions = field(default_factory=CorpusOptions)
     layers: tuple[int, ...] = (0, 5)  # main decoder layers the draft starts from (2 is the useful floor)
-    vocab_rank_floor: int = 8192  # ids below this (GPT-2 style: the most frequent merges) are always kept
-    # Also keep the main model's top-k alternatives at every training position: a better lexicon than
-    # merge rank (on base's held-out set, k=16 and no floor: 16.7k ids, 99.0 % coverage).
-    vocab_teacher_top_k: int = 0
-    steps: int = 350
+    # Ids below this (GPT-2 style merge ranks: the most frequent merges) are always kept; 0: none.
+    vocab_rank_floor: int = 0
+    # Also keep the main model's k likeliest alternatives at every training position: a better lexicon
+    # than merge rank (base, default corpus: k=12 gives 20.3k ids and 99.5 % held-out coverage).
+    vocab_teacher_top_k: int = 12
+    steps: int = 600
     batch_windows: int = 4  # windows per step, each with all its targets (prompt forms)
     learning_rate: float = 5e-4
     warmup_steps: int = 30
@@ -330,21 +331,27 @@ class DraftReport:
     draft_ms: float  # one token through the draft decoder
     draft_int8_ms: float  # the same with int8 weights (export --assistant-int8)
     languages: tuple[LanguageFigures, ...]
+    int8: bool = False  # the draft is served with int8 weights: its cost is draft_int8_ms
+
+    @property
+    def served_draft_ms(self) -> float:
+        return self.draft_int8_ms if self.int8 else self.draft_ms
 
     @property
     def draft_cost(self) -> float:
-        """A draft token's cost in main steps."""
-        return self.draft_ms / self.main_step_ms
+        """A draft token's cost in main steps, at the precision served."""
+        return self.served_draft_ms / self.main_step_ms
 
     def speedup(self, figures: LanguageFigures) -> float:
         """Decode-phase speed-up implied: tokens per round over a round's cost in main steps."""
-        return figures.tokens_per_pass / ((self.verify_ms + self.k * self.draft_ms) / self.main_step_ms)
+        return figures.tokens_per_pass / ((self.verify_ms + self.k * self.served_draft_ms) / self.main_step_ms)
 
     def format(self) -> str:
+        served = "int8" if self.int8 else "fp32"
         lines = [
             f"K={self.k}  main step {self.main_step_ms:.2f} ms, verify {self.k + 1} tokens {self.verify_ms:.2f} ms, "
-            f"draft token {self.draft_ms:.2f} ms = {self.draft_cost:.3f} main steps "
-            f"(int8 weights, --assistant-int8: {self.draft_int8_ms:.2f} ms)",
+            f"draft token fp32 {self.draft_ms:.2f} ms, int8 {self.draft_int8_ms:.2f} ms; served {served}: "
+            f"{self.draft_cost:.3f} main steps",
             f"{'lang':<5}{'texts':>6}{'tokens':>7}{'agree':>8}{'cover':>8}{'tok/pass':>9}{'speedup':>8}"
             f"{'engine: accept':>16}{'tok/pass':>9}{'speedup':>8}",
         ]
@@ -400,10 +407,11 @@ def _engine_figures(exported: ExportedModel, audio: Sequence[np.ndarray], langua
 
 
 def evaluate_draft(
-    main: str, checkpoint: Path, corpus: CorpusOptions, max_k: int = 8, engine_windows: int = 4
+    main: str, checkpoint: Path, corpus: CorpusOptions, max_k: int = 8, engine_windows: int = 4, int8: bool = True
 ) -> DraftReport:
     """The held-out report for a draft checkpoint; K is the draft length that maximises the mean
-    implied speed-up over the languages (with the costs measured on the exported graphs)."""
+    implied speed-up over the languages (with the costs measured on the exported graphs). ``int8``:
+    the draft is served with int8 weights (its cost, and the engine figures, are those of that export)."""
     data = draft_data.draft_data(corpus, main)
     heldout = data.split("heldout")
     draft = TrimmedDraft.load(checkpoint)
@@ -412,13 +420,12 @@ def evaluate_draft(
     window = heldout[0]
     states = np.asarray(data.states[window.window : window.window + 1], dtype=np.float32)
     prefix = window.tokens[: window.prompt_length + 20].tolist()
-    int8 = DecoderSession(
-        exported.facts.assistant,
-        export_artefacts(ExportRequest(main=main, assistant=str(checkpoint), assistant_int8=True)),
-        exported.facts.n_text_ctx,
-        session_options(2),
+    int8_export = ExportedModel(
+        export_artefacts(ExportRequest(main=main, assistant=str(checkpoint), assistant_int8=True)), intra_op_threads=2
     )
-    main_ms, (draft_ms, int8_ms) = measure_costs(exported.main, [exported.assistant, int8], states, prefix, max_k + 1)
+    main_ms, (draft_ms, int8_ms) = measure_costs(
+        exported.main, [exported.assistant, int8_export.assistant], states, prefix, max_k + 1
+    )
 
     languages = sorted({data.windows[t.window].language for t in heldout})
 
@@ -440,7 +447,7 @@ def evaluate_draft(
         return rows
 
     def report(k: int, rows: Sequence[LanguageFigures]) -> DraftReport:
-        return DraftReport(k, main_ms[1], main_ms[k + 1], draft_ms, int8_ms, tuple(rows))
+        return DraftReport(k, main_ms[1], main_ms[k + 1], draft_ms, int8_ms, tuple(rows), int8)
 
     candidates = [report(k, figures(k)) for k in range(1, max_k + 1)]
     best = max(candidates, key=lambda r: statistics.fmean(r.speedup(f) for f in r.languages))
@@ -450,7 +457,7 @@ def evaluate_draft(
     rows = []
     for f in best.languages:
         clips = [a for w, a in audio if data.windows[w].language == f.language][:engine_windows]
-        acceptance, per_pass, speedup = _engine_figures(exported, clips, f.language, best.k)
+        acceptance, per_pass, speedup = _engine_figures(int8_export if int8 else exported, clips, f.language, best.k)
         rows.append(replace(f, engine_acceptance=acceptance, engine_tokens_per_pass=per_pass, engine_speedup=speedup))
     return replace(best, languages=tuple(rows))
 
@@ -517,9 +524,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument("--train-windows", type=int, default=corpus.train_windows, help="per language")
     parser.add_argument("--espeak-windows", type=int, default=corpus.espeak_windows, help="per language")
+    parser.add_argument(
+        "--fortune-windows", type=int, default=corpus.fortune_windows, help="per language with fortunes installed"
+    )
     parser.add_argument("--heldout-windows", type=int, default=corpus.heldout_windows, help="per language")
     parser.add_argument("--max-files", type=int, default=corpus.max_files, help="per language and split; 0: all")
     parser.add_argument("--vocab-rank-floor", type=int, default=defaults.vocab_rank_floor)
+    parser.add_argument(
+        "--vocab-teacher-top-k",
+        type=int,
+        default=defaults.vocab_teacher_top_k,
+        help="also cover the main model's k likeliest ids at every training position",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
         "--engine-windows",
@@ -537,6 +553,7 @@ def options_from(args: argparse.Namespace) -> DraftTrainingOptions:
         audio=tuple(str(Path(a).resolve()) for a in args.audio),
         train_windows=args.train_windows,
         espeak_windows=args.espeak_windows,
+        fortune_windows=args.fortune_windows,
         heldout_windows=args.heldout_windows,
         max_files=args.max_files,
         seed=args.seed,
@@ -547,6 +564,7 @@ def options_from(args: argparse.Namespace) -> DraftTrainingOptions:
         steps=args.steps,
         warmup_steps=min(DraftTrainingOptions.warmup_steps, args.steps),
         vocab_rank_floor=args.vocab_rank_floor,
+        vocab_teacher_top_k=args.vocab_teacher_top_k,
         seed=args.seed,
     )
 

@@ -58,6 +58,7 @@ class ReportOptions:
     out: Path
     main: str = "base"
     assistant: str | None = None  # None: the trained draft of ``main`` (or the fallback cut)
+    assistant_int8: bool = False  # this project's draft decoder with int8 weights (the main model stays fp32)
     languages: tuple[str, ...] = ("en",)
     clips: int = 10
     long_seconds: float = 120.0  # 0: no long-form table
@@ -375,7 +376,8 @@ def running_server(options: ReportOptions, assistant: str) -> Iterator[TritonSer
     """The exported repository in a temporary directory, served by the real tritonserver (log in ``--out``)."""
     with tempfile.TemporaryDirectory(prefix="specwhisper-report-") as repository:
         serving = ServingOptions(instances=1, intra_op_threads=options.threads, streaming=False)
-        write_repository(ExportRequest(main=options.main, assistant=assistant), Path(repository), serving=serving)
+        request = ExportRequest(main=options.main, assistant=assistant, assistant_int8=options.assistant_int8)
+        write_repository(request, Path(repository), serving=serving)
         grpc, http, metrics = _free_ports(3)
         log = options.out / "tritonserver.log"
         with TritonServer(Path(repository), grpc, http, metrics, log_file=log) as server:
@@ -540,6 +542,7 @@ def parse(argv: list[str] | None) -> ReportOptions:
     parser.add_argument("--out", type=Path, default=defaults.out, help="directory for report.md/.json/.png")
     parser.add_argument("--main", default=defaults.main)
     parser.add_argument("--assistant", help="draft checkpoint; default: the trained draft of --main")
+    parser.add_argument("--assistant-int8", action="store_true", help="serve the draft decoder with int8 weights")
     parser.add_argument("--languages", nargs="+", default=list(defaults.languages))
     parser.add_argument("--clips", type=int, default=defaults.clips, help="short clips per language")
     parser.add_argument("--long-seconds", type=float, default=defaults.long_seconds, help="0: no long-form table")
@@ -552,6 +555,7 @@ def parse(argv: list[str] | None) -> ReportOptions:
         out=args.out,
         main=args.main,
         assistant=args.assistant,
+        assistant_int8=args.assistant_int8,
         languages=tuple(args.languages),
         clips=args.clips,
         long_seconds=args.long_seconds,
