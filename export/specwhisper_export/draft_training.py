@@ -4,8 +4,9 @@ The draft (distil-whisper style) reads the main encoder's output: a few of the m
 layers with their own cross-attention, the main model's token embeddings (a frozen copy) and an
 output head over a TRIMMED vocabulary. The head dominates a small decoder's cost (``512 x 51865``
 for multilingual Whisper), so it only scores the ids the main model actually says (those it emits
-on the training audio, the most frequent BPE merges, and every special and timestamp token); the
-export scatters them back to full-vocabulary ids, so serving needs no mapping.
+or ranks among its likeliest on the training audio, optionally the most frequent BPE merges, and
+every special and timestamp token); the export scatters them back to full-vocabulary ids, so serving
+needs no mapping.
 
 It learns from the main model itself (:mod:`specwhisper_export.draft_data`): cross-entropy on the
 main model's greedy tokens plus distillation on its top logits. The checkpoint is a standard one
