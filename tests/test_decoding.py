@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -19,11 +21,15 @@ class ScriptedDecoder:
     """Stands in for a DecoderSession: logits are a pure function of the prefix it has consumed.
 
     ``mistakes`` marks prefix lengths at which this decoder prefers another token than the true
-    model, so a draft built from it disagrees there.
+    model, so a draft built from it disagrees there. ``seconds_per_call`` makes each forward take
+    that long, for tests of the wall-clock fallback judge (otherwise timing is all noise).
     """
 
-    def __init__(self, text_length: int, seed: int = 0, mistakes: frozenset[int] = frozenset()) -> None:
+    def __init__(
+        self, text_length: int, seed: int = 0, mistakes: frozenset[int] = frozenset(), seconds_per_call: float = 0.0
+    ) -> None:
         self.text_length, self.seed, self.mistakes = text_length, seed, mistakes
+        self.seconds_per_call = seconds_per_call
         self.history: list[int] = []
         self.calls = 0
 
@@ -45,6 +51,7 @@ class ScriptedDecoder:
 
     def forward(self, tokens: np.ndarray, counts=None) -> np.ndarray:
         self.calls += 1
+        time.sleep(self.seconds_per_call)
         out = []
         for token in tokens[0].tolist():
             self.history.append(token)
@@ -112,9 +119,12 @@ def test_any_draft_gives_plain_greedy_output(text_length, seed, mistakes, start,
 
 
 def test_unrelated_draft_falls_back_to_plain_decoding():
+    """A draft that never agrees, costing half a main step: each round yields one token for over
+    1.5 main steps, so the judge stops drafting after its first rounds."""
     prompt = [60]
-    drafter = Drafter(ScriptedDecoder(200, seed=99), EOT, DraftPolicy(start=3, judge_after_rounds=4))
-    tokens, stats = _run(ScriptedDecoder(200, seed=1), prompt, [], drafter)
+    draft = ScriptedDecoder(200, seed=99, seconds_per_call=0.003)
+    drafter = Drafter(draft, EOT, DraftPolicy(start=3, judge_after_rounds=4))
+    tokens, stats = _run(ScriptedDecoder(200, seed=1, seconds_per_call=0.006), prompt, [], drafter)
     assert stats.fallback_windows == 1
     assert not drafter.active
     assert stats.tokens_drafted < 20, "drafting should stop once it does not pay"

@@ -161,6 +161,40 @@ def test_bad_requests_get_clear_errors_and_server_keeps_serving(server, client):
     assert client.transcribe(good, language="en").text
 
 
+def test_bad_requests_amid_good_ones_lose_nothing(server, client):
+    """Bad requests arriving while good ones are being decoded are refused on their own: every good
+    request already accepted completes, with the text it gets when sent alone."""
+    audio = long_form("en", 20)
+    expected = client.transcribe(audio, sample_rate=16_000, language="en").text
+    bad = {
+        "NaN": (np.full(16_000, np.nan, np.float32), "NaN"),
+        "silence": (np.zeros(16_000, np.float32), "silent"),
+        "corrupt": (b"RIFF" + os.urandom(4000), "cannot decode"),
+    }
+    results: dict[str, object] = {}
+
+    def send(name: str, payload, language: str = "en") -> None:
+        with SpeechClient(server.grpc_url, timeout=300) as own:
+            try:
+                rate = 16_000 if isinstance(payload, np.ndarray) else None
+                results[name] = own.transcribe(payload, sample_rate=rate, language=language).text
+            except TranscriptionError as error:
+                results[name] = error
+
+    threads = [threading.Thread(target=send, args=(f"good {i}", audio)) for i in range(3)]
+    threads += [threading.Thread(target=send, args=(name, payload)) for name, (payload, _) in bad.items()]
+    threads.append(threading.Thread(target=send, args=("unknown language", audio, "xx")))
+    for index, thread in enumerate(threads):
+        thread.start()
+        if index == 2:
+            time.sleep(0.5)  # the good requests are in flight when the bad ones arrive
+    for thread in threads:
+        thread.join()
+    assert [results[f"good {i}"] for i in range(3)] == [expected] * 3
+    for name, (_, message) in {**bad, "unknown language": (None, "unknown language")}.items():
+        assert isinstance(results[name], TranscriptionError) and message in str(results[name]), results[name]
+
+
 def test_cli_writes_subtitles_and_json(server, tmp_path):
     files = [prompt.path for prompt, _ in clips("en", 2, min_seconds=3.0)]
     for fmt in ("srt", "vtt", "json", "txt"):
