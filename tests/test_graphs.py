@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 
 import numpy as np
+import onnx
 import onnxruntime as ort
 import pytest
 import torch
@@ -18,14 +19,14 @@ from specwhisper_backend.decoder_session import DecoderSession
 from specwhisper_backend.facts import KV_WRITER_FILE, DecoderFacts
 from specwhisper_export import onnx_export
 
-LAYERS, HEADS, WIDTH = 3, 4, 64
+LAYERS, HEADS, WIDTH, VOCAB = 3, 4, 64, 300
 
 
 @pytest.fixture(scope="module")
 def tiny_random(tmp_path_factory):
     torch.manual_seed(0)
     config = WhisperConfig(
-        vocab_size=300,
+        vocab_size=VOCAB,
         d_model=WIDTH,
         encoder_layers=2,
         decoder_layers=LAYERS,
@@ -53,7 +54,7 @@ def tiny_random(tmp_path_factory):
 CACHE_DEVICES = pytest.mark.parametrize("cache_device", ["cpu", "cpu-bound"])
 
 
-def _decoder(folder, dtype="float32", cache_device="cpu") -> DecoderSession:
+def _decoder(folder, dtype="float32", cache_device="cpu", logit_ids_file=None) -> DecoderSession:
     facts = DecoderFacts(
         layers=LAYERS,
         heads=HEADS,
@@ -61,8 +62,9 @@ def _decoder(folder, dtype="float32", cache_device="cpu") -> DecoderSession:
         cross_kv_file=onnx_export.CROSS_KV_FILE,
         decoder_file=onnx_export.DECODER_FILE,
         dtype=dtype,
+        logit_ids_file=logit_ids_file,
     )
-    return DecoderSession(facts, folder, max_length=448, cache_device=cache_device)
+    return DecoderSession(facts, folder, max_length=448, cache_device=cache_device, vocab_size=VOCAB)
 
 
 def test_encoder_matches_torch(tiny_random):
@@ -175,20 +177,41 @@ def test_fp16_export_matches_fp32(tiny_random, tmp_path):
     np.testing.assert_allclose(ours.astype(np.float32), reference, atol=5e-2, rtol=5e-2)
 
 
-def test_trimmed_head_scores_only_its_vocabulary(tiny_random, tmp_path):
-    """A draft head over a vocabulary subset: same logits there, the lowest value elsewhere."""
+@CACHE_DEVICES
+def test_trimmed_head_scores_only_its_vocabulary(tiny_random, tmp_path, cache_device):
+    """A draft head over a vocabulary subset: the graph returns those ids' logits only (no scatter
+    to 51865 columns in the graph); the session places them by id, the lowest value elsewhere."""
     model, folder = tiny_random
-    kept = [2, 5, 17, 299]
+    kept = [299, 2, 17, 5]  # unsorted: the head's columns follow the saved ids, not the argument
     onnx_export.export_decoder(model, tmp_path / onnx_export.DECODER_FILE, token_ids=kept)
-    for graph_file in folder.glob(onnx_export.CROSS_KV_FILE + "*"):  # the graph and its weights file
+    # The cross K/V graph and its weights file, and the device caches' writer.
+    for graph_file in [*folder.glob(onnx_export.CROSS_KV_FILE + "*"), folder / KV_WRITER_FILE]:
         shutil.copy(graph_file, tmp_path)
     states = torch.randn(1, 1500, WIDTH)
     ids = torch.randint(3, 300, (1, 6))
     with torch.no_grad():
         reference = model(encoder_outputs=(states,), decoder_input_ids=ids).logits.numpy()
-    decoder = _decoder(tmp_path)
+    graph = ort.InferenceSession(str(tmp_path / onnx_export.DECODER_FILE))
+    assert graph.get_outputs()[0].name == "logits" and "ScatterND" not in {
+        n.op_type for n in onnx.load(tmp_path / onnx_export.DECODER_FILE, load_external_data=False).graph.node
+    }
+    with pytest.raises(ValueError, match="vocab_size"):
+        DecoderSession(
+            DecoderFacts(
+                LAYERS,
+                HEADS,
+                WIDTH // HEADS,
+                onnx_export.CROSS_KV_FILE,
+                onnx_export.DECODER_FILE,
+                logit_ids_file=onnx_export.LOGIT_IDS_FILE,
+            ),
+            tmp_path,
+            max_length=448,
+        )
+    decoder = _decoder(tmp_path, cache_device=cache_device, logit_ids_file=onnx_export.LOGIT_IDS_FILE)
     decoder.start(states.numpy())
     ours = decoder.forward(ids.numpy())
+    assert ours.shape == reference.shape
     np.testing.assert_allclose(ours[..., kept], reference[..., kept], atol=1e-4)
-    others = np.setdiff1d(np.arange(300), kept)
+    others = np.setdiff1d(np.arange(VOCAB), kept)
     assert np.all(ours[..., others] == np.finfo(np.float32).min)

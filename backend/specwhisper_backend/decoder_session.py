@@ -165,12 +165,20 @@ class DecoderSession:
         options: ort.SessionOptions | None = None,
         providers: list[str] | None = None,
         cache_device: str | None = None,
+        vocab_size: int | None = None,
     ) -> None:
         """``cache_device``: where the KV caches live, ``"cpu"`` (NumPy) or an ONNX Runtime device
         (``"cuda"``, or ``"cpu"`` through IO binding as ``"cpu-bound"``); by default ``"cuda"``
-        when the CUDA execution provider is in use, else NumPy."""
+        when the CUDA execution provider is in use, else NumPy. ``vocab_size``: the full
+        vocabulary's, needed when the graph scores a subset of it (``facts.logit_ids_file``)."""
         providers = providers or ["CPUExecutionProvider"]
         directory = Path(directory)
+        self._logit_ids: np.ndarray | None = None
+        if facts.logit_ids_file:
+            if vocab_size is None:
+                raise ValueError(f"{facts.decoder_file} scores a vocabulary subset: give the full vocab_size")
+            self._logit_ids = np.load(directory / facts.logit_ids_file)
+            self.vocab_size = vocab_size
 
         def open_session(path: Path) -> ort.InferenceSession:
             return ort.InferenceSession(str(path), options, providers=providers)
@@ -221,7 +229,14 @@ class DecoderSession:
         feed = {"input_ids": tokens.astype(np.int64, copy=False), "position_ids": positions, "attention_mask": mask}
         logits = self.cache.step(feed, self.lengths, counts)
         self.lengths = ends
-        return logits
+        return logits if self._logit_ids is None else self._full_vocabulary(logits)
+
+    def _full_vocabulary(self, logits: np.ndarray) -> np.ndarray:
+        """Scores of a subset head placed in full-vocabulary rows; ids it does not cover get the lowest
+        value, so logit filters and argmax work on token ids as with any decoder."""
+        full = np.full((*logits.shape[:-1], self.vocab_size), np.finfo(np.float32).min, dtype=np.float32)
+        full[..., self._logit_ids] = logits
+        return full
 
     def truncate(self, lengths: np.ndarray) -> None:
         """Forget every row's tokens past ``lengths[b]`` (rejected drafts); kept K/V stay in place."""

@@ -12,7 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 FACTS_FILE = "model_facts.json"
-FACTS_FORMAT = 2
+# 3: a decoder's logits may cover a vocabulary subset (logit_ids_file).
+FACTS_FORMAT = 3
 # Writes a decoder step's new K/V into caches that stay on the device (see decoder_session).
 KV_WRITER_FILE = "kv_writer.onnx"
 
@@ -46,6 +47,9 @@ class DecoderFacts:
     decoder_file: str
     encoder_file: str | None = None  # only a full-model assistant has an encoder of its own
     dtype: Literal["float32", "float16"] = "float32"
+    # A trained draft's head scores a vocabulary subset: its logits have one column per id in this
+    # file (int64 .npy, relative to the facts file). None: the whole vocabulary.
+    logit_ids_file: str | None = None
 
 
 @dataclass(frozen=True)

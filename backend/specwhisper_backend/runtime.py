@@ -8,7 +8,7 @@ import numpy as np
 import onnxruntime as ort
 
 from specwhisper_backend.decoder_session import DecoderSession
-from specwhisper_backend.facts import ModelFacts
+from specwhisper_backend.facts import DecoderFacts, ModelFacts
 
 
 def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
@@ -46,13 +46,15 @@ class ExportedModel:
 
         main = self.facts.main
         self.encoder = open_session(main.encoder_file)
-        self.main = DecoderSession(main, self.directory, max_length, options, providers, cache_device)
+
+        def open_decoder(facts: DecoderFacts) -> DecoderSession:
+            return DecoderSession(
+                facts, self.directory, max_length, options, providers, cache_device, self.facts.vocab_size
+            )
+
+        self.main = open_decoder(main)
         assistant = self.facts.assistant
-        self.assistant = (
-            DecoderSession(assistant, self.directory, max_length, options, providers, cache_device)
-            if assistant
-            else None
-        )
+        self.assistant = open_decoder(assistant) if assistant else None
         self.assistant_encoder = open_session(assistant.encoder_file) if assistant and assistant.encoder_file else None
 
     def encode(self, features: np.ndarray) -> np.ndarray:

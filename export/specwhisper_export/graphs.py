@@ -6,7 +6,8 @@ Three graphs per model (the decoder-only assistant has no encoder of its own):
 * ``cross_kv``: ``encoder_hidden_states`` -> ``cross_key_i, cross_value_i [B, H, 1500, Dh]`` for every
   decoder layer ``i``, run once per 30 s window instead of at every decoding step.
 * ``decoder``: ``S`` new tokens per row, a self-attention KV cache and the cross K/V -> logits for
-  the new tokens and their self-attention K/V.
+  the new tokens (over the whole vocabulary, or a trained draft's subset of it) and their
+  self-attention K/V.
 
 The decoder's cache is a buffer the caller owns, ``past_key_i / past_value_i [B, H, C, Dh]`` per
 layer, passed whole and never copied by the graph: ``attention_mask [B, C + S]`` says which of the
@@ -94,25 +95,23 @@ def _attend(
 
 
 class TrimmedHead(nn.Module):
-    """An output projection over a subset of the vocabulary, scattered back to full-vocabulary ids.
+    """An output projection over a subset of the vocabulary: logits for ``token_ids`` only.
 
     A small draft decoder spends most of its time in the output projection (``d x 51865`` for
-    Whisper's multilingual vocabulary); projecting onto the few thousand tokens the main model
-    actually says is what makes drafting cheap. Ids outside the subset get the lowest logit, so the
-    graph keeps the full-vocabulary interface and the engine needs no mapping.
+    Whisper's multilingual vocabulary); projecting onto the ids the main model actually says is what
+    makes drafting cheap. The graph returns just those scores: scattering them into a full-vocabulary
+    row inside the graph (an ``Expand``, two transposes and a ``ScatterND`` over 51865 columns) cost
+    an eighth of a draft step, and the engine does it on the host for a fraction of that
+    (``DecoderFacts.logit_ids_file`` says which ids the columns are).
     """
 
     def __init__(self, proj_out: nn.Linear, token_ids: list[int]) -> None:
         super().__init__()
         ids = torch.tensor(sorted(set(token_ids)), dtype=torch.int64)
-        self.register_buffer("token_ids", ids)
         self.weight = nn.Parameter(proj_out.weight.detach()[ids].clone(), requires_grad=False)
-        self.vocab_size = proj_out.weight.shape[0]
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        subset = torch.matmul(hidden, self.weight.t())
-        full = hidden.new_full((*hidden.shape[:-1], self.vocab_size), torch.finfo(hidden.dtype).min)
-        return full.index_copy(-1, self.token_ids, subset)
+        return torch.matmul(hidden, self.weight.t())
 
 
 class DecoderGraph(nn.Module):

@@ -13,6 +13,7 @@ import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch.export import Dim
 from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
@@ -26,6 +27,8 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 ENCODER_FILE = "encoder.onnx"
 CROSS_KV_FILE = "cross_kv.onnx"
 DECODER_FILE = "decoder.onnx"
+# Beside a decoder whose head covers a vocabulary subset: the ids its logits' columns stand for.
+LOGIT_IDS_FILE = "logit_ids.npy"
 
 
 @dataclass(frozen=True)
@@ -114,9 +117,13 @@ def export_cross_kv(model: WhisperForConditionalGeneration | WhisperForCausalLM,
 def export_decoder(
     model: WhisperForConditionalGeneration | WhisperForCausalLM, path: Path, token_ids: list[int] | None = None
 ) -> None:
-    """``token_ids``: the vocabulary subset a trained draft's head covers (None: the whole vocabulary)."""
+    """``token_ids``: the vocabulary subset a trained draft's head covers (None: the whole vocabulary);
+    its logits then have one column per id, in the order saved in ``LOGIT_IDS_FILE`` beside ``path``."""
     decoder, proj_out = _decoder_parts(model)
-    head = TrimmedHead(proj_out, token_ids) if token_ids else proj_out
+    head = proj_out
+    if token_ids:
+        head = TrimmedHead(proj_out, token_ids)
+        np.save(Path(path).parent / LOGIT_IDS_FILE, np.asarray(sorted(set(token_ids)), dtype=np.int64))
     shape = decoder_shape(model)
     dtype = decoder.embed_tokens.weight.dtype
     batch, new_len, past_len, enc_len = 2, 3, 5, model.config.max_source_positions

@@ -163,7 +163,13 @@ def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, f
                 ),
             ),
         ]
-        assistant_facts = _decoder_facts(assistant, "assistant", with_encoder=full, dtype=np_dtype)
+        assistant_facts = _decoder_facts(
+            assistant,
+            "assistant",
+            with_encoder=full,
+            dtype=np_dtype,
+            trimmed=draft_vocabulary(assistant_ckpt) is not None,
+        )
 
     steps.append(
         ("KV cache writer", lambda: onnx_export.export_kv_writer(out / backend_facts.KV_WRITER_FILE, np_dtype))
@@ -179,7 +185,9 @@ def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, f
     (out / FACTS_FILE).write_text(facts.to_json())
 
 
-def _decoder_facts(model: torch.nn.Module, folder: str, with_encoder: bool, dtype: str) -> DecoderFacts:
+def _decoder_facts(
+    model: torch.nn.Module, folder: str, with_encoder: bool, dtype: str, trimmed: bool = False
+) -> DecoderFacts:
     shape = onnx_export.decoder_shape(model)
     return DecoderFacts(
         layers=shape.layers,
@@ -189,6 +197,7 @@ def _decoder_facts(model: torch.nn.Module, folder: str, with_encoder: bool, dtyp
         decoder_file=f"{folder}/{onnx_export.DECODER_FILE}",
         encoder_file=f"{folder}/{onnx_export.ENCODER_FILE}" if with_encoder else None,
         dtype=dtype,
+        logit_ids_file=f"{folder}/{onnx_export.LOGIT_IDS_FILE}" if trimmed else None,
     )
 
 
