@@ -114,6 +114,18 @@ def test_fortunes_are_prose_without_attributions_or_art(tmp_path, monkeypatch):
         "The early bird catches the worm, but the second mouse gets the cheese.",
     ]
     assert draft_data.fortune_texts("fr") == []
+    # The corpus key names the files (and sizes) rather than parsing them on every lookup.
+    assert draft_data.fortune_files("en") == [folder / "wisdom"]
+
+
+def test_fortune_passages_join_whole_fortunes_up_to_a_length():
+    texts = ["one two three four five.", "six seven eight.", "nine ten eleven twelve thirteen fourteen."]
+    for seed in range(20):
+        passage = draft_data.fortune_passage(texts, random.Random(seed))
+        assert len(passage.split()) >= 15
+        rest = passage
+        while rest:  # whole fortunes only, one after another
+            rest = next(rest[len(t) :].lstrip() for t in texts if rest.startswith(t))
 
 
 def test_installed_fortunes_give_english_and_spanish_prose():

@@ -25,7 +25,7 @@ import random
 import shutil
 import subprocess
 import tempfile
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -227,27 +227,41 @@ def recombined_texts(texts: Sequence[str], rng: random.Random, sentences: tuple[
     return " ".join(parts)
 
 
-def espeak_windows(
-    texts: Sequence[str], language: str, count: int, rng: random.Random, max_seconds: float
+def fortune_passage(texts: Sequence[str], rng: random.Random) -> str:
+    """Random fortunes one after another, 15-60 words in all."""
+    words = rng.randint(15, 60)
+    chosen: list[str] = []
+    while sum(len(t.split()) for t in chosen) < words:
+        chosen.append(rng.choice(texts))
+    return " ".join(chosen)
+
+
+def spoken_windows(
+    make_text: Callable[[random.Random], str], language: str, count: int, rng: random.Random, max_seconds: float
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """``count`` synthetic windows in ``language`` speaking recombined ``texts`` with varied voices."""
+    """``count`` windows of espeak-ng speaking ``make_text(rng)`` in ``language``, each with a random
+    voice, speed and pitch."""
     limit = int(max_seconds * SAMPLE_RATE)
     for _ in range(count):
-        text = recombined_texts(texts, rng)
+        text = make_text(rng)
         voice = rng.choice(ESPEAK_VOICES[language]) + rng.choice(ESPEAK_VARIANTS)
-        audio = synthesize(text, voice, speed=rng.randint(130, 200), pitch=rng.randint(25, 75))
-        yield text, audio[:limit]
+        yield text, synthesize(text, voice, speed=rng.randint(130, 200), pitch=rng.randint(25, 75))[:limit]
+
+
+def fortune_files(language: str) -> list[Path]:
+    """Debian's fortune-cookie files in ``language`` (none if the package is not installed)."""
+    folder = FORTUNE_FOLDERS.get(language)
+    if folder is None or not folder.is_dir():
+        return []
+    return [
+        path for path in sorted(folder.iterdir()) if not path.is_symlink() and path.is_file() and path.suffix != ".dat"
+    ]
 
 
 def fortune_texts(language: str) -> list[str]:
     """The plain-prose fortunes of ``language`` (attributions cut, art and tables left out)."""
-    folder = FORTUNE_FOLDERS.get(language)
-    if folder is None or not folder.is_dir():
-        return []
     texts = []
-    for path in sorted(folder.iterdir()):
-        if path.is_symlink() or not path.is_file() or path.suffix == ".dat":
-            continue
+    for path in fortune_files(language):
         for entry in path.read_text(encoding="utf-8", errors="replace").split("\n%\n"):
             lines = entry.splitlines()
             said = next((i for i, line in enumerate(lines) if line.strip().startswith("--")), len(lines))
@@ -256,21 +270,6 @@ def fortune_texts(language: str) -> list[str]:
             if 30 <= len(text) <= 400 and prose >= 0.97 * len(text):
                 texts.append(text)
     return texts
-
-
-def fortune_windows(
-    texts: Sequence[str], language: str, count: int, rng: random.Random, max_seconds: float
-) -> Iterator[tuple[str, np.ndarray]]:
-    """``count`` windows of espeak-ng reading random fortunes of ``language`` one after another."""
-    limit = int(max_seconds * SAMPLE_RATE)
-    for _ in range(count):
-        words = rng.randint(15, 60)
-        chosen: list[str] = []
-        while sum(len(t.split()) for t in chosen) < words:
-            chosen.append(rng.choice(texts))
-        text = " ".join(chosen)
-        voice = rng.choice(ESPEAK_VOICES[language]) + rng.choice(ESPEAK_VARIANTS)
-        yield text, synthesize(text, voice, speed=rng.randint(130, 200), pitch=rng.randint(25, 75))[:limit]
 
 
 def find_audio(paths: Sequence[str]) -> list[Path]:
@@ -398,14 +397,16 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
     if options.espeak_windows and not espeak_available():
         log.warning("espeak-ng not found: training without synthetic speech (apt-get install espeak-ng)")
         return
-    for language in options.languages if options.espeak_windows else ():
-        for text, audio in espeak_windows(texts[language], language, options.espeak_windows, rng, options.max_seconds):
-            yield Window(language, "train", "espeak", (text,), len(audio) / SAMPLE_RATE), audio
+    sources = [
+        (lambda r, mine=texts[language]: recombined_texts(mine, r), language, options.espeak_windows)
+        for language in options.languages
+        if options.espeak_windows
+    ]
     for language in options.languages if options.fortune_windows else ():
-        prose = fortune_texts(language)
-        for text, audio in fortune_windows(
-            prose, language, options.fortune_windows if prose else 0, rng, options.max_seconds
-        ):
+        if prose := fortune_texts(language):
+            sources.append((lambda r, mine=prose: fortune_passage(mine, r), language, options.fortune_windows))
+    for make_text, language, count in sources:
+        for text, audio in spoken_windows(make_text, language, count, rng, options.max_seconds):
             yield Window(language, "train", "espeak", (text,), len(audio) / SAMPLE_RATE), audio
 
 
@@ -505,7 +506,10 @@ def _speech_sources() -> dict:
     """What synthetic speech this machine can make: part of a corpus's identity."""
     return {
         "espeak-ng": espeak_available(),
-        "fortunes": {language: len(fortune_texts(language)) for language in sorted(FORTUNE_FOLDERS)},
+        "fortunes": {
+            language: [(path.name, path.stat().st_size) for path in fortune_files(language)]
+            for language in sorted(FORTUNE_FOLDERS)
+        },
     }
 
 

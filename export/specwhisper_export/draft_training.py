@@ -324,6 +324,7 @@ class LanguageFigures:
     agreement: float  # share of the draft's teacher-forced top-1 equal to the main model's token
     coverage: float  # share of the main model's tokens inside the trimmed vocabulary
     tokens_per_pass: float  # at the report's K
+    tokens_per_pass_by_k: tuple[float, ...] = ()  # at K = 1, 2, ...: what a longer draft would give
     # Through the engine (ONNX Runtime, adaptive drafting off: K drafts a round), None if not run.
     engine_acceptance: float | None = None
     engine_tokens_per_pass: float | None = None
@@ -370,6 +371,9 @@ class DraftReport:
                 f"{f.language:<5}{f.texts:>6}{f.tokens:>7}{f.agreement:>8.1%}{f.coverage:>8.1%}"
                 f"{f.tokens_per_pass:>9.2f}{self.speedup(f):>8.2f}{engine}"
             )
+        for f in self.languages:
+            by_k = " ".join(f"{value:.2f}" for value in f.tokens_per_pass_by_k)
+            lines.append(f"{f.language}: tokens per pass at K = 1..{len(f.tokens_per_pass_by_k)}: {by_k}")
         return "\n".join(lines)
 
 
@@ -458,6 +462,14 @@ def evaluate_draft(
 
     candidates = [report(k, figures(k)) for k in range(1, max_k + 1)]
     best = max(candidates, key=lambda r: statistics.fmean(r.speedup(f) for f in r.languages))
+    curves = zip(*(r.languages for r in candidates), strict=True)
+    best = replace(
+        best,
+        languages=tuple(
+            replace(f, tokens_per_pass_by_k=tuple(c.tokens_per_pass for c in curve))
+            for f, curve in zip(best.languages, curves, strict=True)
+        ),
+    )
     if not engine_windows:
         return best
     audio = draft_data.heldout_audio(data)
