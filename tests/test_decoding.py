@@ -32,13 +32,15 @@ class ScriptedDecoder:
         self.seconds_per_call = seconds_per_call
         self.history: list[int] = []
         self.calls = 0
+        self.started_on: tuple[int, ...] | None = None  # the shape of the states last started on
 
     @property
     def lengths(self) -> np.ndarray:
         return np.asarray([len(self.history)])
 
-    def start(self, _states=None) -> None:
+    def start(self, states: np.ndarray | None = None) -> None:
         self.history = []
+        self.started_on = None if states is None else states.shape
 
     def _logits(self, prefix: list[int]) -> np.ndarray:
         rng = np.random.default_rng([self.seed, *prefix])
@@ -67,8 +69,7 @@ def _run(main: ScriptedDecoder, prompt, filters, drafter=None, max_length=448) -
     stats = DecodeStats()
     main.start()
     if drafter:
-        drafter.session.start()
-        drafter.reset_window()
+        drafter.start_window(np.zeros((1, 1500, 1)), 1500)
     result = decode_window(main, prompt, filters, EOT, max_length, stats, drafter)
     return result.tokens, stats
 
@@ -129,6 +130,16 @@ def test_unrelated_draft_falls_back_to_plain_decoding():
     assert not drafter.active
     assert stats.tokens_drafted < 20, "drafting should stop once it does not pay"
     assert tokens == _run(ScriptedDecoder(200, seed=1), prompt, [])[0]
+
+
+def test_draft_reads_the_windows_audio_and_a_margin_of_encoder_frames():
+    drafter = Drafter(ScriptedDecoder(10), EOT, DraftPolicy(frames_after_audio=50))
+    drafter.start_window(np.zeros((1, 1500, 4), np.float32), audio_frames=200)
+    assert drafter.session.started_on == (1, 250, 4)
+    drafter.start_window(np.zeros((1, 1500, 4), np.float32), audio_frames=1490)
+    assert drafter.session.started_on == (1, 1500, 4)
+    with pytest.raises(ValueError, match="frames_after_audio"):
+        DraftPolicy(frames_after_audio=-1)
 
 
 def test_draft_length_adapts():

@@ -21,6 +21,7 @@ from specwhisper_export.draft_training import (
     agreement,
     coverage,
     draft_vocabulary,
+    make_batch,
     tokens_per_pass,
     train,
 )
@@ -199,6 +200,14 @@ def tiny_data(tmp_path) -> DraftData:
             targets.append(_target(window, [EOT + 1, EOT + 2, task_token, *text, EOT], 3))
     states = rng.standard_normal((4, FRAMES, WIDTH)).astype(np.float16)
     return DraftData(tmp_path, windows, states, targets)
+
+
+def test_batches_read_the_encoder_frames_the_engine_serves(tiny_data):
+    """As the engine cuts a draft's encoder states: the longest window's audio, then the margin.
+    Toy encoder: 40 frames per 30 s, so 5 s of audio is ceil(500 x 40 / 3000) = 7 frames."""
+    to_trimmed = np.arange(VOCAB)
+    assert make_batch(tiny_data, tiny_data.targets[:4], to_trimmed, frames_after_audio=3).states.shape[1] == 10
+    assert make_batch(tiny_data, tiny_data.targets[:4], to_trimmed, frames_after_audio=500).states.shape[1] == FRAMES
 
 
 @pytest.mark.parametrize("train_head", [False, True])

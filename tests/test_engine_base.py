@@ -54,8 +54,10 @@ def trained(trained_draft) -> Transcriber:
 
 @pytest.fixture(scope="module")
 def agreeing(agreeing_export) -> Transcriber:
-    # This draft costs as much as the main model, so the engine would rightly stop drafting.
-    return Transcriber(ExportedModel(agreeing_export, intra_op_threads=2), draft_policy=NEVER_FALL_BACK)
+    # This draft costs as much as the main model, so the engine would rightly stop drafting; it
+    # reads all encoder frames, as the main decoder does, so that it is the main decoder exactly.
+    policy = DraftPolicy(judge_after_rounds=10**9, frames_after_audio=1500)
+    return Transcriber(ExportedModel(agreeing_export, intra_op_threads=2), draft_policy=policy)
 
 
 def _tokens(result: Transcription) -> list[tuple[int, ...]]:
@@ -125,6 +127,16 @@ def test_trained_draft_identity_and_acceptance(trained, language):
     print(f"trained draft, {language} long-form: {fast.stats.to_dict()}")
     assert fast.stats.acceptance_rate > 0.3
     assert fast.stats.tokens_per_main_pass > 1.5
+
+
+def test_draft_reads_only_the_windows_audio(trained):
+    """Its cross-attention reads the clip's encoder frames (2 mel frames of 10 ms each) and the
+    policy's margin, not all 1500 as the main decoder does."""
+    (_, audio), *_ = clips("en", 1)
+    trained.transcribe(audio, TranscribeOptions(language="en"))
+    audio_frames = -(-(len(audio) // 160) // 2)
+    assert trained.model.assistant.encoder_frames == audio_frames + trained.draft_policy.frames_after_audio
+    assert trained.model.main.encoder_frames == 1500
 
 
 def test_int8_draft_is_cheaper_and_changes_nothing_but_acceptance(trained_draft, trained):

@@ -173,12 +173,12 @@ class DecoderSession:
         vocabulary's, needed when the graph scores a subset of it (``facts.logit_ids_file``)."""
         providers = providers or ["CPUExecutionProvider"]
         directory = Path(directory)
+        self.vocab_size = vocab_size
         self._logit_ids: np.ndarray | None = None
         if facts.logit_ids_file:
             if vocab_size is None:
                 raise ValueError(f"{facts.decoder_file} scores a vocabulary subset: give the full vocab_size")
             self._logit_ids = np.load(directory / facts.logit_ids_file)
-            self.vocab_size = vocab_size
 
         def open_session(path: Path) -> ort.InferenceSession:
             return ort.InferenceSession(str(path), options, providers=providers)
@@ -195,6 +195,7 @@ class DecoderSession:
         self.facts = facts
         self.max_length = max_length
         self.lengths = np.zeros(0, dtype=np.int64)
+        self.encoder_frames = 0  # of the encoder output the rows read (a draft reads its audio's only)
 
     @property
     def batch_size(self) -> int:
@@ -204,6 +205,7 @@ class DecoderSession:
         """Begin new rows for these audio windows: cross K/V once, empty self-attention caches."""
         self.cache.start(encoder_hidden_states)
         self.lengths = np.zeros(encoder_hidden_states.shape[0], dtype=np.int64)
+        self.encoder_frames = encoder_hidden_states.shape[1]
 
     def forward(self, tokens: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
         """Feed ``tokens [B, S]`` after each row's current length and return their logits ``[B, S, V]``.

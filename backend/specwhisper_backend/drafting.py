@@ -27,10 +27,21 @@ class DraftPolicy:
     # took longer (drafting plus verification, measured) than plain steps would have: the first
     # round of each window is a plain step, which measures that cost on this machine, now.
     judge_after_rounds: int = 4
+    # The draft's cross-attention reads the window's audio and this many encoder frames (20 ms each)
+    # after it, not all 1500: over a window's silent padding it is most of a small draft's step
+    # (a draft trained with the same crop, see draft_training, loses nothing by it).
+    frames_after_audio: int = 50
 
     def __post_init__(self) -> None:
         if not 1 <= self.minimum <= self.start <= self.maximum:
             raise ValueError(f"draft lengths must satisfy 1 <= minimum <= start <= maximum, got {self}")
+        if self.frames_after_audio < 0:
+            raise ValueError(f"frames_after_audio must be >= 0, got {self.frames_after_audio}")
+
+
+def attended_frames(audio_frames: int, frames_after_audio: int, total: int) -> int:
+    """How many leading encoder frames a draft reads for a window with ``audio_frames`` of audio."""
+    return max(1, min(total, audio_frames + frames_after_audio))
 
 
 class Drafter:
@@ -43,10 +54,16 @@ class Drafter:
         self.draft_length = self.policy.start
         self.active = True
         self._proposed_after = 0  # text length when the last proposal was made
-        self.reset_window()
+        self._reset()
 
-    def reset_window(self) -> None:
-        """A new window: the session was restarted on new audio; drafting gets a fresh chance."""
+    def start_window(self, encoder_states: np.ndarray, audio_frames: int) -> None:
+        """A new window: the session restarts on its first ``audio_frames`` encoder frames of audio
+        (and the policy's margin after them); drafting gets a fresh chance."""
+        frames = attended_frames(audio_frames, self.policy.frames_after_audio, encoder_states.shape[1])
+        self.session.start(encoder_states[:, :frames])
+        self._reset()
+
+    def _reset(self) -> None:
         self.active = True
         self._plain_step: float | None = None  # seconds of one plain main step, measured this window
         self._rounds = self._produced = 0  # drafting rounds, and the tokens they produced

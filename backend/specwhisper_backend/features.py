@@ -40,6 +40,11 @@ def log_mel(audio: np.ndarray, mel_filters: np.ndarray) -> np.ndarray:
     return ((log_spec + 4.0) / 4.0).astype(np.float32)
 
 
+def encoder_frames(mel_frames: int, n_audio_ctx: int) -> int:
+    """Encoder frames that cover ``mel_frames`` of a window (the encoder's convolutions halve the rate)."""
+    return -(-mel_frames * n_audio_ctx // N_FRAMES)
+
+
 def window(mel: np.ndarray, start: int) -> np.ndarray:
     """The 30 s window of ``mel`` (from :func:`log_mel`) at frame ``start``, as a ``[1, n_mels, 3000]`` batch.
 

@@ -137,9 +137,10 @@ class Transcriber:
             prompt = self.prompt(language, options, context)
             if drafter is not None:
                 started = time.perf_counter()
-                drafter.session.start(self.model.encode_for_assistant(window, states))
+                assistant_states = self.model.encode_for_assistant(window, states)
+                audio_frames = features.encoder_frames(window_frames, assistant_states.shape[1])
+                drafter.start_window(assistant_states, audio_frames)
                 stats.seconds_encoder += time.perf_counter() - started
-                drafter.reset_window()
             result = decode_window(
                 self.model.main,
                 prompt,

@@ -8,7 +8,9 @@ or ranks among its likeliest on the training audio, optionally the most frequent
 every special and timestamp token). Those rows are the main model's own output projection, kept
 frozen: the draft learns to reach the main model's final hidden state, which generalises to unheard
 audio far better than a head trained on a few hundred windows. The export records which ids the
-head's columns are, and the engine places their scores by id.
+head's columns are, and the engine places their scores by id. Its cross-attention reads only the
+encoder frames of a window's audio and a short margin after them, in training as when served
+(``DraftPolicy.frames_after_audio``): over a window's silent padding it was a fifth of a step.
 
 It learns from the main model itself (:mod:`specwhisper_export.draft_data`): cross-entropy on the
 main model's greedy tokens plus distillation on its top logits. The checkpoint is a standard one
@@ -41,7 +43,8 @@ from transformers import WhisperForCausalLM, WhisperProcessor
 
 from specwhisper_backend.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_backend.decoder_session import DecoderSession
-from specwhisper_backend.drafting import DraftPolicy
+from specwhisper_backend.drafting import DraftPolicy, attended_frames
+from specwhisper_backend.features import HOP_LENGTH, SAMPLE_RATE, encoder_frames
 from specwhisper_backend.runtime import ExportedModel
 from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
 from specwhisper_export import draft_data
@@ -71,7 +74,10 @@ class DraftTrainingOptions:
     # to reach the main model's final hidden state. A trained head (20k x 512 weights, most of the
     # draft's) memorised the training set: base, 250 steps, held-out agreement 67.7 % against 74.4 %.
     train_head: bool = False
-    steps: int = 600
+    # The draft reads each window's audio and this many encoder frames after it, as it is served
+    # (DraftPolicy.frames_after_audio).
+    frames_after_audio: int = DraftPolicy().frames_after_audio
+    steps: int = 800
     batch_windows: int = 4  # windows per step, each with all its targets (prompt forms)
     learning_rate: float = 5e-4
     warmup_steps: int = 30
@@ -86,6 +92,8 @@ class DraftTrainingOptions:
             raise ValueError(f"layers must name main decoder layers, got {self.layers}")
         if self.vocab_rank_floor < 0 or self.vocab_teacher_top_k < 0:
             raise ValueError("vocab_rank_floor and vocab_teacher_top_k must be >= 0")
+        if self.frames_after_audio < 0:
+            raise ValueError("frames_after_audio must be >= 0")
         if self.steps < 1 or self.batch_windows < 1 or self.threads < 1:
             raise ValueError("steps, batch_windows and threads must be >= 1")
         if not 0 <= self.warmup_steps <= self.steps:
@@ -151,8 +159,8 @@ class TrimmedDraft(nn.Module):
         """Scores over the trimmed vocabulary at ``positions`` (a ``[B, T]`` mask): ``[M, len(token_ids)]``.
 
         ``states [W, n_audio_ctx, d]`` holds each window once and ``rows [B]`` says which window a row
-        reads: the cross-attention keys and values over 1500 frames, most of the cost, are projected
-        once per window rather than once per prompt form. The decoder is the export's own graph
+        reads: the cross-attention keys and values over the window's frames, most of the cost, are
+        projected once per window rather than once per prompt form. The decoder is the export's own graph
         (an empty cache), so what is trained is what is served.
         """
         decoder = self.model.model.decoder
@@ -195,8 +203,9 @@ class Batch:
     teacher_logits: torch.Tensor  # [M, k]
 
 
-def make_batch(data: DraftData, targets: Sequence[Target], to_trimmed: np.ndarray) -> Batch:
-    """Targets padded to one length (padding is never a target, and a causal decoder ignores what follows)."""
+def make_batch(data: DraftData, targets: Sequence[Target], to_trimmed: np.ndarray, frames_after_audio: int) -> Batch:
+    """Targets padded to one length (padding is never a target, and a causal decoder ignores what follows),
+    their windows' encoder output cut after the longest one's audio and ``frames_after_audio``."""
     width = max(len(t.tokens) for t in targets) - 1
     input_ids = np.zeros((len(targets), width), dtype=np.int64)
     positions = np.zeros((len(targets), width), dtype=bool)
@@ -207,7 +216,7 @@ def make_batch(data: DraftData, targets: Sequence[Target], to_trimmed: np.ndarra
     teacher_ids = np.concatenate([t.topk_ids for t in targets])
     windows = [t.window for t in targets]
     unique, inverse = np.unique(windows, return_inverse=True)
-    states = torch.from_numpy(np.asarray(data.states[unique], dtype=np.float32))
+    states = torch.from_numpy(_attended_states(data, unique, frames_after_audio))
     labels = to_trimmed[next_ids]
     return Batch(
         input_ids=torch.from_numpy(input_ids),
@@ -219,6 +228,15 @@ def make_batch(data: DraftData, targets: Sequence[Target], to_trimmed: np.ndarra
         teacher_ids=torch.from_numpy(to_trimmed[teacher_ids]),
         teacher_logits=torch.from_numpy(np.concatenate([t.topk_logits for t in targets]).astype(np.float32)),
     )
+
+
+def _attended_states(data: DraftData, windows: np.ndarray, frames_after_audio: int) -> np.ndarray:
+    """The windows' encoder output up to the longest one's audio and ``frames_after_audio``, as the
+    engine cuts it for the draft (float32)."""
+    n_audio_ctx = data.states.shape[1]
+    mel_frames = max(round(data.windows[w].seconds * SAMPLE_RATE) // HOP_LENGTH for w in windows)
+    frames = attended_frames(encoder_frames(mel_frames, n_audio_ctx), frames_after_audio, n_audio_ctx)
+    return np.asarray(data.states[windows, :frames], dtype=np.float32)
 
 
 def loss(draft: TrimmedDraft, batch: Batch, options: DraftTrainingOptions) -> torch.Tensor:
@@ -265,7 +283,7 @@ def train(draft: TrimmedDraft, data: DraftData, options: DraftTrainingOptions) -
         if len(order) < options.batch_windows:
             order += rng.sample(windows, len(windows))  # a new epoch, reshuffled
         chosen, order = order[: options.batch_windows], order[options.batch_windows :]
-        batch = make_batch(data, [t for w in chosen for t in grouped[w]], to_trimmed)
+        batch = make_batch(data, [t for w in chosen for t in grouped[w]], to_trimmed, options.frames_after_audio)
         value = loss(draft, batch, options)
         optimiser.zero_grad()
         value.backward()
@@ -279,19 +297,20 @@ def train(draft: TrimmedDraft, data: DraftData, options: DraftTrainingOptions) -
 
 
 def agreement(
-    draft: TrimmedDraft, data: DraftData, targets: Sequence[Target], batch_windows: int = 4
+    draft: TrimmedDraft,
+    data: DraftData,
+    targets: Sequence[Target],
+    frames_after_audio: int = DraftPolicy().frames_after_audio,
 ) -> list[np.ndarray]:
     """Per target: whether the draft's top-1 (teacher-forced on the main model's tokens) is the
-    main model's next token, at each generated position."""
+    main model's next token, at each generated position. One window at a time, so that each reads
+    the encoder frames it is served with."""
     to_trimmed = np.full(draft.model.config.vocab_size, -1, dtype=np.int64)
     to_trimmed[draft.token_ids.numpy()] = np.arange(len(draft.token_ids))
-    grouped = _by_window(targets)
-    windows = sorted(grouped)
     matches: dict[int, np.ndarray] = {}
     with torch.no_grad():
-        for first in range(0, len(windows), batch_windows):
-            chosen = [t for w in windows[first : first + batch_windows] for t in grouped[w]]
-            batch = make_batch(data, chosen, to_trimmed)
+        for chosen in _by_window(targets).values():
+            batch = make_batch(data, chosen, to_trimmed, frames_after_audio)
             predicted = draft.token_ids[
                 draft.logits(batch.input_ids, batch.states, batch.rows, batch.positions).argmax(-1)
             ]
@@ -334,14 +353,24 @@ class LanguageFigures:
 
 
 @dataclass(frozen=True)
+class DraftReading:
+    """What the draft's measured step read: the encoder frames of the window its costs were taken on."""
+
+    frames: int  # encoder frames the draft attends to there (its audio and the served margin)
+    window_seconds: float
+    int8_full_window_ms: float  # an int8 draft step over all the encoder's frames (a full 30 s window)
+
+
+@dataclass(frozen=True)
 class DraftReport:
     k: int
     main_step_ms: float  # one token through the main decoder
     verify_ms: float  # K + 1 tokens in one main pass
-    draft_ms: float  # one token through the draft decoder
+    draft_ms: float  # one token through the draft decoder (mean of a round's K steps)
     draft_int8_ms: float  # the same with int8 weights (export --assistant-int8)
     languages: tuple[LanguageFigures, ...]
     int8: bool = False  # the draft is served with int8 weights: its cost is draft_int8_ms
+    reading: DraftReading | None = None
 
     @property
     def served_draft_ms(self) -> float:
@@ -365,6 +394,14 @@ class DraftReport:
             f"{'lang':<5}{'texts':>6}{'tokens':>7}{'agree':>8}{'cover':>8}{'tok/pass':>9}{'speedup':>8}"
             f"{'engine, served adaptive K: accept':>35}{'tok/pass':>9}{'speedup':>8}",
         ]
+        if self.reading:
+            r = self.reading
+            lines.insert(
+                1,
+                f"costs on the held-out window of median length ({r.window_seconds:.1f} s): the draft reads "
+                f"{r.frames} encoder frames; over all frames (a full 30 s window) int8 {r.int8_full_window_ms:.2f} ms, "
+                f"{r.int8_full_window_ms / self.main_step_ms:.3f} main steps",
+            )
         for f in self.languages:
             engine = ""
             if f.engine_acceptance is not None:
@@ -379,35 +416,66 @@ class DraftReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class Costs:
+    """Medians, in milliseconds, of decoding rounds as the engine runs them."""
+
+    main_ms: float  # one token through the main decoder
+    verify_ms: dict[int, float]  # K -> one main pass over K + 1 tokens
+    draft_ms: list[dict[int, float]]  # per draft: K -> its mean step in a round of K steps
+
+
 def measure_costs(
-    main: DecoderSession, drafts: Sequence[DecoderSession], states: np.ndarray, prefix: Sequence[int], max_new: int
-) -> tuple[dict[int, float], list[float]]:
-    """Median milliseconds of main passes over 1..``max_new`` tokens and of each draft's one-token
-    pass, after ``prefix``, in ONNX Runtime; interleaved, so load from elsewhere hits all alike."""
+    main: DecoderSession,
+    states: np.ndarray,
+    drafts: Sequence[tuple[DecoderSession, np.ndarray]],
+    prefix: Sequence[int],
+    max_k: int,
+    repeats: int = 15,
+) -> Costs:
+    """Decoding rounds after ``prefix``, timed in ONNX Runtime: a main pass over K + 1 tokens, then
+    K draft steps in a row, as in decoding (a round's first draft step finds the memory caches as the
+    main pass left them, the next ones as the draft did), for every K up to ``max_k`` and every draft
+    in turn, so that load from elsewhere hits all alike. The main decoder reads ``states``; each draft
+    the encoder states it is given (as served: cut after the audio). Every session is distinct:
+    each keeps one set of states and caches."""
+    if len({id(session) for session, _ in drafts} | {id(main)}) != len(drafts) + 1:
+        raise ValueError("measure_costs needs a distinct session per measured decoder")
     token = np.asarray([[prefix[-1]]])
-    runs: list[tuple[DecoderSession, np.ndarray]] = [(main, np.repeat(token, n, axis=1)) for n in range(1, max_new + 1)]
-    runs += [(draft, token) for draft in drafts]
     kept = {}
-    for session in (main, *drafts):
-        session.start(states)
+    for session, read in ((main, states), *drafts):
+        session.start(read)
         session.forward(np.asarray([prefix]))
         kept[id(session)] = session.lengths.copy()
-    samples: list[list[float]] = [[] for _ in runs]
-    for _ in range(25):
-        for times, (session, feed) in zip(samples, runs, strict=True):
-            started = time.perf_counter()
-            session.forward(feed)
-            times.append((time.perf_counter() - started) * 1e3)
-            session.truncate(kept[id(session)])
-    medians = [statistics.median(times) for times in samples]
-    return dict(enumerate(medians[:max_new], start=1)), medians[max_new:]
+
+    def timed(session: DecoderSession, tokens: np.ndarray) -> float:
+        started = time.perf_counter()
+        session.forward(tokens)
+        return (time.perf_counter() - started) * 1e3
+
+    single: list[float] = []
+    verify: dict[int, list[float]] = {k: [] for k in range(1, max_k + 1)}
+    steps: list[dict[int, list[float]]] = [{k: [] for k in verify} for _ in drafts]
+    for _ in range(repeats):
+        single.append(timed(main, token))
+        main.truncate(kept[id(main)])
+        for k in verify:
+            for (draft, _), mine in zip(drafts, steps, strict=True):
+                verify[k].append(timed(main, np.repeat(token, k + 1, axis=1)))
+                main.truncate(kept[id(main)])
+                mine[k].append(statistics.fmean(timed(draft, token) for _ in range(k)))
+                draft.truncate(kept[id(draft)])
+    return Costs(
+        main_ms=statistics.median(single),
+        verify_ms={k: statistics.median(times) for k, times in verify.items()},
+        draft_ms=[{k: statistics.median(times) for k, times in mine.items()} for mine in steps],
+    )
 
 
-def _engine_figures(exported: ExportedModel, audio: Sequence[np.ndarray], language: str):
+def _engine_figures(exported: ExportedModel, audio: Sequence[np.ndarray], language: str, policy: DraftPolicy):
     """Acceptance, tokens per main pass and decode speed-up through the Transcriber, with the draft
-    length adapting as served (the wall-clock fallback judge off: on a shared machine it would
-    measure load, not the draft)."""
-    policy = replace(DraftPolicy(), judge_after_rounds=10**9)
+    length adapting as served. The report turns the wall-clock fallback judge off
+    (``judge_after_rounds``): on a shared machine it would measure load, not the draft."""
     transcriber = Transcriber(exported, policy)
     drafted = accepted = tokens = passes = 0
     plain_seconds = speculative_seconds = 0.0
@@ -429,20 +497,28 @@ def evaluate_draft(
     the costs measured on the exported graphs); ``engine_windows`` held-out windows per language are
     then decoded through the engine, whose draft length adapts as served. ``int8``: the draft is
     served with int8 weights (its cost, and the engine figures, are those of that export)."""
+    policy = replace(DraftPolicy(), judge_after_rounds=10**9)  # see _engine_figures
     data = draft_data.draft_data(corpus, main)
     heldout = data.split("heldout")
     draft = TrimmedDraft.load(checkpoint)
-    hits = agreement(draft, data, heldout)
+    hits = agreement(draft, data, heldout, policy.frames_after_audio)
     exported = ExportedModel(export_artefacts(ExportRequest(main=main, assistant=str(checkpoint))), intra_op_threads=2)
-    window = heldout[0]
-    states = np.asarray(data.states[window.window : window.window + 1], dtype=np.float32)
-    prefix = window.tokens[: window.prompt_length + 20].tolist()
-    int8_export = ExportedModel(
-        export_artefacts(ExportRequest(main=main, assistant=str(checkpoint), assistant_int8=True)), intra_op_threads=2
+    int8_directory = export_artefacts(ExportRequest(main=main, assistant=str(checkpoint), assistant_int8=True))
+    int8_export = ExportedModel(int8_directory, intra_op_threads=2)
+    int8_full_window = ExportedModel(int8_directory, intra_op_threads=2).assistant  # its own cache and states
+    # Costs on the held-out window of median length: the draft's step grows with the audio it reads.
+    target = sorted(heldout, key=lambda t: data.windows[t.window].seconds)[len(heldout) // 2]
+    states = np.asarray(data.states[target.window : target.window + 1], dtype=np.float32)
+    cut = _attended_states(data, np.asarray([target.window]), policy.frames_after_audio)
+    prefix = target.tokens[: target.prompt_length + 20].tolist()
+    costs = measure_costs(
+        exported.main,
+        states,
+        [(exported.assistant, cut), (int8_export.assistant, cut), (int8_full_window, states)],
+        prefix,
+        max_k,
     )
-    main_ms, (draft_ms, int8_ms) = measure_costs(
-        exported.main, [exported.assistant, int8_export.assistant], states, prefix, max_k + 1
-    )
+    draft_ms, int8_ms, int8_full_ms = costs.draft_ms
 
     languages = sorted({data.windows[t.window].language for t in heldout})
 
@@ -464,7 +540,16 @@ def evaluate_draft(
         return rows
 
     def report(k: int, rows: Sequence[LanguageFigures]) -> DraftReport:
-        return DraftReport(k, main_ms[1], main_ms[k + 1], draft_ms, int8_ms, tuple(rows), int8)
+        return DraftReport(
+            k,
+            costs.main_ms,
+            costs.verify_ms[k],
+            draft_ms[k],
+            int8_ms[k],
+            tuple(rows),
+            int8,
+            DraftReading(cut.shape[1], data.windows[target.window].seconds, int8_full_ms[k]),
+        )
 
     candidates = [report(k, figures(k)) for k in range(1, max_k + 1)]
     best = max(candidates, key=lambda r: statistics.fmean(r.speedup(f) for f in r.languages))
@@ -482,7 +567,7 @@ def evaluate_draft(
     rows = []
     for f in best.languages:
         clips = [a for w, a in audio if data.windows[w].language == f.language][:engine_windows]
-        acceptance, per_pass, speedup = _engine_figures(int8_export if int8 else exported, clips, f.language)
+        acceptance, per_pass, speedup = _engine_figures(int8_export if int8 else exported, clips, f.language, policy)
         rows.append(replace(f, engine_acceptance=acceptance, engine_tokens_per_pass=per_pass, engine_speedup=speedup))
     return replace(best, languages=tuple(rows))
 

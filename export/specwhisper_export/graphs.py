@@ -22,6 +22,7 @@ joined before the softmax, so the graph reads the cache in place instead of conc
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 from transformers.models.whisper.modeling_whisper import WhisperAttention, WhisperDecoder, WhisperEncoder
@@ -107,8 +108,10 @@ class TrimmedHead(nn.Module):
 
     def __init__(self, proj_out: nn.Linear, token_ids: list[int]) -> None:
         super().__init__()
-        ids = torch.tensor(sorted(set(token_ids)), dtype=torch.int64)
-        self.weight = nn.Parameter(proj_out.weight.detach()[ids].clone(), requires_grad=False)
+        # The ids of the logits' columns, in order (not a buffer: the graph never reads them).
+        self.token_ids = np.asarray(sorted(set(token_ids)), dtype=np.int64)
+        rows = proj_out.weight.detach()[torch.from_numpy(self.token_ids)]
+        self.weight = nn.Parameter(rows.clone(), requires_grad=False)
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
         return torch.matmul(hidden, self.weight.t())

@@ -123,7 +123,7 @@ def export_decoder(
     head = proj_out
     if token_ids:
         head = TrimmedHead(proj_out, token_ids)
-        np.save(Path(path).parent / LOGIT_IDS_FILE, np.asarray(sorted(set(token_ids)), dtype=np.int64))
+        np.save(Path(path).parent / LOGIT_IDS_FILE, head.token_ids)
     shape = decoder_shape(model)
     dtype = decoder.embed_tokens.weight.dtype
     batch, new_len, past_len, enc_len = 2, 3, 5, model.config.max_source_positions
