@@ -77,7 +77,7 @@ class DraftTrainingOptions:
     # The draft reads each window's audio and this many encoder frames after it, as it is served
     # (DraftPolicy.frames_after_audio).
     frames_after_audio: int = DraftPolicy().frames_after_audio
-    steps: int = 800
+    steps: int = 600
     batch_windows: int = 4  # windows per step, each with all its targets (prompt forms)
     learning_rate: float = 5e-4
     warmup_steps: int = 30
@@ -279,11 +279,15 @@ def train(draft: TrimmedDraft, data: DraftData, options: DraftTrainingOptions) -
     draft.train()
     order: list[int] = []
     losses = []
-    for _ in (bar := tqdm(range(options.steps), desc="training draft", unit="step")):
+    every_frame = data.states.shape[1]
+    for step in (bar := tqdm(range(options.steps), desc="training draft", unit="step")):
         if len(order) < options.batch_windows:
             order += rng.sample(windows, len(windows))  # a new epoch, reshuffled
         chosen, order = order[: options.batch_windows], order[options.batch_windows :]
-        batch = make_batch(data, [t for w in chosen for t in grouped[w]], to_trimmed, options.frames_after_audio)
+        # Every other step reads all frames: a long recording's full windows are read whole, and a
+        # draft that never saw the frames after its training windows' audio was worse there.
+        frames_after_audio = options.frames_after_audio if step % 2 == 0 else every_frame
+        batch = make_batch(data, [t for w in chosen for t in grouped[w]], to_trimmed, frames_after_audio)
         value = loss(draft, batch, options)
         optimiser.zero_grad()
         value.backward()
