@@ -28,8 +28,8 @@ class DraftPolicy:
     # round of each window is a plain step, which measures that cost on this machine, now.
     judge_after_rounds: int = 4
     # The draft's cross-attention reads the window's audio and this many encoder frames (20 ms each)
-    # after it, not all 1500: over a window's silent padding it is most of a small draft's step
-    # (a draft trained with the same crop, see draft_training, loses nothing by it).
+    # after it, not all 1500: over a short clip's padding it is a fifth of base's int8 draft step.
+    # The draft trained here reads the same cut (see draft_training); the main decoder reads all.
     frames_after_audio: int = 50
 
     def __post_init__(self) -> None:
