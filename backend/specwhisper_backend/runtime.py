@@ -37,25 +37,32 @@ class ExportedModel:
         """``cache_device``: where the decoders keep their KV caches (see :class:`DecoderSession`)."""
         self.directory = Path(directory)
         self.facts = ModelFacts.load(self.directory)
-        options = session_options(intra_op_threads)
-        providers = providers or ["CPUExecutionProvider"]
-        max_length = self.facts.n_text_ctx
+        self._options = session_options(intra_op_threads)
+        self._providers = providers or ["CPUExecutionProvider"]
+        self._cache_device = cache_device
 
         def open_session(relative: str) -> ort.InferenceSession:
-            return ort.InferenceSession(str(self.directory / relative), options, providers=providers)
+            return ort.InferenceSession(str(self.directory / relative), self._options, providers=self._providers)
 
         main = self.facts.main
         self.encoder = open_session(main.encoder_file)
-
-        def open_decoder(facts: DecoderFacts) -> DecoderSession:
-            return DecoderSession(
-                facts, self.directory, max_length, options, providers, cache_device, self.facts.vocab_size
-            )
-
-        self.main = open_decoder(main)
+        self.main = self.open_decoder(main)
         assistant = self.facts.assistant
-        self.assistant = open_decoder(assistant) if assistant else None
+        self.assistant = self.open_decoder(assistant) if assistant else None
         self.assistant_encoder = open_session(assistant.encoder_file) if assistant and assistant.encoder_file else None
+
+    def open_decoder(self, facts: DecoderFacts) -> DecoderSession:
+        """A new session of one of this export's decoders, with caches of its own (``main`` and
+        ``assistant`` are two; the draft report opens a third to time two cuts side by side)."""
+        return DecoderSession(
+            facts,
+            self.directory,
+            self.facts.n_text_ctx,
+            self._options,
+            self._providers,
+            self._cache_device,
+            self.facts.vocab_size,
+        )
 
     def encode(self, features: np.ndarray) -> np.ndarray:
         """Main encoder: log-mel ``[B, n_mels, 3000]`` -> hidden states ``[B, 1500, d]``."""

@@ -509,7 +509,7 @@ def evaluate_draft(
     exported = ExportedModel(export_artefacts(ExportRequest(main=main, assistant=str(checkpoint))), intra_op_threads=2)
     int8_directory = export_artefacts(ExportRequest(main=main, assistant=str(checkpoint), assistant_int8=True))
     int8_export = ExportedModel(int8_directory, intra_op_threads=2)
-    int8_full_window = ExportedModel(int8_directory, intra_op_threads=2).assistant  # its own cache and states
+    int8_full_window = int8_export.open_decoder(int8_export.facts.assistant)  # its own caches and states
     # Costs on the held-out window of median length: the draft's step grows with the audio it reads.
     target = sorted(heldout, key=lambda t: data.windows[t.window].seconds)[len(heldout) // 2]
     states = np.asarray(data.states[target.window : target.window + 1], dtype=np.float32)
