@@ -27,6 +27,7 @@ import subprocess
 import tempfile
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
+from functools import partial
 from pathlib import Path
 from typing import Literal
 
@@ -397,14 +398,14 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
     if options.espeak_windows and not espeak_available():
         log.warning("espeak-ng not found: training without synthetic speech (apt-get install espeak-ng)")
         return
-    sources = [
-        (lambda r, mine=texts[language]: recombined_texts(mine, r), language, options.espeak_windows)
+    sources: list[tuple[Callable[[random.Random], str], str, int]] = [
+        (partial(recombined_texts, texts[language]), language, options.espeak_windows)
         for language in options.languages
         if options.espeak_windows
     ]
     for language in options.languages if options.fortune_windows else ():
         if prose := fortune_texts(language):
-            sources.append((lambda r, mine=prose: fortune_passage(mine, r), language, options.fortune_windows))
+            sources.append((partial(fortune_passage, prose), language, options.fortune_windows))
     for make_text, language, count in sources:
         for text, audio in spoken_windows(make_text, language, count, rng, options.max_seconds):
             yield Window(language, "train", "espeak", (text,), len(audio) / SAMPLE_RATE), audio

@@ -68,7 +68,7 @@ def _code_version() -> str:
     digest = hashlib.sha256()
     for module in _EXPORT_SOURCES:
         digest.update(Path(module.__file__).read_bytes())
-    for function in (_build, _decoder_facts, draft_vocabulary, _load_main, _load_assistant):
+    for function in (_build, _decoder_facts, draft_vocabulary, _load):
         digest.update(inspect.getsource(function).encode())
     return digest.hexdigest()[:12]
 
@@ -94,24 +94,20 @@ def resolve_form(main_config, assistant_checkpoint: str, requested: AssistantFor
     return "decoder_only" if same_encoder else "full"
 
 
-def _load_main(checkpoint: str) -> tuple[WhisperForConditionalGeneration, WhisperProcessor]:
-    model = WhisperForConditionalGeneration.from_pretrained(checkpoint, dtype=torch.float32).eval()
-    return model, WhisperProcessor.from_pretrained(checkpoint)
-
-
 def draft_vocabulary(checkpoint: str) -> list[int] | None:
     path = Path(checkpoint) / DRAFT_VOCAB_FILE
     return json.loads(path.read_text())["token_ids"] if path.is_file() else None
 
 
-def _load_assistant(checkpoint: str, form: str) -> tuple[torch.nn.Module, WhisperProcessor]:
+def _load(checkpoint: str, form: str = "full") -> tuple[torch.nn.Module, WhisperProcessor]:
+    """A checkpoint in fp32 with its processor: encoder-decoder, or decoder-only (``WhisperForCausalLM``)."""
     cls = WhisperForCausalLM if form == "decoder_only" else WhisperForConditionalGeneration
     model = cls.from_pretrained(checkpoint, dtype=torch.float32).eval()
     return model, WhisperProcessor.from_pretrained(checkpoint)
 
 
 def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, form: str | None, out: Path) -> None:
-    main, processor = _load_main(main_ckpt)
+    main, processor = _load(main_ckpt)
     dtype = torch.float16 if request.precision == "fp16" else torch.float32
     np_dtype = "float16" if request.precision == "fp16" else "float32"
     steps: list[tuple[str, Callable[[], None]]] = []
@@ -130,7 +126,7 @@ def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, f
 
     assistant_facts = None
     if assistant_ckpt is not None:
-        assistant, assistant_processor = _load_assistant(assistant_ckpt, form)
+        assistant, assistant_processor = _load(assistant_ckpt, form)
         compat.check_assistant(
             processor.tokenizer,
             main.config.vocab_size,
