@@ -4,7 +4,9 @@ For one main model and its draft, on real speech (short clips and speech-dense l
 language), it times this engine plain and speculative, and transformers greedy and assisted
 generation (``generate(assistant_model=...)``, the method this project builds on) on the same
 clips, and prints ratios: main-decoder passes saved, tokens per main pass, acceptance rate,
-decode-phase and end-to-end speed-up, and whether the tokens are identical.
+decode-phase and end-to-end speed-up, and whether the tokens are identical. ``--versus`` runs a
+second draft on the same audio in the same run, against the same plain decoding: two drafts
+compared on one machine's load, not on two runs' noise.
 """
 
 from __future__ import annotations
@@ -12,7 +14,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -77,6 +79,17 @@ def run_transformers(
     return run
 
 
+def engine_rows(
+    engine: Transcriber, versus: Transcriber | None, audios: list[np.ndarray], language: str, timestamps: bool
+) -> dict:
+    """Plain against speculative decoding of ``audios``, and against ``versus``'s draft (``"versus"``)."""
+    plain = run_engine(engine, audios, language, False, timestamps)
+    row = compare(plain, run_engine(engine, audios, language, True, timestamps))
+    if versus is not None:
+        row["versus"] = compare(plain, run_engine(versus, audios, language, True, timestamps))
+    return row
+
+
 def compare(plain: Run, fast: Run) -> dict:
     report = {
         "plain_s": round(plain.seconds, 2),
@@ -98,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specwhisper-bench", description=__doc__)
     parser.add_argument("--main", default="base")
     parser.add_argument("--assistant", required=True, help="draft checkpoint (decoder-only) or preset")
-    parser.add_argument("--assistant-int8", action="store_true", help="the draft decoder with int8 weights")
+    parser.add_argument("--assistant-int8", action="store_true", help="the draft decoder(s) with int8 weights")
+    parser.add_argument("--versus", help="a second draft to run on the same audio, in the same run")
     parser.add_argument("--languages", nargs="+", default=["en", "es"])
     parser.add_argument("--clips", type=int, default=10, help="short clips per language")
     parser.add_argument("--long-seconds", type=float, default=120, help="long-form audio per language (0: none)")
@@ -111,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     assistant_ckpt = resolve_checkpoint(args.assistant)
     request = ExportRequest(args.main, assistant_ckpt, assistant_int8=args.assistant_int8)
     engine = Transcriber(ExportedModel(export_artefacts(request), args.threads))
+    versus = None
+    if args.versus:
+        other = replace(request, assistant=resolve_checkpoint(args.versus))
+        versus = Transcriber(ExportedModel(export_artefacts(other), args.threads))
     model, processor = load_whisper(args.main)
     assistant = None if args.no_transformers else WhisperForCausalLM.from_pretrained(assistant_ckpt).eval()
 
@@ -119,9 +137,7 @@ def main(argv: list[str] | None = None) -> int:
         short = [asterisk.load_audio(p.path) for p in asterisk.select(language, args.clips, min_seconds=2.0)]
         engine.transcribe(short[0], TranscribeOptions(language=language))  # warm-up
         key = f"{language} short ({len(short)} clips, {sum(map(len, short)) / 16_000:.0f} s)"
-        results[key] = compare(
-            run_engine(engine, short, language, False, False), run_engine(engine, short, language, True, False)
-        )
+        results[key] = engine_rows(engine, versus, short, language, timestamps=False)
         if assistant is not None:
             greedy = run_transformers(model, processor, None, short, language)
             assisted = run_transformers(model, processor, assistant, short, language)
@@ -132,9 +148,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.long_seconds > 0:
             audio = [asterisk.long_form(language, args.long_seconds, skip=100)]
             key = f"{language} long-form ({len(audio[0]) / 16_000:.0f} s, timestamps)"
-            results[key] = compare(
-                run_engine(engine, audio, language, False, True), run_engine(engine, audio, language, True, True)
-            )
+            results[key] = engine_rows(engine, versus, audio, language, timestamps=True)
         print(json.dumps({k: v for k, v in results.items() if k.startswith(language)}, indent=2), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))
