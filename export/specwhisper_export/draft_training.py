@@ -375,8 +375,8 @@ class DraftReport:
     draft_ms: float  # one token through the draft decoder (mean of a round's K steps)
     draft_int8_ms: float  # the same with int8 weights (export --assistant-int8)
     languages: tuple[LanguageFigures, ...]
+    reading: DraftReading
     int8: bool = False  # the draft is served with int8 weights: its cost is draft_int8_ms
-    reading: DraftReading | None = None
 
     @property
     def served_draft_ms(self) -> float:
@@ -392,22 +392,17 @@ class DraftReport:
         return figures.tokens_per_pass / ((self.verify_ms + self.k * self.served_draft_ms) / self.main_step_ms)
 
     def format(self) -> str:
-        served = "int8" if self.int8 else "fp32"
+        served, r = ("int8" if self.int8 else "fp32"), self.reading
         lines = [
             f"K={self.k}  main step {self.main_step_ms:.2f} ms, verify {self.k + 1} tokens {self.verify_ms:.2f} ms, "
             f"draft token fp32 {self.draft_ms:.2f} ms, int8 {self.draft_int8_ms:.2f} ms; served {served}: "
             f"{self.draft_cost:.3f} main steps",
+            f"costs on the held-out window of median length ({r.window_seconds:.1f} s): the draft reads "
+            f"{r.frames} encoder frames; over all frames (a full 30 s window) int8 {r.int8_full_window_ms:.2f} ms, "
+            f"{r.int8_full_window_ms / self.main_step_ms:.3f} main steps",
             f"{'lang':<5}{'texts':>6}{'tokens':>7}{'agree':>8}{'cover':>8}{'tok/pass':>9}{'speedup':>8}"
             f"{'engine, served adaptive K: accept':>35}{'tok/pass':>9}{'speedup':>8}",
         ]
-        if self.reading:
-            r = self.reading
-            lines.insert(
-                1,
-                f"costs on the held-out window of median length ({r.window_seconds:.1f} s): the draft reads "
-                f"{r.frames} encoder frames; over all frames (a full 30 s window) int8 {r.int8_full_window_ms:.2f} ms, "
-                f"{r.int8_full_window_ms / self.main_step_ms:.3f} main steps",
-            )
         for f in self.languages:
             engine = ""
             if f.engine_acceptance is not None:
@@ -553,8 +548,8 @@ def evaluate_draft(
             draft_ms[k],
             int8_ms[k],
             tuple(rows),
-            int8,
             DraftReading(cut.shape[1], data.windows[target.window].seconds, int8_full_ms[k]),
+            int8,
         )
 
     candidates = [report(k, figures(k)) for k in range(1, max_k + 1)]
