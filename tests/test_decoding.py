@@ -23,13 +23,20 @@ class ScriptedDecoder:
     ``mistakes`` marks prefix lengths at which this decoder prefers another token than the true
     model, so a draft built from it disagrees there. ``seconds_per_call`` makes each forward take
     that long, for tests of the wall-clock fallback judge (otherwise timing is all noise).
+    ``sharpness`` scales the logits without moving their argmax: at 1 the top token's probability
+    is about 0.1 (64 ids), at 10 close to 1, so it sets how sure a draft is of its tokens.
     """
 
     def __init__(
-        self, text_length: int, seed: int = 0, mistakes: frozenset[int] = frozenset(), seconds_per_call: float = 0.0
+        self,
+        text_length: int,
+        seed: int = 0,
+        mistakes: frozenset[int] = frozenset(),
+        seconds_per_call: float = 0.0,
+        sharpness: float = 1.0,
     ) -> None:
         self.text_length, self.seed, self.mistakes = text_length, seed, mistakes
-        self.seconds_per_call = seconds_per_call
+        self.seconds_per_call, self.sharpness = seconds_per_call, sharpness
         self.history: list[int] = []
         self.calls = 0
         self.started_on: tuple[int, ...] | None = None  # the shape of the states last started on
@@ -44,7 +51,7 @@ class ScriptedDecoder:
 
     def _logits(self, prefix: list[int]) -> np.ndarray:
         rng = np.random.default_rng([self.seed, *prefix])
-        logits = rng.normal(size=VOCAB).astype(np.float32)
+        logits = (rng.normal(size=VOCAB) * self.sharpness).astype(np.float32)
         if len(prefix) >= self.text_length:
             logits[EOT] = 100.0
         if len(prefix) in self.mistakes:
@@ -93,7 +100,7 @@ def test_select_applies_filters_before_argmax():
 def test_perfect_draft_is_accepted_and_saves_passes():
     prompt = [60, 61, 62]
     plain, plain_stats = _run(ScriptedDecoder(40), prompt, [])
-    drafter = Drafter(ScriptedDecoder(40), EOT, DraftPolicy(start=4, maximum=8))
+    drafter = Drafter(ScriptedDecoder(40, sharpness=10), EOT, DraftPolicy(start=4, maximum=8))
     fast, stats = _run(ScriptedDecoder(40), prompt, [], drafter)
     assert fast == plain
     assert stats.acceptance_rate == 1.0
@@ -107,12 +114,15 @@ def test_perfect_draft_is_accepted_and_saves_passes():
     mistakes=st.frozensets(st.integers(0, 70), max_size=25),
     start=st.integers(1, 8),
     max_length=st.integers(5, 80),
+    sharpness=st.sampled_from([1.0, 10.0]),
+    confidence=st.sampled_from([0.0, 0.3, 0.9]),
 )
-def test_any_draft_gives_plain_greedy_output(text_length, seed, mistakes, start, max_length):
+def test_any_draft_gives_plain_greedy_output(text_length, seed, mistakes, start, max_length, sharpness, confidence):
     prompt = [60, 61, 62]
     filters = [SuppressTokens([3, 4]), SuppressAtBegin([EOT], len(prompt))]
     plain, _ = _run(ScriptedDecoder(text_length, seed), prompt, filters, max_length=max_length)
-    drafter = Drafter(ScriptedDecoder(text_length, seed, mistakes), EOT, DraftPolicy(start=start, maximum=8))
+    policy = DraftPolicy(start=start, maximum=8, confidence=confidence)
+    drafter = Drafter(ScriptedDecoder(text_length, seed, mistakes, sharpness=sharpness), EOT, policy)
     fast, stats = _run(ScriptedDecoder(text_length, seed), prompt, filters, drafter, max_length=max_length)
     assert fast == plain
     assert len(prompt) + len(plain) <= max_length
@@ -143,7 +153,7 @@ def test_draft_reads_the_windows_audio_and_a_margin_of_encoder_frames():
 
 
 def test_draft_length_adapts():
-    drafter = Drafter(ScriptedDecoder(10), EOT, DraftPolicy(start=4, minimum=2, maximum=9))
+    drafter = Drafter(ScriptedDecoder(10), EOT, DraftPolicy(start=4, minimum=2, maximum=9, confidence=0))
     drafter.session.start()
     stats = DecodeStats()
     assert drafter.propose([1, 2], 4, [], stats) == [], "a window's first round is a plain, measuring step"
@@ -157,9 +167,42 @@ def test_draft_length_adapts():
     assert drafter.session.lengths[0] == 7 + 1, "cache keeps the text plus the accepted draft"
 
 
+def test_unsure_draft_ends_its_round():
+    """A draft token below the policy's confidence is proposed, and drafting stops after it: the
+    drafts after an unsure one would be drafted and verified mostly in vain."""
+    stats = DecodeStats()
+
+    def proposals(sharpness: float, confidence: float) -> list[int]:
+        drafter = Drafter(ScriptedDecoder(40, sharpness=sharpness), EOT, DraftPolicy(start=6, confidence=confidence))
+        drafter.session.start()
+        drafter.propose([1, 2], 6, [], stats)  # a window's first round is a plain, measuring step
+        drafter.update(0, 0, 0.01, stats)
+        return drafter.propose([1, 2], 6, [], stats)
+
+    sure, unsure = proposals(sharpness=10, confidence=0.6), proposals(sharpness=1, confidence=0.6)
+    assert len(sure) == 6, "a draft sure of its tokens drafts the whole round"
+    assert unsure == sure[:1], "an unsure draft proposes its first token and stops"
+    assert proposals(sharpness=1, confidence=0) == sure, "confidence 0 never stops a round"
+
+
+def test_draft_confidence_is_taken_under_the_logit_filters():
+    """Suppressing every id but the draft's two likeliest leaves it choosing between two: sure enough."""
+    logits = ScriptedDecoder(40)._logits([1, 2])
+    two = np.argsort(logits)[-2:]
+    others = SuppressTokens([i for i in range(VOCAB) if i not in two])
+    drafter = Drafter(ScriptedDecoder(40), EOT, DraftPolicy(confidence=0.45))
+    stats = DecodeStats()
+    drafter.session.start()
+    drafter.propose([1, 2], 3, [others], stats)
+    drafter.update(0, 0, 0.01, stats)
+    assert len(drafter.propose([1, 2], 3, [others], stats)) == 3
+
+
 def test_invalid_policy_is_refused():
     with pytest.raises(ValueError, match="minimum"):
         DraftPolicy(start=0)
+    with pytest.raises(ValueError, match="confidence"):
+        DraftPolicy(confidence=1.0)
 
 
 class TestTimestampRules:

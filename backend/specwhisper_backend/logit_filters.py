@@ -18,16 +18,21 @@ class LogitFilter(Protocol):
         """Edit ``logits [V]`` in place for the next token after ``tokens`` (prompt included)."""
 
 
-def select(logits: np.ndarray, tokens: Sequence[int], filters: Sequence[LogitFilter]) -> int:
-    """The greedy choice after ``tokens``: filters applied to a copy of ``logits [V]``, then argmax.
-
-    The main model's verification and the draft's proposals both choose through here, so a draft
-    is built under exactly the rules it will be judged by.
-    """
+def filtered(logits: np.ndarray, tokens: Sequence[int], filters: Sequence[LogitFilter]) -> np.ndarray:
+    """A copy of ``logits [V]`` with the filters applied for the token after ``tokens``."""
     scores = np.array(logits, dtype=np.float32, copy=True)
     for rule in filters:
         rule.apply(scores, tokens)
-    return int(scores.argmax())
+    return scores
+
+
+def select(logits: np.ndarray, tokens: Sequence[int], filters: Sequence[LogitFilter]) -> int:
+    """The greedy choice after ``tokens``: the argmax of the filtered logits.
+
+    The main model's verification and the draft's proposals both choose through the same filters,
+    so a draft is built under exactly the rules it will be judged by.
+    """
+    return int(filtered(logits, tokens, filters).argmax())
 
 
 class SuppressTokens:
