@@ -5,8 +5,9 @@ language), it times this engine plain and speculative, and transformers greedy a
 generation (``generate(assistant_model=...)``, the method this project builds on) on the same
 clips, and prints ratios: main-decoder passes saved, tokens per main pass, acceptance rate,
 decode-phase and end-to-end speed-up, and whether the tokens are identical. ``--versus`` runs a
-second draft on the same audio in the same run, against the same plain decoding: two drafts
-compared on one machine's load, not on two runs' noise.
+second draft (and ``--versus-confidence`` a second drafting policy) on the same audio in the same
+run, against the same plain decoding: two drafts compared on one machine's load, not on two runs'
+noise.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ import numpy as np
 import torch
 from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 
+from specwhisper_backend.drafting import DraftPolicy
 from specwhisper_backend.runtime import ExportedModel
 from specwhisper_backend.stats import DecodeStats
 from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
@@ -113,6 +115,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--assistant", required=True, help="draft checkpoint (decoder-only) or preset")
     parser.add_argument("--assistant-int8", action="store_true", help="the draft decoder(s) with int8 weights")
     parser.add_argument("--versus", help="a second draft to run on the same audio, in the same run")
+    parser.add_argument(
+        "--confidence",
+        type=float,
+        default=DraftPolicy().confidence,
+        help="drafting stops a round after a token the draft gives less probability (0: never)",
+    )
+    parser.add_argument(
+        "--versus-confidence",
+        type=float,
+        help="the second run's --confidence (default: the same); without --versus, the same draft runs twice",
+    )
     parser.add_argument("--languages", nargs="+", default=["en", "es"])
     parser.add_argument("--clips", type=int, default=10, help="short clips per language")
     parser.add_argument("--long-seconds", type=float, default=120, help="long-form audio per language (0: none)")
@@ -123,12 +136,20 @@ def main(argv: list[str] | None = None) -> int:
 
     torch.set_num_threads(args.threads)
     assistant_ckpt = resolve_checkpoint(args.assistant)
+    try:
+        policy = DraftPolicy(confidence=args.confidence)
+        versus_policy = policy if args.versus_confidence is None else DraftPolicy(confidence=args.versus_confidence)
+    except ValueError as error:
+        parser.error(str(error))
     request = ExportRequest(args.main, assistant_ckpt, assistant_int8=args.assistant_int8)
-    engine = Transcriber(ExportedModel(export_artefacts(request), args.threads))
+    exported = ExportedModel(export_artefacts(request), args.threads)
+    engine = Transcriber(exported, policy)
     versus = None
     if args.versus:
         other = replace(request, assistant=resolve_checkpoint(args.versus))
-        versus = Transcriber(ExportedModel(export_artefacts(other), args.threads))
+        versus = Transcriber(ExportedModel(export_artefacts(other), args.threads), versus_policy)
+    elif args.versus_confidence is not None:
+        versus = Transcriber(exported, versus_policy)
     model, processor = load_whisper(args.main)
     assistant = None if args.no_transformers else WhisperForCausalLM.from_pretrained(assistant_ckpt).eval()
 

@@ -401,7 +401,7 @@ class DraftReport:
             f"{r.frames} encoder frames; over all frames (a full 30 s window) int8 {r.int8_full_window_ms:.2f} ms, "
             f"{r.int8_full_window_ms / self.main_step_ms:.3f} main steps",
             f"{'lang':<5}{'texts':>6}{'tokens':>7}{'agree':>8}{'cover':>8}{'tok/pass':>9}{'speedup':>8}"
-            f"{'engine, served adaptive K: accept':>35}{'tok/pass':>9}{'speedup':>8}",
+            f"{'engine, as served: accept':>35}{'tok/pass':>9}{'speedup':>8}",
         ]
         for f in self.languages:
             engine = ""
@@ -474,8 +474,8 @@ def measure_costs(
 
 
 def _engine_figures(exported: ExportedModel, audio: Sequence[np.ndarray], language: str, policy: DraftPolicy):
-    """Acceptance, tokens per main pass and decode speed-up through the Transcriber, with the draft
-    length adapting as served. The report turns the wall-clock fallback judge off
+    """Acceptance, tokens per main pass and decode speed-up through the Transcriber, drafting as
+    served (adaptive length, confidence stop). The report turns the wall-clock fallback judge off
     (``judge_after_rounds``): on a shared machine it would measure load, not the draft."""
     transcriber = Transcriber(exported, policy)
     drafted = accepted = tokens = passes = 0
