@@ -27,6 +27,7 @@ from tests.support import clips
 pytestmark = pytest.mark.slow
 
 MAX_AUDIO_SECONDS = 300
+DRAFT_CONFIDENCE = 0.45  # not the default: the test below checks that the model was configured with it
 # The load check runs this long (seconds); raise it for a soak, e.g. SPECWHISPER_LOAD_SECONDS=180.
 LOAD_SECONDS = float(os.environ.get("SPECWHISPER_LOAD_SECONDS", "45"))
 
@@ -37,7 +38,9 @@ def server(tmp_path_factory, serving_assistant):
     write_repository(
         ExportRequest(main="base", assistant=serving_assistant),
         repository,
-        serving=ServingOptions(instances=2, intra_op_threads=1, max_audio_seconds=MAX_AUDIO_SECONDS),
+        serving=ServingOptions(
+            instances=2, intra_op_threads=1, max_audio_seconds=MAX_AUDIO_SECONDS, draft_confidence=DRAFT_CONFIDENCE
+        ),
     )
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
     with TritonServer(repository, grpc_port=18801, http_port=18800, metrics_port=18802, log_file=log) as running:
@@ -54,6 +57,13 @@ def _wav_bytes(audio: np.ndarray, rate: int = 16_000) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, audio, rate, format="WAV")
     return buffer.getvalue()
+
+
+def test_model_config_sets_the_drafting_policy(server, client):
+    """``draft_confidence`` in config.pbtxt reaches every instance's drafting policy (each logs it)."""
+    policies = [line for line in server.log_file.read_text().splitlines() if "DraftPolicy(" in line]
+    assert len(policies) == 2 * 2, "two instances of each of the two models (plain and streaming)"
+    assert all(f"confidence={DRAFT_CONFIDENCE}" in line for line in policies)
 
 
 @pytest.mark.parametrize("language", ["en", "es", "fr"])

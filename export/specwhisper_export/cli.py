@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=0, help="ONNX Runtime intra-op threads per session (0: default)")
     parser.add_argument("--device", choices=["cpu", "gpu"], default="cpu")
     parser.add_argument(
+        "--draft-confidence",
+        type=float,
+        default=ServingOptions().draft_confidence,
+        help="a round stops drafting after a token the draft gives less probability (0: never)",
+    )
+    parser.add_argument(
         "--no-stream", action="store_true", help="skip the decoupled <name>_stream model that streams segments"
     )
     return parser
@@ -50,7 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     started = time.perf_counter()
     try:
         serving = ServingOptions(
-            instances=args.instances, intra_op_threads=args.threads, device=args.device, streaming=not args.no_stream
+            instances=args.instances,
+            intra_op_threads=args.threads,
+            device=args.device,
+            streaming=not args.no_stream,
+            draft_confidence=args.draft_confidence,
         )
         request = ExportRequest(
             main=args.main,

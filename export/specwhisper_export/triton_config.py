@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from specwhisper_backend.drafting import DraftPolicy
+
 # (name, Triton data type, dims). All inputs are optional to Triton: the model itself checks that a
 # request carries exactly one of AUDIO (with SAMPLE_RATE) and AUDIO_BYTES, and says which is wrong.
 INPUTS = (
@@ -32,6 +34,8 @@ class ServingOptions:
     device: str = "cpu"  # "cpu" or "gpu": the instance kind and ONNX Runtime's execution provider
     streaming: bool = True  # also write a decoupled model ("<name>_stream") that sends segments as decoded
     max_audio_seconds: float = 3600.0
+    # The drafting policy's confidence stop (see DraftPolicy): worth tuning per assistant and device.
+    draft_confidence: float = DraftPolicy().confidence
 
     def __post_init__(self) -> None:
         if self.instances < 1:
@@ -42,6 +46,7 @@ class ServingOptions:
             raise ValueError(f"device must be 'cpu' or 'gpu', got {self.device!r}")
         if self.max_audio_seconds <= 0:
             raise ValueError(f"max_audio_seconds must be positive, got {self.max_audio_seconds}")
+        DraftPolicy(confidence=self.draft_confidence)  # refuses a value out of range
 
 
 def _tensors(entries: tuple[tuple[str, str, str], ...], optional: bool) -> str:
@@ -55,6 +60,7 @@ def render_config(model_name: str, options: ServingOptions, decoupled: bool = Fa
         "intra_op_threads": str(options.intra_op_threads),
         "device": options.device,
         "max_audio_seconds": str(options.max_audio_seconds),
+        "draft_confidence": str(options.draft_confidence),
     }
     params = "\n".join(
         f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}' for key, value in parameters.items()

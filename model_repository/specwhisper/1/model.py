@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
+from specwhisper_backend.drafting import DraftPolicy
 from specwhisper_backend.errors import RequestError
 from specwhisper_backend.metrics import ServingMetrics
 from specwhisper_backend.runtime import ExportedModel
@@ -36,13 +37,15 @@ class TritonPythonModel:
         try:
             self.max_audio_seconds = float(params.get("max_audio_seconds", "3600"))
             threads = int(params.get("intra_op_threads", "0"))
+            policy = DraftPolicy(confidence=float(params.get("draft_confidence", DraftPolicy().confidence)))
         except ValueError as error:
             raise pb_utils.TritonModelException(f"bad model parameter: {error}") from error
         providers = ["CPUExecutionProvider"]
         if params.get("device", "cpu") == "gpu":
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         directory = Path(args["model_repository"]) / args["model_version"]
-        self.transcriber = Transcriber(ExportedModel(directory, intra_op_threads=threads, providers=providers))
+        self.transcriber = Transcriber(ExportedModel(directory, intra_op_threads=threads, providers=providers), policy)
+        pb_utils.Logger.log_info(f"{args['model_name']}: {policy}")
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.metrics = ServingMetrics(pb_utils, args["model_name"])
         self._warm_up()
