@@ -4,7 +4,9 @@ against one plain run."""
 from __future__ import annotations
 
 import json
+import re
 
+import onnxruntime as ort
 import pytest
 
 from specwhisper_export import benchmark
@@ -43,3 +45,27 @@ def test_bench_refuses_a_confidence_out_of_range(trained_draft, capsys):
     with pytest.raises(SystemExit):
         benchmark.main(["--assistant", trained_draft, "--confidence", "1.5"])
     assert "confidence must be in [0, 1)" in capsys.readouterr().err
+
+
+def test_bench_times_an_export_as_it_is(base_export, tmp_path):
+    """``--export`` times the graphs already exported (as served), without exporting anything."""
+    out = tmp_path / "bench.json"
+    argv = ["--export", str(base_export), "--languages", "en", "--clips", "2", "--long-seconds", "0"]
+    assert benchmark.main([*argv, "--no-transformers", "--json", str(out)]) == 0
+    (row,) = json.loads(out.read_text()).values()
+    assert row["identical_tokens"] and row["acceptance_rate"] > 0  # its draft (a cut of base) drafted
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--languages", "en"], "--assistant .* or --export"),
+        (["--export", "x", "--device", "gpu"], "transformers rows run on the CPU"),
+        (["--export", "x", "--device", "gpu", "--no-transformers"], "onnxruntime-gpu"),
+    ],
+)
+def test_bench_refuses_what_it_cannot_time(argv, message, monkeypatch, capsys):
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(SystemExit):
+        benchmark.main(argv)
+    assert re.search(message, capsys.readouterr().err)

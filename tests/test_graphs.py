@@ -15,8 +15,9 @@ import pytest
 import torch
 from transformers import WhisperConfig, WhisperForConditionalGeneration
 
-from specwhisper_backend.decoder_session import DecoderSession
+from specwhisper_backend.decoder_session import DecoderSession, DeviceCache
 from specwhisper_backend.facts import KV_WRITER_FILE, DecoderFacts
+from specwhisper_backend.runtime import execution_providers
 from specwhisper_export import onnx_export
 
 LAYERS, HEADS, WIDTH, VOCAB = 3, 4, 64, 300
@@ -49,12 +50,15 @@ def tiny_random(tmp_path_factory):
     return model, folder
 
 
+CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
+needs_cuda = pytest.mark.skipif(not CUDA, reason="needs onnxruntime-gpu's CUDA execution provider and a GPU")
+
 # Where the decoder keeps its KV caches: NumPy, or an ONNX Runtime device buffer through IO
-# binding (the GPU path, run here on the CPU device).
-CACHE_DEVICES = pytest.mark.parametrize("cache_device", ["cpu", "cpu-bound"])
+# binding: the GPU path, run on the CPU device everywhere and on CUDA where there is one.
+CACHE_DEVICES = pytest.mark.parametrize("cache_device", ["cpu", "cpu-bound", pytest.param("cuda", marks=needs_cuda)])
 
 
-def _decoder(folder, dtype="float32", cache_device="cpu", logit_ids_file=None) -> DecoderSession:
+def _decoder(folder, dtype="float32", cache_device="cpu", logit_ids_file=None, device="cpu") -> DecoderSession:
     facts = DecoderFacts(
         layers=LAYERS,
         heads=HEADS,
@@ -64,7 +68,25 @@ def _decoder(folder, dtype="float32", cache_device="cpu", logit_ids_file=None) -
         dtype=dtype,
         logit_ids_file=logit_ids_file,
     )
-    return DecoderSession(facts, folder, max_length=448, cache_device=cache_device, vocab_size=VOCAB)
+    providers = execution_providers("gpu" if cache_device == "cuda" else device)
+    return DecoderSession(facts, folder, 448, providers=providers, cache_device=cache_device, vocab_size=VOCAB)
+
+
+def test_gpu_is_refused_without_the_cuda_provider(monkeypatch):
+    """Asked for a GPU, a CPU-only ONNX Runtime would fall back to the CPU silently: refused instead."""
+    monkeypatch.setattr(ort, "get_available_providers", lambda: ["CPUExecutionProvider"])
+    with pytest.raises(RuntimeError, match="onnxruntime-gpu"):
+        execution_providers("gpu")
+    with pytest.raises(ValueError, match="'cpu' or 'gpu'"):
+        execution_providers("cuda")
+
+
+@needs_cuda
+def test_a_cuda_session_keeps_its_caches_on_its_gpu(tiny_random):
+    _, folder = tiny_random
+    decoder = _decoder(folder, cache_device=None, device="gpu")
+    assert isinstance(decoder.cache, DeviceCache)
+    assert (decoder.cache.device, decoder.cache.device_id) == ("cuda", 0)
 
 
 def test_encoder_matches_torch(tiny_random):
@@ -165,7 +187,8 @@ def test_fp16_export_matches_fp32(tiny_random, tmp_path):
     half.load_state_dict(model.state_dict())
     half = half.half()
     onnx_export.export_encoder(half, tmp_path / onnx_export.ENCODER_FILE)
-    session = ort.InferenceSession(str(tmp_path / onnx_export.ENCODER_FILE))
+    providers = execution_providers("gpu" if CUDA else "cpu")
+    session = ort.InferenceSession(str(tmp_path / onnx_export.ENCODER_FILE), providers=providers)
     assert session.get_inputs()[0].type == "tensor(float)"
     features = torch.randn(1, 80, 3000)
     try:

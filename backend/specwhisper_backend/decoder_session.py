@@ -163,13 +163,13 @@ class DecoderSession:
         directory: Path,
         max_length: int,
         options: ort.SessionOptions | None = None,
-        providers: list[str] | None = None,
+        providers: list | None = None,
         cache_device: str | None = None,
         vocab_size: int | None = None,
     ) -> None:
         """``cache_device``: where the KV caches live, ``"cpu"`` (NumPy) or an ONNX Runtime device
         (``"cuda"``, or ``"cpu"`` through IO binding as ``"cpu-bound"``); by default ``"cuda"``
-        when the CUDA execution provider is in use, else NumPy. ``vocab_size``: the full
+        when the CUDA execution provider is in use (on the GPU it runs on), else NumPy. ``vocab_size``: the full
         vocabulary's, needed when the graph scores a subset of it (``facts.logit_ids_file``)."""
         providers = providers or ["CPUExecutionProvider"]
         directory = Path(directory)
@@ -184,14 +184,16 @@ class DecoderSession:
             return ort.InferenceSession(str(path), options, providers=providers)
 
         decoder, cross_kv = open_session(directory / facts.decoder_file), open_session(directory / facts.cross_kv_file)
+        cuda = decoder.get_provider_options().get("CUDAExecutionProvider")
         if cache_device is None:
-            cache_device = "cuda" if "CUDAExecutionProvider" in decoder.get_providers() else "cpu"
+            cache_device = "cpu" if cuda is None else "cuda"
         if cache_device == "cpu":
             self.cache: HostCache | DeviceCache = HostCache(decoder, cross_kv, facts)
         else:
             device = "cpu" if cache_device == "cpu-bound" else cache_device
+            device_id = int(cuda["device_id"]) if cuda and device == "cuda" else 0
             writer = open_session(directory / KV_WRITER_FILE)
-            self.cache = DeviceCache(decoder, cross_kv, writer, facts, max_length, device)
+            self.cache = DeviceCache(decoder, cross_kv, writer, facts, max_length, device, device_id)
         self.facts = facts
         self.max_length = max_length
         self.lengths = np.zeros(0, dtype=np.int64)

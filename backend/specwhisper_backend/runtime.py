@@ -24,6 +24,28 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     return options
 
 
+def execution_providers(device: str = "cpu", device_id: int = 0) -> list:
+    """ONNX Runtime's providers for ``"cpu"``, or ``"gpu"``: CUDA on GPU ``device_id``, with the CPU
+    for any node CUDA lacks.
+
+    ``"gpu"`` is refused where this ONNX Runtime has no CUDA provider (the CPU-only wheel): ONNX
+    Runtime itself would fall back to the CPU with a warning, and serve at a fraction of the speed
+    asked for.
+    """
+    if device == "cpu":
+        return ["CPUExecutionProvider"]
+    if device != "gpu":
+        raise ValueError(f"device must be 'cpu' or 'gpu', not {device!r}")
+    available = ort.get_available_providers()
+    if "CUDAExecutionProvider" not in available:
+        raise RuntimeError(
+            f"device 'gpu' needs onnxruntime-gpu's CUDA execution provider; this ONNX Runtime has only {available}"
+        )
+    # No TF32: an fp32 export computes in fp32, as the CPU does (TF32 moved logits by ~1e-3 on an
+    # H100, enough to flip near-ties against the CPU's greedy choice); fp16 exports are for speed.
+    return [("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": 0}), "CPUExecutionProvider"]
+
+
 class ExportedModel:
     """Encoders and decoder sessions of a main model and (when exported with one) its assistant."""
 
@@ -31,10 +53,11 @@ class ExportedModel:
         self,
         directory: Path,
         intra_op_threads: int = 0,
-        providers: list[str] | None = None,
+        providers: list | None = None,
         cache_device: str | None = None,
     ) -> None:
-        """``cache_device``: where the decoders keep their KV caches (see :class:`DecoderSession`)."""
+        """``providers``: see :func:`execution_providers`; ``cache_device``: where the decoders keep
+        their KV caches (see :class:`DecoderSession`)."""
         self.directory = Path(directory)
         self.facts = ModelFacts.load(self.directory)
         self._options = session_options(intra_op_threads)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -23,7 +23,7 @@ import torch
 from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 
 from specwhisper_backend.drafting import DraftPolicy
-from specwhisper_backend.runtime import ExportedModel
+from specwhisper_backend.runtime import ExportedModel, execution_providers
 from specwhisper_backend.stats import DecodeStats
 from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
 from specwhisper_export import asterisk
@@ -112,7 +112,13 @@ def compare(plain: Run, fast: Run) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specwhisper-bench", description=__doc__)
     parser.add_argument("--main", default="base")
-    parser.add_argument("--assistant", required=True, help="draft checkpoint (decoder-only) or preset")
+    parser.add_argument("--assistant", help="draft checkpoint (decoder-only) or preset")
+    parser.add_argument(
+        "--export", type=Path, help="time this export's graphs (specwhisper-export's artefacts) as they are"
+    )
+    parser.add_argument(
+        "--device", choices=["cpu", "gpu"], default="cpu", help="where ONNX Runtime runs the graphs (gpu: CUDA)"
+    )
     parser.add_argument("--assistant-int8", action="store_true", help="the draft decoder(s) with int8 weights")
     parser.add_argument("--versus", help="a second draft to run on the same audio, in the same run")
     parser.add_argument(
@@ -134,24 +140,37 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args(argv)
 
+    if args.export is None and args.assistant is None:
+        parser.error("give --assistant (a draft to export with --main) or --export (an export to time)")
+    if args.export is not None and args.versus:
+        parser.error("--versus exports a second draft: give --assistant, not --export")
+    if not args.no_transformers and (args.assistant is None or args.device != "cpu"):
+        parser.error("the transformers rows run on the CPU with --assistant's checkpoint; else --no-transformers")
     torch.set_num_threads(args.threads)
-    assistant_ckpt = resolve_checkpoint(args.assistant)
     try:
         policy = DraftPolicy(confidence=args.confidence)
         versus_policy = policy if args.versus_confidence is None else DraftPolicy(confidence=args.versus_confidence)
-    except ValueError as error:
+        providers = execution_providers(args.device)
+    except (ValueError, RuntimeError) as error:
         parser.error(str(error))
-    request = ExportRequest(args.main, assistant_ckpt, assistant_int8=args.assistant_int8)
-    exported = ExportedModel(export_artefacts(request), args.threads)
-    engine = Transcriber(exported, policy)
+
+    def exported(assistant: str | None) -> ExportedModel:
+        if args.export is not None:
+            return ExportedModel(args.export, args.threads, providers)
+        request = ExportRequest(args.main, resolve_checkpoint(assistant), assistant_int8=args.assistant_int8)
+        return ExportedModel(export_artefacts(request), args.threads, providers)
+
+    main_model = exported(args.assistant)
+    engine = Transcriber(main_model, policy)
     versus = None
     if args.versus:
-        other = replace(request, assistant=resolve_checkpoint(args.versus))
-        versus = Transcriber(ExportedModel(export_artefacts(other), args.threads), versus_policy)
+        versus = Transcriber(exported(args.versus), versus_policy)
     elif args.versus_confidence is not None:
-        versus = Transcriber(exported, versus_policy)
-    model, processor = load_whisper(args.main)
-    assistant = None if args.no_transformers else WhisperForCausalLM.from_pretrained(assistant_ckpt).eval()
+        versus = Transcriber(main_model, versus_policy)
+    model = processor = assistant = None
+    if not args.no_transformers:
+        model, processor = load_whisper(args.main)
+        assistant = WhisperForCausalLM.from_pretrained(resolve_checkpoint(args.assistant)).eval()
 
     results: dict[str, dict] = {}
     for language in args.languages:

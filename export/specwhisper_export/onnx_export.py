@@ -22,6 +22,7 @@ from specwhisper_backend.facts import cache_names
 from specwhisper_export.graphs import CrossKVGraph, DecoderGraph, EncoderGraph, TrimmedHead
 
 OPSET = 18
+IR_VERSION = 10  # what torch.onnx.export writes with OPSET; ONNX Runtime 1.20 loads up to IR 10
 # The exporter logs a warning per torchvision operator it cannot register; Whisper uses none.
 logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(logging.ERROR)
 ENCODER_FILE = "encoder.onnx"
@@ -229,6 +230,8 @@ def export_kv_writer(path: Path, dtype: str) -> None:
         ],
         [helper.make_tensor_value_info("cache_out", element, dims["cache"])],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)])
+    # The IR version of the torch-exported graphs: a newer `onnx` would stamp its own, which an older
+    # ONNX Runtime (the one a Triton image ships, say) refuses to load.
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], ir_version=IR_VERSION)
     onnx.checker.check_model(model, full_check=True)
     onnx.save(model, path)

@@ -15,7 +15,7 @@ import triton_python_backend_utils as pb_utils
 from specwhisper_backend.drafting import DraftPolicy
 from specwhisper_backend.errors import RequestError
 from specwhisper_backend.metrics import ServingMetrics
-from specwhisper_backend.runtime import ExportedModel
+from specwhisper_backend.runtime import ExportedModel, execution_providers
 from specwhisper_backend.stats import DecodeStats
 from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
 from specwhisper_backend.triton_io import INPUT_NAMES, outputs, parse_request, transcription_outputs
@@ -37,12 +37,11 @@ class TritonPythonModel:
         try:
             self.max_audio_seconds = float(params.get("max_audio_seconds", "3600"))
             threads = int(params.get("intra_op_threads", "0"))
+            # A GPU instance runs on the GPU Triton placed it on (instance_group's gpus).
+            providers = execution_providers(params.get("device", "cpu"), int(args.get("model_instance_device_id") or 0))
             policy = DraftPolicy(confidence=float(params.get("draft_confidence", DraftPolicy().confidence)))
-        except ValueError as error:
+        except (ValueError, RuntimeError) as error:
             raise pb_utils.TritonModelException(f"bad model parameter: {error}") from error
-        providers = ["CPUExecutionProvider"]
-        if params.get("device", "cpu") == "gpu":
-            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
         directory = Path(args["model_repository"]) / args["model_version"]
         self.transcriber = Transcriber(ExportedModel(directory, intra_op_threads=threads, providers=providers), policy)
         pb_utils.Logger.log_info(f"{args['model_name']}: {policy}")
