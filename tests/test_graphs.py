@@ -144,6 +144,14 @@ def test_single_token_steps_match_one_pass(tiny_random, cache_device):
     np.testing.assert_allclose(np.stack(steps), reference[0], atol=1e-4)
 
 
+def test_every_graph_has_the_ir_version_torch_writes(tiny_random):
+    """The hand-built kv_writer too: stamped with the newest IR of the ``onnx`` that built it, it was
+    refused by an older ONNX Runtime (IR 14 against 1.31's 13, on a GPU machine)."""
+    _, folder = tiny_random
+    versions = {f.name: onnx.load(f, load_external_data=False).ir_version for f in folder.glob("*.onnx")}
+    assert len(versions) == 4 and set(versions.values()) == {onnx_export.IR_VERSION}, versions
+
+
 def test_kv_writer_scatters_each_rows_new_tokens_in_place(tiny_random):
     """New K/V land at each row's own slots, padding past the end goes to the last (scratch) slot,
     and with the output bound on the input buffer nothing else in it changes."""
