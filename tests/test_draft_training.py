@@ -21,6 +21,8 @@ from specwhisper_export.draft_training import (
     agreement,
     coverage,
     draft_vocabulary,
+    loss,
+    main_hidden_states,
     make_batch,
     tokens_per_pass,
     train,
@@ -36,7 +38,9 @@ def test_options_refuse_what_cannot_train():
     with pytest.raises(ValueError):
         DraftTrainingOptions(steps=10, warmup_steps=20)
     with pytest.raises(ValueError):
-        DraftTrainingOptions(ce_weight=0, kd_weight=0)
+        DraftTrainingOptions(ce_weight=0, kd_weight=0, hidden_weight=0)
+    with pytest.raises(ValueError):
+        DraftTrainingOptions(hidden_weight=-1)
     with pytest.raises(ValueError):
         CorpusOptions(min_seconds=20, max_seconds=10)
     with pytest.raises(ValueError):
@@ -145,7 +149,6 @@ def _target(window: int, tokens: list[int], prompt_length: int, top: int = 4) ->
         prompt_length=prompt_length,
         tokens=np.asarray(tokens, np.int32),
         topk_ids=np.concatenate([text[:, None], others], axis=1).astype(np.int32),
-        topk_logits=np.tile(np.asarray([8.0, 2.0, 1.0, 0.0][:top], np.float16), (len(text), 1)),
     )
 
 
@@ -210,22 +213,79 @@ def test_batches_read_the_encoder_frames_the_engine_serves(tiny_data):
     assert make_batch(tiny_data, tiny_data.targets[:4], to_trimmed, frames_after_audio=500).states.shape[1] == FRAMES
 
 
+def test_main_hidden_states_are_the_main_decoders_own_at_each_scored_position(tiny_main, tiny_data):
+    """What the draft is taught to reach: the main decoder's final hidden state (transformers' own
+    forward, all encoder frames) at the positions that predict each target's text, window by window."""
+    hidden = main_hidden_states(tiny_main, tiny_data, tiny_data.targets)
+    assert sorted(hidden) == [0, 1, 2, 3]
+    for window in hidden:
+        expected = []
+        for target in (t for t in tiny_data.targets if t.window == window):
+            with torch.no_grad():
+                states = torch.from_numpy(tiny_data.states[window : window + 1].astype(np.float32))
+                out = tiny_main.model.decoder(
+                    input_ids=torch.from_numpy(target.tokens[None, :-1].astype(np.int64)),
+                    encoder_hidden_states=states,
+                ).last_hidden_state[0]
+            expected.append(out[target.prompt_length - 1 :])
+        np.testing.assert_allclose(hidden[window], torch.cat(expected).numpy(), atol=5e-3, rtol=5e-3)
+
+
+def test_a_draft_with_all_the_main_layers_is_at_zero_hidden_distance(tiny_main, tiny_data):
+    """The hidden-state term measures distance to the main model: none for the main decoder itself,
+    and some for a draft cut to fewer layers."""
+    ids = draft_vocabulary(tiny_data.targets, VOCAB, EOT, rank_floor=16)
+    hidden = main_hidden_states(tiny_main, tiny_data, tiny_data.targets)
+    targets = [t for t in tiny_data.targets if t.window == 0]
+    to_trimmed = np.full(VOCAB, -1)
+    to_trimmed[ids] = np.arange(len(ids))
+    batch = make_batch(tiny_data, targets, to_trimmed, FRAMES)
+    teacher = torch.from_numpy(hidden[0].astype(np.float32))
+    only_distance = DraftTrainingOptions(ce_weight=0, kd_weight=0, hidden_weight=1)
+    with torch.no_grad():
+        whole = loss(TrimmedDraft.from_main(tiny_main, (0, 1, 2), ids), batch, teacher, only_distance)
+        cut = loss(TrimmedDraft.from_main(tiny_main, (0, 2), ids), batch, teacher, only_distance)
+    assert whole.item() < 1e-5 < 0.01 < cut.item(), (whole.item(), cut.item())
+
+
 @pytest.mark.parametrize("train_head", [False, True])
 def test_training_fits_the_main_models_outputs(tiny_main, tiny_data, train_head):
-    """The loop, losses and agreement work together: a few windows are learnt by heart. By default
-    the head stays the main model's output projection rows; ``train_head`` trains it too."""
+    """The loop, the cross-entropy and agreement work together: a few windows are learnt by heart. By
+    default the head stays the main model's output projection rows; ``train_head`` trains it too.
+    The toy labels are random, not what the tiny main model says, so its own terms are off here."""
     ids = draft_vocabulary(tiny_data.targets, VOCAB, EOT, rank_floor=16)
     draft = TrimmedDraft.from_main(tiny_main, (0, 2), ids, train_head)
     head = draft.head.detach().clone()
     before = np.concatenate(agreement(draft, tiny_data, tiny_data.targets)).mean()
-    options = DraftTrainingOptions(steps=80, batch_windows=2, learning_rate=3e-3, warmup_steps=5, train_head=train_head)
-    losses = train(draft, tiny_data, options)
+    options = DraftTrainingOptions(
+        steps=80,
+        batch_windows=2,
+        learning_rate=3e-3,
+        warmup_steps=5,
+        train_head=train_head,
+        kd_weight=0,
+        hidden_weight=0,
+    )
+    losses = train(draft, tiny_data, main_hidden_states(tiny_main, tiny_data, tiny_data.targets), options)
     after = np.concatenate(agreement(draft, tiny_data, tiny_data.targets)).mean()
     assert before < 0.2 and after > 0.9, (before, after)
     assert torch.equal(draft.head, head) != train_head
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     embedding = tiny_main.model.decoder.embed_tokens.weight
     assert torch.equal(draft.model.model.decoder.embed_tokens.weight, embedding)  # frozen copy
+
+
+def test_training_brings_the_draft_to_the_main_models_hidden_state(tiny_main, tiny_data):
+    """With only the hidden-state term, the loop moves a 1-layer draft toward the main model's
+    final hidden state."""
+    ids = draft_vocabulary(tiny_data.targets, VOCAB, EOT, rank_floor=16)
+    draft = TrimmedDraft.from_main(tiny_main, (1,), ids)
+    hidden = main_hidden_states(tiny_main, tiny_data, tiny_data.targets)
+    options = DraftTrainingOptions(
+        steps=60, batch_windows=2, learning_rate=3e-3, warmup_steps=5, ce_weight=0, kd_weight=0, hidden_weight=1
+    )
+    losses = train(draft, tiny_data, hidden, options)
+    assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), (losses[:5], losses[-5:])
 
 
 class _NoProcessor:

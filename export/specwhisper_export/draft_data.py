@@ -1,7 +1,7 @@
 """Training data for a draft decoder: audio windows and what the main model says on them.
 
 A draft pays only when it predicts what the MAIN model will output, not what was spoken, so no
-transcripts are needed: the targets are the main model's own greedy tokens and its top logits,
+transcripts are needed: the targets are the main model's own greedy tokens and its likeliest ids,
 decoded exactly as serving decodes (the exported ONNX graphs and the backend's logit filters) for
 each prompt form served (transcribe/translate, with and without timestamps).
 
@@ -86,7 +86,7 @@ class CorpusOptions:
     max_seconds: float = 25.0
     heldout_every: int = 5  # every n-th file (by sorted name, per language) is held out
     max_files: int = 0  # per language and split before windowing; 0 keeps all (tests use a few)
-    top_k: int = 16  # main-model logits kept per position for distillation
+    top_k: int = 16  # the main model's likeliest ids kept per position (the draft's vocabulary draws on them)
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -131,8 +131,8 @@ class Target:
     """The main model's greedy decoding of one window in one prompt form.
 
     ``tokens`` is prompt + text (+ end of text when it ended); position ``prompt_length - 1 + i``
-    predicts ``tokens[prompt_length + i]``, and ``topk_ids[i]``/``topk_logits[i]`` are the main
-    model's filtered logits there (the largest ``top_k``).
+    predicts ``tokens[prompt_length + i]``, and ``topk_ids[i]`` are the main model's ``top_k``
+    likeliest ids there, best first (after the logit filters).
     """
 
     window: int
@@ -141,7 +141,6 @@ class Target:
     prompt_length: int
     tokens: np.ndarray  # int32 [T]
     topk_ids: np.ndarray  # int32 [T - prompt_length, k]
-    topk_logits: np.ndarray  # float16 [T - prompt_length, k]
 
     @property
     def text_tokens(self) -> np.ndarray:
@@ -310,9 +309,9 @@ class MainTeacher:
 
     def greedy(
         self, states: np.ndarray, prompts: Sequence[list[int]], timestamps: Sequence[bool], top_k: int, limit: int
-    ) -> list[tuple[list[int], np.ndarray, np.ndarray]]:
+    ) -> list[tuple[list[int], np.ndarray]]:
         """Batched greedy decoding, one row per prompt over ``states[row]``, of at most ``limit`` tokens:
-        tokens and top-k logits."""
+        tokens and the ``top_k`` likeliest ids at each step."""
         session, eot = self.model.main, self.facts.tokens.eot
         rows = len(prompts)
         session.start(states)
@@ -323,7 +322,7 @@ class MainTeacher:
         session.forward(prefill, counts)
         rules = [self.filters(len(p), ts) for p, ts in zip(prompts, timestamps, strict=True)]
         tokens = [list(p) for p in prompts]
-        tops: list[list[tuple[np.ndarray, np.ndarray]]] = [[] for _ in prompts]
+        tops: list[list[np.ndarray]] = [[] for _ in prompts]
         done = [False] * rows
         for _ in range(limit):
             logits = session.forward(np.asarray([[t[-1]] for t in tokens]))[:, 0]
@@ -335,18 +334,12 @@ class MainTeacher:
                     rule.apply(scores, tokens[row])
                 ids = np.argpartition(-scores, top_k)[:top_k]
                 ids = ids[np.argsort(-scores[ids])]
-                tops[row].append((ids, scores[ids]))
+                tops[row].append(ids)
                 tokens[row].append(int(ids[0]))
                 done[row] = int(ids[0]) == eot
             if all(done):
                 break
-        results = []
-        for row in range(rows):
-            ids = np.stack([i for i, _ in tops[row]]).astype(np.int32)
-            # Suppressed ids have -inf: a large finite value keeps fp16 and softmax sane.
-            values = np.maximum(np.stack([v for _, v in tops[row]]), -1e4).astype(np.float16)
-            results.append((tokens[row], ids, values))
-        return results
+        return [(tokens[row], np.stack(tops[row]).astype(np.int32)) for row in range(rows)]
 
 
 def _clips(options: CorpusOptions, teacher: MainTeacher) -> list[Clip]:
@@ -430,7 +423,6 @@ def _build(options: CorpusOptions, main: str, directory: Path, batch: int = 8) -
     records: list[dict] = []
     flat_tokens: list[np.ndarray] = []
     flat_ids: list[np.ndarray] = []
-    flat_logits: list[np.ndarray] = []
     # Batches of windows of similar length decode for similar numbers of steps: less padding work.
     # A decoder step reads all its weights whatever the batch, so bigger batches are cheaper per row.
     by_length = sorted(range(len(windows)), key=lambda i: windows[i].seconds)
@@ -445,18 +437,16 @@ def _build(options: CorpusOptions, main: str, directory: Path, batch: int = 8) -
         decoded = teacher.greedy(
             encoded[[slot for slot, _, _, _ in rows]], prompts, [ts for *_, ts in rows], options.top_k, limit
         )
-        for (_, i, task, ts), prompt, (tokens, ids, logits) in zip(rows, prompts, decoded, strict=True):
+        for (_, i, task, ts), prompt, (tokens, ids) in zip(rows, prompts, decoded, strict=True):
             records.append({"window": i, "task": task, "timestamps": ts, "prompt_length": len(prompt)})
             flat_tokens.append(np.asarray(tokens, np.int32))
             flat_ids.append(ids)
-            flat_logits.append(logits)
     states.flush()
     np.savez(
         directory / "targets.npz",
         token_lengths=np.asarray([len(t) for t in flat_tokens]),
         tokens=np.concatenate(flat_tokens),
         topk_ids=np.concatenate(flat_ids),
-        topk_logits=np.concatenate(flat_logits),
     )
     (directory / "targets.json").write_text(json.dumps(records))
     (directory / "windows.json").write_text(json.dumps([asdict(w) for w in windows], indent=1))
@@ -481,7 +471,6 @@ def load_draft_data(directory: Path) -> DraftData:
             Target(
                 tokens=tokens,
                 topk_ids=arrays["topk_ids"][position : position + scored],
-                topk_logits=arrays["topk_logits"][position : position + scored],
                 **record,
             )
         )

@@ -13,7 +13,10 @@ encoder frames of a window's audio and a short margin after them, in training as
 (``DraftPolicy.frames_after_audio``): over a window's silent padding it was a fifth of a step.
 
 It learns from the main model itself (:mod:`specwhisper_export.draft_data`): cross-entropy on the
-main model's greedy tokens plus distillation on its top logits. The checkpoint is a standard one
+main model's greedy tokens, plus two targets taken from the main model's final hidden state at every
+position: its distribution over the head's ids, and the hidden state itself (the draft's head is the
+main model's, so reaching that state is what agreeing means; 512 numbers a position teach more than
+one token). The checkpoint is a standard one
 that ``specwhisper-export --assistant`` takes: ``WhisperForCausalLM`` + the main processor +
 ``draft_vocab.json``. :func:`evaluate_draft` reports what matters for speculative decoding on
 held-out recordings.
@@ -85,7 +88,10 @@ class DraftTrainingOptions:
     warmup_steps: int = 30
     weight_decay: float = 0.01
     ce_weight: float = 1.0  # cross-entropy on the main model's greedy token
-    kd_weight: float = 1.0  # cross-entropy against the main model's (top-k) distribution
+    kd_weight: float = 1.0  # cross-entropy against the main model's distribution over the head's ids
+    # Squared distance to the main model's final hidden state, relative to its mean square. With it,
+    # held-out agreement rose from 75.4 % to 77.6 % (base, 600 steps; README).
+    hidden_weight: float = 1.0
     threads: int = 2
     seed: int = 0
 
@@ -102,8 +108,9 @@ class DraftTrainingOptions:
             raise ValueError("warmup_steps must be within 0..steps")
         if self.learning_rate <= 0 or self.weight_decay < 0:
             raise ValueError("learning_rate must be > 0 and weight_decay >= 0")
-        if self.ce_weight < 0 or self.kd_weight < 0 or self.ce_weight + self.kd_weight == 0:
-            raise ValueError("ce_weight and kd_weight must be >= 0, not both 0")
+        weights = (self.ce_weight, self.kd_weight, self.hidden_weight)
+        if min(weights) < 0 or sum(weights) == 0:
+            raise ValueError("ce_weight, kd_weight and hidden_weight must be >= 0, not all 0")
 
 
 # Named main models whose draft builds on first use (see draft_checkpoint).
@@ -127,6 +134,30 @@ def coverage(targets: Sequence[Target], token_ids: np.ndarray) -> float:
     return float(np.isin(said, token_ids).mean())
 
 
+def final_hidden(
+    decoder: nn.Module, input_ids: torch.Tensor, states: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor
+) -> torch.Tensor:
+    """A Whisper decoder's final hidden state at ``positions`` (a ``[B, T]`` mask): ``[M, d]``.
+
+    ``states [W, n_audio_ctx, d]`` holds each window once and ``rows [B]`` says which window a row
+    reads: the cross-attention keys and values over the window's frames, most of the cost, are
+    projected once per window rather than once per prompt form. The decoder runs as the export's own
+    graph (an empty cache), so what is trained is what is served.
+    """
+    cross = [kv[rows] for kv in CrossKVGraph(decoder)(states)]
+    batch, length = input_ids.shape
+    shape = (batch, cross[0].shape[1], 0, cross[0].shape[-1])
+    empty = [input_ids.new_zeros(shape, dtype=states.dtype) for _ in range(len(cross))]
+    hidden, *_ = DecoderGraph(decoder, nn.Identity())(
+        input_ids,
+        torch.arange(length).expand(batch, length),
+        torch.ones(batch, length, dtype=torch.int64),
+        *empty,
+        *cross,
+    )
+    return hidden[positions]
+
+
 class TrimmedDraft(nn.Module):
     """A decoder-only Whisper with a head over ``token_ids`` only (training and evaluation view)."""
 
@@ -137,6 +168,8 @@ class TrimmedDraft(nn.Module):
         self.model = decoder_only
         self.register_buffer("token_ids", torch.as_tensor(token_ids, dtype=torch.int64))
         self.head = nn.Parameter(head.detach().clone(), requires_grad=train_head)
+        # The main model's rows, for its distribution over the kept ids (``head`` moves if it trains).
+        self.register_buffer("main_head", head.detach().clone(), persistent=False)
         # The embeddings stay the main model's: the export and the engine share its vocabulary.
         self.model.model.decoder.embed_tokens.weight.requires_grad_(False)
 
@@ -157,27 +190,13 @@ class TrimmedDraft(nn.Module):
             ids = np.arange(draft.config.vocab_size)
         return cls(draft, ids, draft.proj_out.weight[torch.as_tensor(ids)])
 
-    def logits(self, input_ids: torch.Tensor, states: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor):
-        """Scores over the trimmed vocabulary at ``positions`` (a ``[B, T]`` mask): ``[M, len(token_ids)]``.
+    def hidden(self, input_ids: torch.Tensor, states: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor):
+        """The final hidden state (after the last layer norm) at ``positions`` (a ``[B, T]`` mask): ``[M, d]``."""
+        return final_hidden(self.model.model.decoder, input_ids, states, rows, positions)
 
-        ``states [W, n_audio_ctx, d]`` holds each window once and ``rows [B]`` says which window a row
-        reads: the cross-attention keys and values over the window's frames, most of the cost, are
-        projected once per window rather than once per prompt form. The decoder is the export's own graph
-        (an empty cache), so what is trained is what is served.
-        """
-        decoder = self.model.model.decoder
-        cross = [kv[rows] for kv in CrossKVGraph(decoder)(states)]
-        batch, length = input_ids.shape
-        shape = (batch, cross[0].shape[1], 0, cross[0].shape[-1])
-        empty = [input_ids.new_zeros(shape, dtype=states.dtype) for _ in range(len(cross))]
-        hidden, *_ = DecoderGraph(decoder, nn.Identity())(
-            input_ids,
-            torch.arange(length).expand(batch, length),
-            torch.ones(batch, length, dtype=torch.int64),
-            *empty,
-            *cross,
-        )
-        return hidden[positions] @ self.head.t()
+    def logits(self, input_ids: torch.Tensor, states: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor):
+        """Scores over the trimmed vocabulary at ``positions``: ``[M, len(token_ids)]``."""
+        return self.hidden(input_ids, states, rows, positions) @ self.head.t()
 
     def save(self, directory: Path, processor: WhisperProcessor) -> None:
         """A standard checkpoint: untied full-size ``proj_out`` (kept rows trained, the others the
@@ -201,8 +220,6 @@ class Batch:
     positions: torch.Tensor  # bool [B, T]: where the main model's next token is a target
     labels: torch.Tensor  # [M] trimmed-vocabulary index, -100 outside it
     next_ids: torch.Tensor  # [M] full-vocabulary ids (for agreement)
-    teacher_ids: torch.Tensor  # [M, k] trimmed-vocabulary index, -1 outside it
-    teacher_logits: torch.Tensor  # [M, k]
 
 
 def make_batch(data: DraftData, targets: Sequence[Target], to_trimmed: np.ndarray, frames_after_audio: int) -> Batch:
@@ -215,7 +232,6 @@ def make_batch(data: DraftData, targets: Sequence[Target], to_trimmed: np.ndarra
         input_ids[row, : len(target.tokens) - 1] = target.tokens[:-1]
         positions[row, target.prompt_length - 1 : len(target.tokens) - 1] = True
     next_ids = np.concatenate([t.text_tokens for t in targets]).astype(np.int64)
-    teacher_ids = np.concatenate([t.topk_ids for t in targets])
     windows = [t.window for t in targets]
     unique, inverse = np.unique(windows, return_inverse=True)
     states = torch.from_numpy(_attended_states(data, unique, frames_after_audio))
@@ -227,8 +243,6 @@ def make_batch(data: DraftData, targets: Sequence[Target], to_trimmed: np.ndarra
         positions=torch.from_numpy(positions),
         labels=torch.from_numpy(np.where(labels < 0, -100, labels)),
         next_ids=torch.from_numpy(next_ids),
-        teacher_ids=torch.from_numpy(to_trimmed[teacher_ids]),
-        teacher_logits=torch.from_numpy(np.concatenate([t.topk_logits for t in targets]).astype(np.float32)),
     )
 
 
@@ -241,15 +255,32 @@ def _attended_states(data: DraftData, windows: np.ndarray, frames_after_audio: i
     return np.asarray(data.states[windows, :frames], dtype=np.float32)
 
 
-def loss(draft: TrimmedDraft, batch: Batch, options: DraftTrainingOptions) -> torch.Tensor:
-    """``ce_weight`` x CE(greedy token) + ``kd_weight`` x CE(main's top-k distribution, renormalised
-    over the ids the head covers)."""
-    log_q = F.log_softmax(draft.logits(batch.input_ids, batch.states, batch.rows, batch.positions), dim=-1)
+def loss(draft: TrimmedDraft, batch: Batch, main_hidden: torch.Tensor, options: DraftTrainingOptions) -> torch.Tensor:
+    """``ce_weight`` x CE(greedy token) + ``kd_weight`` x CE(the main model's distribution over the
+    head's ids) + ``hidden_weight`` x the squared distance to the main model's final hidden state
+    ``main_hidden [M, d]``, relative to its mean square."""
+    hidden = draft.hidden(batch.input_ids, batch.states, batch.rows, batch.positions)
+    log_q = F.log_softmax(hidden @ draft.head.t(), dim=-1)
     ce = F.nll_loss(log_q, batch.labels, ignore_index=-100)
-    covered = batch.teacher_ids >= 0
-    teacher = F.softmax(batch.teacher_logits.masked_fill(~covered, -1e4), dim=-1) * covered
-    kd = -(teacher * log_q.gather(1, batch.teacher_ids.clamp(min=0))).sum(-1).mean()
-    return options.ce_weight * ce + options.kd_weight * kd
+    teacher = F.softmax(main_hidden @ draft.main_head.t(), dim=-1)
+    kd = -(teacher * log_q).sum(-1).mean()
+    distance = F.mse_loss(hidden, main_hidden) / main_hidden.pow(2).mean()
+    return options.ce_weight * ce + options.kd_weight * kd + options.hidden_weight * distance
+
+
+def main_hidden_states(main: nn.Module, data: DraftData, targets: Sequence[Target]) -> dict[int, np.ndarray]:
+    """Per window, the main model's final hidden state at each position its targets score (in
+    :func:`_by_window` order), reading all the encoder frames as the main model does when served.
+    Computed once before training (float16): ~75 s for base's 390 windows, against twice the
+    training time when each step recomputed it."""
+    every_id = np.arange(main.config.vocab_size)
+    hidden = {}
+    with torch.no_grad():
+        for window, chosen in tqdm(_by_window(targets).items(), desc="main model hidden states", unit="window"):
+            batch = make_batch(data, chosen, every_id, data.states.shape[1])
+            found = final_hidden(main.model.decoder, batch.input_ids, batch.states, batch.rows, batch.positions)
+            hidden[window] = found.numpy().astype(np.float16)
+    return hidden
 
 
 def _by_window(targets: Sequence[Target]) -> dict[int, list[Target]]:
@@ -267,8 +298,11 @@ def _schedule(step: int, options: DraftTrainingOptions) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-def train(draft: TrimmedDraft, data: DraftData, options: DraftTrainingOptions) -> list[float]:
-    """Optimise ``draft`` in place on the training split; returns the loss per step."""
+def train(
+    draft: TrimmedDraft, data: DraftData, main_hidden: dict[int, np.ndarray], options: DraftTrainingOptions
+) -> list[float]:
+    """Optimise ``draft`` in place on the training split (``main_hidden``: :func:`main_hidden_states`
+    of it); returns the loss per step."""
     torch.manual_seed(options.seed)
     rng = random.Random(options.seed)
     to_trimmed = np.full(draft.model.config.vocab_size, -1, dtype=np.int64)
@@ -290,7 +324,8 @@ def train(draft: TrimmedDraft, data: DraftData, options: DraftTrainingOptions) -
         # draft that never saw the frames after its training windows' audio was worse there.
         frames_after_audio = options.frames_after_audio if step % 2 == 0 else every_frame
         batch = make_batch(data, [t for w in chosen for t in grouped[w]], to_trimmed, frames_after_audio)
-        value = loss(draft, batch, options)
+        teacher = torch.from_numpy(np.concatenate([main_hidden[w] for w in chosen]).astype(np.float32))
+        value = loss(draft, batch, teacher, options)
         optimiser.zero_grad()
         value.backward()
         torch.nn.utils.clip_grad_norm_(parameters, 1.0)
@@ -575,7 +610,7 @@ def evaluate_draft(
 
 # Part of a cached draft's key besides its options and the data module: bump it when a change here
 # changes what training produces (not for changes to the report, which needs no retraining).
-TRAINING_VERSION = 1
+TRAINING_VERSION = 2
 
 
 def train_draft(main: str, options: DraftTrainingOptions, out: Path) -> dict:
@@ -591,8 +626,9 @@ def train_draft(main: str, options: DraftTrainingOptions, out: Path) -> dict:
         train_targets, model.config.vocab_size, eot, options.vocab_rank_floor, options.vocab_teacher_top_k
     )
     draft = TrimmedDraft.from_main(model, options.layers, token_ids, options.train_head)
+    main_hidden = main_hidden_states(model, data, train_targets)
     del model
-    losses = train(draft, data, options)
+    losses = train(draft, data, main_hidden, options)
     draft.save(out, processor)
     record = {
         "main": main,
