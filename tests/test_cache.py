@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+import time
+
 import pytest
 
 from specwhisper_backend import cache
@@ -44,3 +47,27 @@ def test_an_entry_finished_meanwhile_by_another_job_is_kept():
     final = cache.cached_dir("kind", "key", build)
     assert [p.name for p in final.iterdir()] == ["theirs"]
     assert [p.name for p in final.parent.iterdir()] == ["key"]
+
+
+def _entry(name: str, age_seconds: float):
+    entry = cache.cached_dir("kind", name, lambda tmp: (tmp / "file").write_text(name))
+    past = time.time() - age_seconds
+    os.utime(entry, (past, past))
+    return entry
+
+
+def test_old_unused_entries_beyond_the_most_recent_are_pruned():
+    day = cache.PRUNE_UNUSED_FOR_SECONDS
+    stale = [_entry(f"stale{i}", 2 * day + i) for i in range(3)]
+    recent = [_entry(f"recent{i}", day + 100 - i) for i in range(cache.KEEP_PER_KIND - 1)]
+    newest = cache.cached_dir("kind", "newest", lambda tmp: None)  # a build prunes
+    kept = {p.name for p in (cache.cache_root() / "kind").iterdir()}
+    assert kept == {p.name for p in recent} | {newest.name}
+    assert not any(p.exists() for p in stale)
+
+
+def test_entries_used_within_a_day_are_never_pruned():
+    """A test session or a training run holds the paths it was given while it builds more."""
+    held = [_entry(f"held{i}", 3600 + i) for i in range(cache.KEEP_PER_KIND + 3)]
+    cache.cached_dir("kind", "one-more", lambda tmp: None)
+    assert all((p / "file").is_file() for p in held)

@@ -11,12 +11,16 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from collections.abc import Callable
 from pathlib import Path
 
 CACHE_ENV = "SPECWHISPER_CACHE"
-# Entries kept per kind: older ones (built by older code or for inputs no longer asked for) go.
+# Entries kept per kind: older ones (built by older code or for inputs no longer asked for) go,
+# once unused for a day. A process holds the paths it was given (a test session, a bench, a training
+# run): one that needed more than KEEP_PER_KIND entries had its first ones deleted under it.
 KEEP_PER_KIND = 8
+PRUNE_UNUSED_FOR_SECONDS = 24 * 3600
 
 
 def cache_root() -> Path:
@@ -63,14 +67,15 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
 
 
 def _prune(kind_dir: Path, keep: Path) -> None:
-    """Remove all but the most recently used entries of a kind."""
+    """Remove the entries of a kind beyond the most recently used, if unused for a day."""
     entries = sorted(
         (p for p in kind_dir.iterdir() if p.is_dir() and ".tmp-" not in p.name),
         key=lambda p: p.stat().st_mtime,
         reverse=True,
     )
+    unused_since = time.time() - PRUNE_UNUSED_FOR_SECONDS
     for old in entries[KEEP_PER_KIND:]:
-        if old != keep:
+        if old != keep and old.stat().st_mtime < unused_since:
             shutil.rmtree(old, ignore_errors=True)
 
 
