@@ -237,14 +237,13 @@ def test_a_draft_with_all_the_main_layers_is_at_zero_hidden_distance(tiny_main, 
     ids = draft_vocabulary(tiny_data.targets, VOCAB, EOT, rank_floor=16)
     hidden = main_hidden_states(tiny_main, tiny_data, tiny_data.targets)
     targets = [t for t in tiny_data.targets if t.window == 0]
-    to_trimmed = np.full(VOCAB, -1)
-    to_trimmed[ids] = np.arange(len(ids))
-    batch = make_batch(tiny_data, targets, to_trimmed, FRAMES)
+    whole_draft, cut_draft = (TrimmedDraft.from_main(tiny_main, layers, ids) for layers in ((0, 1, 2), (0, 2)))
+    batch = make_batch(tiny_data, targets, whole_draft.trimmed_index(), FRAMES)
     teacher = torch.from_numpy(hidden[0].astype(np.float32))
     only_distance = DraftTrainingOptions(ce_weight=0, kd_weight=0, hidden_weight=1)
     with torch.no_grad():
-        whole = loss(TrimmedDraft.from_main(tiny_main, (0, 1, 2), ids), batch, teacher, only_distance)
-        cut = loss(TrimmedDraft.from_main(tiny_main, (0, 2), ids), batch, teacher, only_distance)
+        whole = loss(whole_draft, batch, teacher, only_distance)
+        cut = loss(cut_draft, batch, teacher, only_distance)
     assert whole.item() < 1e-5 < 0.01 < cut.item(), (whole.item(), cut.item())
 
 

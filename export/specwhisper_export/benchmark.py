@@ -154,23 +154,25 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
 
-    def exported(assistant: str | None) -> ExportedModel:
+    assistant_ckpt = None if args.assistant is None else resolve_checkpoint(args.assistant)
+
+    def exported(assistant_checkpoint: str | None) -> ExportedModel:
         if args.export is not None:
             return ExportedModel(args.export, args.threads, providers)
-        request = ExportRequest(args.main, resolve_checkpoint(assistant), assistant_int8=args.assistant_int8)
+        request = ExportRequest(args.main, assistant_checkpoint, assistant_int8=args.assistant_int8)
         return ExportedModel(export_artefacts(request), args.threads, providers)
 
-    main_model = exported(args.assistant)
+    main_model = exported(assistant_ckpt)
     engine = Transcriber(main_model, policy)
     versus = None
     if args.versus:
-        versus = Transcriber(exported(args.versus), versus_policy)
+        versus = Transcriber(exported(resolve_checkpoint(args.versus)), versus_policy)
     elif args.versus_confidence is not None:
         versus = Transcriber(main_model, versus_policy)
     model = processor = assistant = None
     if not args.no_transformers:
         model, processor = load_whisper(args.main)
-        assistant = WhisperForCausalLM.from_pretrained(resolve_checkpoint(args.assistant)).eval()
+        assistant = WhisperForCausalLM.from_pretrained(assistant_ckpt).eval()
 
     results: dict[str, dict] = {}
     for language in args.languages:

@@ -190,6 +190,12 @@ class TrimmedDraft(nn.Module):
             ids = np.arange(draft.config.vocab_size)
         return cls(draft, ids, draft.proj_out.weight[torch.as_tensor(ids)])
 
+    def trimmed_index(self) -> np.ndarray:
+        """Full-vocabulary id -> its column in the head, -1 for the ids the head leaves out."""
+        index = np.full(self.model.config.vocab_size, -1, dtype=np.int64)
+        index[self.token_ids.numpy()] = np.arange(len(self.token_ids))
+        return index
+
     def hidden(self, input_ids: torch.Tensor, states: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor):
         """The final hidden state (after the last layer norm) at ``positions`` (a ``[B, T]`` mask): ``[M, d]``."""
         return final_hidden(self.model.model.decoder, input_ids, states, rows, positions)
@@ -305,8 +311,7 @@ def train(
     of it); returns the loss per step."""
     torch.manual_seed(options.seed)
     rng = random.Random(options.seed)
-    to_trimmed = np.full(draft.model.config.vocab_size, -1, dtype=np.int64)
-    to_trimmed[draft.token_ids.numpy()] = np.arange(len(draft.token_ids))
+    to_trimmed = draft.trimmed_index()
     grouped = _by_window(data.split("train"))
     windows = sorted(grouped)
     parameters = [p for p in draft.parameters() if p.requires_grad]
@@ -346,8 +351,7 @@ def agreement(
     """Per target: whether the draft's top-1 (teacher-forced on the main model's tokens) is the
     main model's next token, at each generated position. One window at a time, so that each reads
     the encoder frames it is served with."""
-    to_trimmed = np.full(draft.model.config.vocab_size, -1, dtype=np.int64)
-    to_trimmed[draft.token_ids.numpy()] = np.arange(len(draft.token_ids))
+    to_trimmed = draft.trimmed_index()
     matches: dict[int, np.ndarray] = {}
     with torch.no_grad():
         for chosen in _by_window(targets).values():
