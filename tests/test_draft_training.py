@@ -6,14 +6,16 @@ from __future__ import annotations
 import json
 import logging
 import random
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers import WhisperConfig, WhisperForCausalLM, WhisperForConditionalGeneration
 
-from specwhisper_export import draft_data, draft_training
+from specwhisper_export import asterisk, draft_data, draft_training
 from specwhisper_export.draft_data import Clip, CorpusOptions, DraftData, Target, Window
 from specwhisper_export.draft_training import (
     DraftTrainingOptions,
@@ -41,6 +43,8 @@ def test_options_refuse_what_cannot_train():
         DraftTrainingOptions(ce_weight=0, kd_weight=0, hidden_weight=0)
     with pytest.raises(ValueError):
         DraftTrainingOptions(hidden_weight=-1)
+    with pytest.raises(ValueError):
+        DraftTrainingOptions(ema_decay=1.0)
     with pytest.raises(ValueError):
         CorpusOptions(min_seconds=20, max_seconds=10)
     with pytest.raises(ValueError):
@@ -93,6 +97,76 @@ def test_missing_espeak_is_skipped_with_a_message(monkeypatch, caplog):
     assert [w.source for w, _ in made] == ["speech", "speech"]
     assert [w.split for w, _ in made] == ["train", "heldout"]
     assert "espeak-ng not found" in caplog.text
+
+
+def test_a_second_voice_is_real_speech_of_the_same_prompts():
+    """Debian's Colombian Spanish voice, fetched into the cache and read as raw GSM 6.10."""
+    voice = dict(asterisk.other_voice("es"))
+    core = {p.name: p for p in asterisk.prompts("es")}
+    assert len(voice) > 200 and len(voice.keys() & core.keys()) > 200
+    name = "agent-alreadyon"
+    audio = asterisk.load_audio(voice[name])
+    seconds = len(audio) / asterisk.SAMPLE_RATE
+    assert audio.dtype == np.float32 and 1.0 < seconds < 3 * core[name].seconds
+    assert 0.1 < np.abs(audio).max() <= 1.0 and np.isfinite(audio).all()
+    assert asterisk.other_voice("en") == ()
+
+
+def test_a_voice_that_cannot_be_fetched_is_left_out_with_a_message(tmp_path, monkeypatch, caplog):
+    """Without apt (or its package lists) training goes on without the second voice, and says so."""
+    monkeypatch.setenv("SPECWHISPER_CACHE", str(tmp_path))
+    monkeypatch.setattr(asterisk.os, "geteuid", lambda: 1000)  # not root: no apt-get update
+
+    def no_apt(command, **kwargs):
+        if kwargs.get("check"):
+            raise subprocess.CalledProcessError(100, command)
+        return subprocess.CompletedProcess(command, 100)
+
+    monkeypatch.setattr(asterisk.subprocess, "run", no_apt)
+    with caplog.at_level(logging.WARNING):
+        assert asterisk.other_voice("fr") == ()
+    assert "asterisk-prompt-fr-armelle" in caplog.text
+    assert not (tmp_path / "voices" / "asterisk-prompt-fr-armelle").exists()  # nothing half-made is cached
+
+
+def test_a_second_voice_never_reads_a_heldout_prompt():
+    options = CorpusOptions(
+        languages=("es",), train_windows=0, heldout_windows=0, voice_windows=6, espeak_windows=0, fortune_windows=0
+    )
+    heldout = draft_data.split_by_file(draft_data._clips(options, None), options.heldout_every)["heldout"]
+    held = {c.prompt for c in heldout}
+    voice = draft_data._other_voices(options, heldout)
+    assert voice and not {c.prompt for c in voice} & held
+    assert len(voice) < len(asterisk.other_voice("es"))  # the held-out prompts' readings are left out
+    made = list(draft_data.make_windows(options, teacher=None))
+    assert len(made) == 6 and {(w.split, w.source) for w, _ in made} == {("train", "speech")}
+    for window, _ in made:
+        assert all(part.startswith("asterisk-prompt-es-co/") for part in window.parts)
+        assert not {part.split("/", 1)[1] for part in window.parts} & held
+
+
+def test_the_heldout_set_does_not_depend_on_what_trains():
+    """Held-out windows and their prompt forms stay the same whatever the training split is made of,
+    so drafts trained on different corpora are compared on the same recordings."""
+
+    def heldout(options: CorpusOptions) -> list[Window]:
+        return [w for w, _ in draft_data.make_windows(options, teacher=None) if w.split == "heldout"]
+
+    corpus = {"languages": ("es",), "heldout_windows": 4, "espeak_windows": 0, "fortune_windows": 0}
+    fewer, more = (CorpusOptions(**corpus, train_windows=n, voice_windows=0) for n in (1, 5))
+    assert heldout(fewer) == heldout(more) and len(heldout(more)) == 4
+    assert heldout(CorpusOptions(**corpus, train_windows=1, voice_windows=0, seed=1)) != heldout(fewer)
+
+    def forms(windows: list[Window]) -> list:
+        return [
+            f for w, f in zip(windows, draft_data.prompt_forms(windows, seed=0), strict=True) if w.split == "heldout"
+        ]
+
+    held = [Window("es", "heldout", "speech", (f"h{i}",), 5.0) for i in range(12)]
+    trains = [Window("es", "train", "speech", (f"t{i}",), 5.0) for i in range(12)]
+    interleaved = [w for pair in zip(trains, held, strict=True) for w in pair]
+    assert forms(held) == forms(interleaved) == forms([*trains[:3], *held])
+    assert all(f[0] == draft_data.DEFAULT_FORM for f in forms(held)) and len({f[1] for f in forms(held)}) > 1
 
 
 @pytest.mark.skipif(not draft_data.espeak_available(), reason="espeak-ng is not installed")
@@ -264,6 +338,7 @@ def test_training_fits_the_main_models_outputs(tiny_main, tiny_data, train_head)
         train_head=train_head,
         kd_weight=0,
         hidden_weight=0,
+        ema_decay=0,  # the last weights: a moving average over 80 toy steps lags behind them
     )
     losses = train(draft, tiny_data, main_hidden_states(tiny_main, tiny_data, tiny_data.targets), options)
     after = np.concatenate(agreement(draft, tiny_data, tiny_data.targets)).mean()
@@ -285,6 +360,29 @@ def test_training_brings_the_draft_to_the_main_models_hidden_state(tiny_main, ti
     )
     losses = train(draft, tiny_data, hidden, options)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), (losses[:5], losses[-5:])
+
+
+@pytest.mark.parametrize("decay", [0.0, 0.8])
+def test_the_kept_draft_is_the_moving_average_of_the_weights_after_warm_up(tiny_main, tiny_data, decay):
+    """``ema_decay``: the draft kept averages the weights after each step from warm-up's end on
+    (0: the last step's weights), as recorded step by step here."""
+    ids = draft_vocabulary(tiny_data.targets, VOCAB, EOT, rank_floor=16)
+    draft = TrimmedDraft.from_main(tiny_main, (0, 2), ids)
+    trained = [p for p in draft.parameters() if p.requires_grad]
+    after_each_step = []
+    hook = register_optimizer_step_post_hook(lambda *_: after_each_step.append([p.detach().clone() for p in trained]))
+    options = DraftTrainingOptions(steps=12, batch_windows=2, learning_rate=3e-3, warmup_steps=4, ema_decay=decay)
+    try:
+        train(draft, tiny_data, main_hidden_states(tiny_main, tiny_data, tiny_data.targets), options)
+    finally:
+        hook.remove()
+    expected = after_each_step[options.warmup_steps]
+    for weights in after_each_step[options.warmup_steps + 1 :]:
+        expected = [decay * kept + (1 - decay) * new for kept, new in zip(expected, weights, strict=True)]
+    assert len(after_each_step) == options.steps
+    for kept, average, last in zip(trained, expected, after_each_step[-1], strict=True):
+        torch.testing.assert_close(kept.detach(), average)
+        assert torch.equal(kept.detach(), last) == (decay == 0)
 
 
 class _NoProcessor:
@@ -323,7 +421,7 @@ def test_reduced_run_of_the_command_beats_an_untrained_cut(tmp_path, capsys, bas
     trained draft agrees with base more often than the same layers cut and left untrained."""
     out = tmp_path / "draft"
     argv = ["--main", "base", "--out", str(out), "--max-files", "15", "--train-windows", "4"]
-    argv += ["--espeak-windows", "2", "--fortune-windows", "2", "--heldout-windows", "2"]
+    argv += ["--voice-windows", "2", "--espeak-windows", "2", "--fortune-windows", "2", "--heldout-windows", "2"]
     argv += ["--steps", "40", "--engine-windows", "1"]
     assert draft_training.main(argv) == 0
     printed = capsys.readouterr().out

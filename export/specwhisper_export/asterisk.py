@@ -3,11 +3,16 @@
 They are what tests, draft training and benchmarks use here: 8 kHz WAVs of one voice per language,
 each with a line of transcript in the package docs. Clips are short (median ~1.4 s), so long-form
 audio is made by concatenating them.
+
+Debian also packages other voices reading the same prompts (Colombian Spanish, a second French
+voice): raw GSM 6.10, no transcripts. They install into the core sounds' folders, which dpkg
+refuses, so they are downloaded and unpacked into the cache instead; draft training uses them.
 """
 
 from __future__ import annotations
 
 import gzip
+import logging
 import os
 import shutil
 import subprocess
@@ -19,11 +24,18 @@ import numpy as np
 import soundfile as sf
 import soxr
 
+from specwhisper_backend.cache import cached_dir
+
+log = logging.getLogger(__name__)
+
 SOUNDS_ROOT = Path("/usr/share/asterisk/sounds")
 DOCS_ROOT = Path("/usr/share/doc")
 LANGUAGES = ("en", "es", "fr")
 SAMPLE_RATE = 16_000
 LONG_FORM_PAUSE = 0.3  # seconds of silence between joined prompts
+# A second voice per language: (Debian package, its language folder). Raw GSM 6.10 at 8 kHz.
+OTHER_VOICES = {"es": ("asterisk-prompt-es-co", "es"), "fr": ("asterisk-prompt-fr-armelle", "fr")}
+GSM_RATE = 8_000
 
 
 @dataclass(frozen=True)
@@ -80,9 +92,45 @@ def prompts(language: str) -> tuple[Prompt, ...]:
     return tuple(found)
 
 
+def other_voice(language: str) -> tuple[tuple[str, Path], ...]:
+    """(prompt name, GSM file) of ``language``'s second voice, sorted; none if it has none or its
+    package cannot be fetched (a warning says why). Names match :func:`prompts`' (the same prompts)."""
+    if language not in OTHER_VOICES:
+        return ()
+    package, folder = OTHER_VOICES[language]
+    try:
+        unpacked = cached_dir("voices", package, lambda tmp: _download_and_unpack(package, tmp))
+    except (OSError, subprocess.CalledProcessError) as error:
+        log.warning("no second %s voice: fetching %s failed (%s)", language, package, error)
+        return ()
+    root = unpacked / "usr/share/asterisk/sounds" / folder
+    return tuple((str(path.relative_to(root).with_suffix("")), path) for path in sorted(root.rglob("*.gsm")))
+
+
+def _download_and_unpack(package: str, into: Path) -> None:
+    """``apt-get download`` (after ``apt-get update`` if the package lists lack it and we are root),
+    then ``dpkg-deb -x`` into ``into``: nothing is installed."""
+    download = into / "deb"
+    download.mkdir()
+    command = ["apt-get", "download", "-qq", package]
+    if subprocess.run(command, cwd=download, capture_output=True).returncode != 0:
+        if os.geteuid() == 0:
+            subprocess.run(["apt-get", "update", "-qq"], check=True, capture_output=True)
+        subprocess.run(command, cwd=download, check=True, capture_output=True)
+    for deb in download.glob("*.deb"):
+        subprocess.run(["dpkg-deb", "-x", str(deb), str(into)], check=True, capture_output=True)
+    shutil.rmtree(download)
+
+
 def load_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
-    """Mono float32 at ``sample_rate`` (resampled with soxr's high-quality filter)."""
-    audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    """Mono float32 at ``sample_rate`` (resampled with soxr's high-quality filter). ``.gsm`` files are
+    headerless GSM 6.10 at 8 kHz, as Asterisk keeps them."""
+    if Path(path).suffix == ".gsm":
+        audio, rate = sf.read(
+            str(path), dtype="float32", always_2d=True, format="RAW", subtype="GSM610", samplerate=GSM_RATE, channels=1
+        )
+    else:
+        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
     audio = audio.mean(axis=1)
     if rate != sample_rate:
         audio = soxr.resample(audio, rate, sample_rate)

@@ -7,10 +7,11 @@ each prompt form served (transcribe/translate, with and without timestamps).
 
 The few real recordings at hand (short Asterisk prompts) are memorised in a few epochs, so variety
 is made here: windows of 5-25 s concatenating random clips of one language, like the long-form
-audio Whisper serves, plus espeak-ng speaking new sentences recombined from the training split's
-transcripts and reading prose (Debian's fortune-cookie files, where installed). Clips are split
+audio Whisper serves (the core voice, and a second one where Debian has it), plus espeak-ng
+speaking new sentences recombined from the training split's transcripts and reading prose
+(Debian's fortune-cookie files, where installed). Clips are split
 into training and held-out BY FILE before anything is concatenated, so no held-out recording (or
-its transcript) ever reaches training.
+its transcript) ever reaches training; a second voice's reading of a held-out prompt is left out.
 
 Everything (encoder outputs included: the draft reads them) is computed once, seeded, and kept in
 ``cache_root()/draft-data/<key>``.
@@ -79,9 +80,10 @@ class CorpusOptions:
     audio: tuple[str, ...] = ()  # extra files or folders (no transcripts; language detected by the main model)
     use_asterisk: bool = True
     train_windows: int = 60  # concatenated real-speech windows per language
+    voice_windows: int = 30  # windows per language of its second Asterisk voice (es, fr), where one exists
     espeak_windows: int = 20  # synthetic windows per language (skipped if espeak-ng is absent)
-    fortune_windows: int = 60  # synthetic windows of fortune-cookie prose, in languages that have it
-    heldout_windows: int = 10  # real-speech windows per language, from held-out files only
+    fortune_windows: int = 40  # synthetic windows of fortune-cookie prose, in languages that have it
+    heldout_windows: int = 20  # real-speech windows per language, from held-out files only
     min_seconds: float = 5.0
     max_seconds: float = 25.0
     heldout_every: int = 5  # every n-th file (by sorted name, per language) is held out
@@ -94,7 +96,14 @@ class CorpusOptions:
             raise ValueError("no audio: give languages (Asterisk/espeak-ng) or audio files")
         if unknown := set(self.languages) - set(asterisk.LANGUAGES):
             raise ValueError(f"no built-in speech for {sorted(unknown)}; known: {asterisk.LANGUAGES}")
-        counts = (self.train_windows, self.espeak_windows, self.fortune_windows, self.heldout_windows, self.max_files)
+        counts = (
+            self.train_windows,
+            self.voice_windows,
+            self.espeak_windows,
+            self.fortune_windows,
+            self.heldout_windows,
+            self.max_files,
+        )
         if min(counts) < 0:
             raise ValueError("window and file counts must be >= 0")
         if not 1.0 <= self.min_seconds <= self.max_seconds <= 29.0:
@@ -113,6 +122,7 @@ class Clip:
     name: str
     path: Path
     text: str | None = None
+    prompt: str | None = None  # the Asterisk prompt it reads, in whichever voice
 
 
 @dataclass(frozen=True)
@@ -347,13 +357,27 @@ def _clips(options: CorpusOptions, teacher: MainTeacher) -> list[Clip]:
     if options.use_asterisk:
         for language in options.languages:
             clips += [
-                Clip(language, f"asterisk/{language}/{p.name}", p.path, p.text) for p in asterisk.prompts(language)
+                Clip(language, f"asterisk/{language}/{p.name}", p.path, p.text, p.name)
+                for p in asterisk.prompts(language)
             ]
     for path in find_audio(options.audio):
         audio = asterisk.load_audio(path)[: 30 * SAMPLE_RATE]
         language = teacher.detect_language(teacher.model.encode(teacher.features(audio)))
         clips.append(Clip(language, str(path), path))
     return clips
+
+
+def _other_voices(options: CorpusOptions, heldout: Sequence[Clip]) -> list[Clip]:
+    """The second voices' clips that may train: not those reading a held-out prompt."""
+    if not options.use_asterisk:
+        return []
+    held = {(c.language, c.prompt) for c in heldout}
+    return [
+        Clip(language, f"{asterisk.OTHER_VOICES[language][0]}/{prompt}", path, prompt=prompt)
+        for language in options.languages
+        for prompt, path in asterisk.other_voice(language)
+        if (language, prompt) not in held
+    ]
 
 
 def _limit(clips: list[Clip], count: int) -> list[Clip]:
@@ -369,8 +393,9 @@ def _limit(clips: list[Clip], count: int) -> list[Clip]:
 
 
 def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple[Window, np.ndarray]]:
-    """The corpus's windows with their audio, in a fixed (seeded) order."""
-    rng = random.Random(options.seed)
+    """The corpus's windows with their audio, in a fixed (seeded) order. The held-out windows draw
+    from a generator of their own: what the training split is made of never changes them."""
+    rng, heldout_rng = random.Random(options.seed), random.Random(f"heldout-{options.seed}")
     splits = split_by_file(_clips(options, teacher), options.heldout_every)
     audio_cache: dict[str, np.ndarray] = {}
 
@@ -379,12 +404,17 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
             audio_cache[clip.name] = asterisk.load_audio(clip.path)
         return audio_cache[clip.name]
 
-    plan: list[tuple[Split, int]] = [("train", options.train_windows), ("heldout", options.heldout_windows)]
-    for split, count in plan:
-        clips = _limit(splits[split], options.max_files)
+    plan: list[tuple[Split, int, list[Clip]]] = [
+        ("train", options.train_windows, splits["train"]),
+        ("heldout", options.heldout_windows, splits["heldout"]),
+        ("train", options.voice_windows, _other_voices(options, splits["heldout"]) if options.voice_windows else []),
+    ]
+    for split, count, chosen in plan:
+        clips = _limit(chosen, options.max_files)
         for language in sorted({c.language for c in clips}):
             mine = [c for c in clips if c.language == language]
-            for names, audio in concatenate(mine, count, rng, options.min_seconds, options.max_seconds, load):
+            draws = heldout_rng if split == "heldout" else rng
+            for names, audio in concatenate(mine, count, draws, options.min_seconds, options.max_seconds, load):
                 yield Window(language, split, "speech", tuple(names), len(audio) / SAMPLE_RATE), audio
 
     texts = {lang: [c.text for c in splits["train"] if c.language == lang and c.text] for lang in options.languages}
@@ -404,8 +434,12 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
             yield Window(language, "train", "espeak", (text,), len(audio) / SAMPLE_RATE), audio
 
 
-def _forms(rng: random.Random) -> list[tuple[Task, bool]]:
-    return [DEFAULT_FORM, rng.choice(OTHER_FORMS)]
+def prompt_forms(windows: Sequence[Window], seed: int) -> list[list[tuple[Task, bool]]]:
+    """Each window's prompt forms: the default one and one other drawn at random. Each split draws
+    from a generator of its own, in window order, so the held-out forms never depend on the training
+    split."""
+    draws = {split: random.Random(f"{split}-forms-{seed}") for split in ("train", "heldout")}
+    return [[DEFAULT_FORM, draws[w.split].choice(OTHER_FORMS)] for w in windows]
 
 
 def _build(options: CorpusOptions, main: str, directory: Path, batch: int = 8) -> None:
@@ -419,7 +453,7 @@ def _build(options: CorpusOptions, main: str, directory: Path, batch: int = 8) -
     states = np.lib.format.open_memmap(
         directory / "states.npy", mode="w+", dtype=np.float16, shape=(len(windows), teacher.facts.n_audio_ctx, d_model)
     )
-    rng = random.Random(options.seed + 1)
+    forms = prompt_forms(windows, options.seed)
     records: list[dict] = []
     flat_tokens: list[np.ndarray] = []
     flat_ids: list[np.ndarray] = []
@@ -430,7 +464,7 @@ def _build(options: CorpusOptions, main: str, directory: Path, batch: int = 8) -
         chosen = by_length[first : first + batch]
         encoded = teacher.model.encode(np.concatenate([teacher.features(produced[i][1]) for i in chosen]))
         states[chosen] = encoded.astype(np.float16)
-        rows = [(slot, i, task, ts) for slot, i in enumerate(chosen) for task, ts in _forms(rng)]
+        rows = [(slot, i, task, ts) for slot, i in enumerate(chosen) for task, ts in forms[i]]
         prompts = [teacher.prompt(windows[i].language, task, ts) for _, i, task, ts in rows]
         seconds = max(windows[i].seconds for i in chosen)
         limit = min(MAX_TEXT_TOKENS, MIN_TOKENS + int(TOKENS_PER_SECOND * seconds))
@@ -488,13 +522,16 @@ def heldout_audio(data: DraftData) -> list[tuple[int, np.ndarray]]:
 def draft_data(options: CorpusOptions, main: str) -> DraftData:
     """The corpus for ``main``, built on first use in ``cache_root()/draft-data/<key>``."""
     checkpoint = resolve_checkpoint(main)
-    key = input_key("draft-data", checkpoint_identity(checkpoint), asdict(options), code_version(), _speech_sources())
+    sources = _speech_sources(options)
+    key = input_key("draft-data", checkpoint_identity(checkpoint), asdict(options), code_version(), sources)
     return load_draft_data(cached_dir("draft-data", key, lambda tmp: _build(options, checkpoint, tmp)))
 
 
-def _speech_sources() -> dict:
-    """What synthetic speech this machine can make: part of a corpus's identity."""
+def _speech_sources(options: CorpusOptions) -> dict:
+    """What speech this machine has beyond the core prompts: part of a corpus's identity."""
+    voices = options.use_asterisk and options.voice_windows
     return {
+        "voices": {language: len(asterisk.other_voice(language)) for language in options.languages if voices},
         "espeak-ng": espeak_available(),
         "fortunes": {
             language: [(path.name, path.stat().st_size) for path in fortune_files(language)]
@@ -503,6 +540,10 @@ def _speech_sources() -> dict:
     }
 
 
+# A digest of this module as imported: a change to how targets are made invalidates cached corpora,
+# and a process keeps the key of the code it runs, whatever is edited on disk meanwhile.
+_CODE_VERSION = hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+
+
 def code_version() -> str:
-    """A digest of this module: a change to how targets are made invalidates cached corpora."""
-    return hashlib.sha256(Path(__file__).read_bytes()).hexdigest()[:12]
+    return _CODE_VERSION
