@@ -236,6 +236,24 @@ def test_vocabulary_keeps_specials_frequent_merges_and_what_the_main_model_said(
     assert set(alternatives) - set(ids) == {121, 200}  # runners-up (_target: id + 1) not kept already
 
 
+def test_prose_lexicon_keeps_the_ids_fortunes_use_often(monkeypatch):
+    """Text is tokenised as Whisper writes it (after a space); ids under the count, and languages
+    without fortunes, add nothing."""
+    prose = {"en": ["a b", "b c", "b"], "es": ["c"]}
+    monkeypatch.setattr(draft_data, "fortune_texts", lambda language: prose.get(language, []))
+    seen = []
+
+    def tokenizer(texts, add_special_tokens):
+        seen.extend(texts)
+        return {"input_ids": [[ord(word) for word in text.split()] for text in texts]}  # one-letter words
+
+    lexicon = draft_training.prose_lexicon(tokenizer, ("en", "es", "fr"), min_count=2)
+    assert list(lexicon) == [ord("b"), ord("c")] and seen == [" a b", " b c", " b", " c"]
+    assert list(draft_training.prose_lexicon(tokenizer, ("en",), min_count=0)) == []
+    targets = [_target(0, [EOT + 1, 7, EOT], 1)]
+    assert {ord("b"), ord("c")} < set(draft_vocabulary(targets, VOCAB, EOT, 0, lexicon=lexicon))
+
+
 def test_tokens_per_pass_follows_speculative_rounds():
     assert tokens_per_pass(np.ones(10, bool), 4) == (10, 2)  # 4 drafts + 1 own token a round
     assert tokens_per_pass(np.zeros(6, bool), 4) == (6, 6)  # one token a pass, as without a draft
