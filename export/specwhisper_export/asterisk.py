@@ -125,12 +125,8 @@ def _download_and_unpack(package: str, into: Path) -> None:
 def load_audio(path: Path, sample_rate: int = SAMPLE_RATE) -> np.ndarray:
     """Mono float32 at ``sample_rate`` (resampled with soxr's high-quality filter). ``.gsm`` files are
     headerless GSM 6.10 at 8 kHz, as Asterisk keeps them."""
-    if Path(path).suffix == ".gsm":
-        audio, rate = sf.read(
-            str(path), dtype="float32", always_2d=True, format="RAW", subtype="GSM610", samplerate=GSM_RATE, channels=1
-        )
-    else:
-        audio, rate = sf.read(str(path), dtype="float32", always_2d=True)
+    raw = {"format": "RAW", "subtype": "GSM610", "samplerate": GSM_RATE, "channels": 1}
+    audio, rate = sf.read(str(path), dtype="float32", always_2d=True, **(raw if Path(path).suffix == ".gsm" else {}))
     audio = audio.mean(axis=1)
     if rate != sample_rate:
         audio = soxr.resample(audio, rate, sample_rate)
