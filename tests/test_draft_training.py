@@ -49,6 +49,8 @@ def test_options_refuse_what_cannot_train():
         CorpusOptions(min_seconds=20, max_seconds=10)
     with pytest.raises(ValueError):
         CorpusOptions(languages=("de",))
+    with pytest.raises(ValueError, match="training_forms"):
+        CorpusOptions(training_forms=5)
 
 
 def test_every_nth_file_per_language_is_held_out_and_never_trains():
@@ -167,6 +169,16 @@ def test_the_heldout_set_does_not_depend_on_what_trains():
     interleaved = [w for pair in zip(trains, held, strict=True) for w in pair]
     assert forms(held) == forms(interleaved) == forms([*trains[:3], *held])
     assert all(f[0] == draft_data.DEFAULT_FORM for f in forms(held)) and len({f[1] for f in forms(held)}) > 1
+
+
+@pytest.mark.parametrize("count", [1, 2, 4])
+def test_training_windows_are_decoded_in_distinct_forms_held_out_ones_in_two(count):
+    windows = [Window("es", split, "speech", (f"{split}{i}",), 5.0) for i in range(6) for split in ("train", "heldout")]
+    forms = draft_data.prompt_forms(windows, seed=0, training_forms=count)
+    for window, chosen in zip(windows, forms, strict=True):
+        assert chosen[0] == draft_data.DEFAULT_FORM and len(set(chosen)) == len(chosen)
+        assert len(chosen) == (count if window.split == "train" else 2)
+    assert forms[1::2] == draft_data.prompt_forms(windows, seed=0)[1::2]
 
 
 @pytest.mark.skipif(not draft_data.espeak_available(), reason="espeak-ng is not installed")
@@ -456,3 +468,22 @@ def test_reduced_run_of_the_command_beats_an_untrained_cut(tmp_path, capsys, bas
     print(f"held-out agreement: trained {trained_rate:.1%}, untrained cut {untrained_rate:.1%}")
     assert trained_rate > untrained_rate + 0.1
     assert {"config.json", "model.safetensors", "tokenizer.json", DRAFT_VOCAB_FILE} <= {p.name for p in out.iterdir()}
+
+
+@pytest.mark.slow
+def test_the_teachers_batch_decodes_each_prompt_as_alone(english_clips):
+    """Rows that end early leave the batch; the others go on exactly as if decoded one by one."""
+    teacher = draft_data.MainTeacher("base")
+    audio = [clip for _, clip in english_clips[:3]]
+    states = teacher.model.encode(np.concatenate([teacher.features(a) for a in audio]))
+    forms = [("transcribe", False), ("translate", True), ("transcribe", True)]
+    prompts = [teacher.prompt("en", task, ts) for task, ts in forms]
+    stamps = [ts for _, ts in forms]
+    together = teacher.greedy(states, prompts, stamps, top_k=4, limit=120)
+    assert len({len(tokens) for tokens, _ in together}) > 1, "rows should end at different steps"
+    for row, (tokens, ids) in enumerate(together):
+        one = slice(row, row + 1)
+        alone, alone_ids = teacher.greedy(states[one], prompts[one], stamps[one], top_k=4, limit=120)[0]
+        assert tokens == alone and tokens[-1] == teacher.facts.tokens.eot
+        assert ids.shape == (len(tokens) - len(prompts[row]), 4)
+        np.testing.assert_array_equal(ids[:, 0], alone_ids[:, 0])

@@ -132,6 +132,29 @@ def test_rows_at_different_lengths_with_rollback(tiny_random, cache_device):
 
 
 @CACHE_DEVICES
+def test_kept_rows_go_on_with_their_own_caches(tiny_random, cache_device):
+    """Three rows at different lengths; the last two are kept and decode on as if alone."""
+    model, folder = tiny_random
+    torch.manual_seed(2)
+    states = torch.randn(3, 1500, WIDTH)
+    ids = torch.randint(3, 300, (3, 20))
+    with torch.no_grad():
+        reference = model(encoder_outputs=(states,), decoder_input_ids=ids).logits.numpy()
+    decoder = _decoder(folder, cache_device=cache_device)
+    decoder.start(states.numpy())
+    decoder.forward(ids[:, :6].numpy(), counts=np.array([6, 4, 5]))
+    decoder.keep_rows([1, 2])
+    assert decoder.lengths.tolist() == [4, 5]
+    chunk = np.stack([ids[1, 4:9].numpy(), ids[2, 5:10].numpy()])
+    logits = decoder.forward(chunk)
+    np.testing.assert_allclose(logits[0], reference[1, 4:9], atol=1e-4)
+    np.testing.assert_allclose(logits[1], reference[2, 5:10], atol=1e-4)
+    for wrong in ([2], [1, 0]):
+        with pytest.raises(ValueError, match="increasing rows of a batch of 2"):
+            decoder.keep_rows(wrong)
+
+
+@CACHE_DEVICES
 def test_single_token_steps_match_one_pass(tiny_random, cache_device):
     model, folder = tiny_random
     states = torch.randn(1, 1500, WIDTH)

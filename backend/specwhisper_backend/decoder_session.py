@@ -14,6 +14,7 @@ binding, and the export's small ``kv_writer`` graph scatters each step's new K/V
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,6 +59,16 @@ class HostCache:
         for old, new in zip(self._buffers, grown, strict=True):
             new[:, :, :capacity] = old
         self._buffers = grown
+
+    def keep_rows(self, rows: np.ndarray) -> None:
+        """In place: each kept row moves forward and the arrays become their leading views. A copy
+        into new arrays page-faulted ~40 MB of cross K/V a row, slower than the steps it saved."""
+        for arrays in (self._cross, self._buffers):
+            for array in arrays:
+                for slot, row in enumerate(rows):
+                    if slot != row:
+                        array[slot] = array[row]
+            arrays[:] = [array[: len(rows)] for array in arrays]
 
     def step(self, feed: dict[str, np.ndarray], lengths: np.ndarray, counts: np.ndarray) -> np.ndarray:
         feed = {**feed, **dict(zip(self._past_names, self._buffers, strict=True))}
@@ -119,6 +130,16 @@ class DeviceCache:
 
     def reserve(self, needed: int) -> None:
         """Nothing to grow: the buffer holds the whole context from the start."""
+
+    def keep_rows(self, rows: np.ndarray) -> None:
+        """Through the host: rows are dropped rarely (a batch's finished rows), steps are frequent."""
+
+        def kept(value: ort.OrtValue, axis: int) -> ort.OrtValue:
+            subset = np.ascontiguousarray(np.take(value.numpy(), rows, axis=axis))
+            return ort.OrtValue.ortvalue_from_numpy(subset, self.device, self.device_id)
+
+        self._cross = [kept(value, 0) for value in self._cross]
+        self._buffer = kept(self._buffer, 1)
 
     def _bind_layers(self, binding: ort.IOBinding, names: list[str], stacked: ort.OrtValue, output: bool) -> None:
         shape = stacked.shape()[1:]
@@ -241,6 +262,15 @@ class DecoderSession:
         full = np.full((*logits.shape[:-1], self.vocab_size), np.finfo(np.float32).min, dtype=np.float32)
         full[..., self._logit_ids] = logits
         return full
+
+    def keep_rows(self, rows: Sequence[int]) -> None:
+        """Keep only ``rows`` (increasing), with their caches: a batch's finished rows stop costing
+        steps (each row's cross-attention reads its own 1500 frames of K/V)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        if rows.size and (rows.min() < 0 or rows.max() >= self.batch_size or np.any(np.diff(rows) <= 0)):
+            raise ValueError(f"rows {rows.tolist()}: need increasing rows of a batch of {self.batch_size}")
+        self.cache.keep_rows(rows)
+        self.lengths = self.lengths[rows]
 
     def truncate(self, lengths: np.ndarray) -> None:
         """Forget every row's tokens past ``lengths[b]`` (rejected drafts); kept K/V stay in place."""

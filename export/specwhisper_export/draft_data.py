@@ -52,7 +52,7 @@ SAMPLE_RATE = asterisk.SAMPLE_RATE
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 Split = Literal["train", "heldout"]
 Task = Literal["transcribe", "translate"]
-# The prompt forms served; every window is decoded in the default one plus one other drawn at random.
+# The prompt forms served; every window is decoded in the default one plus others drawn at random.
 DEFAULT_FORM: tuple[Task, bool] = ("transcribe", False)
 OTHER_FORMS: tuple[tuple[Task, bool], ...] = (("transcribe", True), ("translate", False), ("translate", True))
 # espeak-ng voices per language (the built-in ones; mbrola voices need extra packages).
@@ -84,6 +84,9 @@ class CorpusOptions:
     espeak_windows: int = 20  # synthetic windows per language (skipped if espeak-ng is absent)
     fortune_windows: int = 40  # synthetic windows of fortune-cookie prose, in languages that have it
     heldout_windows: int = 20  # real-speech windows per language, from held-out files only
+    # Prompt forms each training window is decoded in (the default and others, 1-4): a form costs
+    # decoding only, the window's encoder pass is shared. Held-out windows are decoded in two.
+    training_forms: int = 2
     min_seconds: float = 5.0
     max_seconds: float = 25.0
     heldout_every: int = 5  # every n-th file (by sorted name, per language) is held out
@@ -110,6 +113,8 @@ class CorpusOptions:
             raise ValueError("need 1 <= min_seconds <= max_seconds <= 29 (a window is 30 s)")
         if self.heldout_every < 2:
             raise ValueError("heldout_every must be >= 2")
+        if not 1 <= self.training_forms <= 1 + len(OTHER_FORMS):
+            raise ValueError(f"training_forms must be in 1..{1 + len(OTHER_FORMS)}")
         if not 1 <= self.top_k <= 256:
             raise ValueError("top_k must be in 1..256")
 
@@ -333,22 +338,23 @@ class MainTeacher:
         rules = [self.filters(len(p), ts) for p, ts in zip(prompts, timestamps, strict=True)]
         tokens = [list(p) for p in prompts]
         tops: list[list[np.ndarray]] = [[] for _ in prompts]
-        done = [False] * rows
+        alive = list(range(rows))  # the session's rows, by prompt; a finished one is dropped
         for _ in range(limit):
-            logits = session.forward(np.asarray([[t[-1]] for t in tokens]))[:, 0]
-            for row in range(rows):
-                if done[row]:
-                    continue
-                scores = np.array(logits[row], dtype=np.float32, copy=True)
+            logits = session.forward(np.asarray([[tokens[row][-1]] for row in alive]))[:, 0]
+            for scores, row in zip(logits, alive, strict=True):
+                scores = np.array(scores, dtype=np.float32, copy=True)
                 for rule in rules[row]:
                     rule.apply(scores, tokens[row])
                 ids = np.argpartition(-scores, top_k)[:top_k]
                 ids = ids[np.argsort(-scores[ids])]
                 tops[row].append(ids)
                 tokens[row].append(int(ids[0]))
-                done[row] = int(ids[0]) == eot
-            if all(done):
-                break
+            if finished := [slot for slot, row in enumerate(alive) if tokens[row][-1] == eot]:
+                kept = [slot for slot in range(len(alive)) if slot not in finished]
+                if not kept:
+                    break
+                session.keep_rows(kept)
+                alive = [alive[slot] for slot in kept]
         return [(tokens[row], np.stack(tops[row]).astype(np.int32)) for row in range(rows)]
 
 
@@ -434,12 +440,13 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
             yield Window(language, "train", "espeak", (text,), len(audio) / SAMPLE_RATE), audio
 
 
-def prompt_forms(windows: Sequence[Window], seed: int) -> list[list[tuple[Task, bool]]]:
-    """Each window's prompt forms: the default one and one other drawn at random. Each split draws
-    from a generator of its own, in window order, so the held-out forms never depend on the training
-    split."""
+def prompt_forms(windows: Sequence[Window], seed: int, training_forms: int = 2) -> list[list[tuple[Task, bool]]]:
+    """Each window's prompt forms: the default one and others drawn at random, one for a held-out
+    window and ``training_forms - 1`` for a training one. Each split draws from a generator of its
+    own, in window order, so the held-out forms never depend on the training split."""
     draws = {split: random.Random(f"{split}-forms-{seed}") for split in ("train", "heldout")}
-    return [[DEFAULT_FORM, draws[w.split].choice(OTHER_FORMS)] for w in windows]
+    others = {"train": training_forms - 1, "heldout": 1}
+    return [[DEFAULT_FORM, *draws[w.split].sample(OTHER_FORMS, others[w.split])] for w in windows]
 
 
 def _build(options: CorpusOptions, main: str, directory: Path, batch: int = 8) -> None:
@@ -453,7 +460,7 @@ def _build(options: CorpusOptions, main: str, directory: Path, batch: int = 8) -
     states = np.lib.format.open_memmap(
         directory / "states.npy", mode="w+", dtype=np.float16, shape=(len(windows), teacher.facts.n_audio_ctx, d_model)
     )
-    forms = prompt_forms(windows, options.seed)
+    forms = prompt_forms(windows, options.seed, options.training_forms)
     records: list[dict] = []
     flat_tokens: list[np.ndarray] = []
     flat_ids: list[np.ndarray] = []

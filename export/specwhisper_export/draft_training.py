@@ -721,6 +721,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--fortune-windows", type=int, default=corpus.fortune_windows, help="per language with fortunes installed"
     )
     parser.add_argument("--heldout-windows", type=int, default=corpus.heldout_windows, help="per language")
+    parser.add_argument(
+        "--training-forms",
+        type=int,
+        default=corpus.training_forms,
+        help="prompt forms (task, timestamps) each training window is decoded in, 1-4",
+    )
     parser.add_argument("--max-files", type=int, default=corpus.max_files, help="per language and split; 0: all")
     parser.add_argument("--vocab-rank-floor", type=int, default=defaults.vocab_rank_floor)
     parser.add_argument(
@@ -766,6 +772,7 @@ def options_from(args: argparse.Namespace) -> DraftTrainingOptions:
         espeak_windows=args.espeak_windows,
         fortune_windows=args.fortune_windows,
         heldout_windows=args.heldout_windows,
+        training_forms=args.training_forms,
         max_files=args.max_files,
         seed=args.seed,
     )
