@@ -29,15 +29,17 @@ def test_bench_runs_two_drafts_against_the_same_plain_decoding(decoder_only_cut,
 
 def test_bench_runs_one_draft_with_and_without_the_confidence_stop(trained_draft, tmp_path):
     out = tmp_path / "bench.json"
-    argv = ["--assistant", trained_draft, "--versus-confidence", "0", "--languages", "en", "--clips", "8"]
+    argv = ["--assistant", trained_draft, "--versus-confidence", "0", "--languages", "es", "--clips", "8"]
     argv += ["--long-seconds", "0", "--no-transformers", "--json", str(out)]
     assert benchmark.main(argv) == 0
 
     (row,) = json.loads(out.read_text()).values()
     always = row["versus"]
     assert row["identical_tokens"] and always["identical_tokens"]
-    # The drafts the stop leaves out are those the draft was unsure of, mostly wrong ones (on 3 clips
-    # both runs once accepted 73.7 %: 28 of 38 drafts and 42 of 57; on these 8, 89 % against 76 %).
+    # The drafts the stop leaves out are those the draft was unsure of, mostly wrong ones. Spanish,
+    # where the draft is unsure more often: 73.8 % accepted with the stop against 63.9 % without. On
+    # the first 8 English clips the preset draft (hidden-state weight 12) is seldom unsure and the stop
+    # changed little (86.5 % against 86.7 %; the draft before it: 89 % against 76 %).
     assert row["acceptance_rate"] > always["acceptance_rate"] + 0.05
 
 
