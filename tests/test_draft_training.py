@@ -5,11 +5,13 @@ from __future__ import annotations
 
 import json
 import logging
+import platform
 import random
 import subprocess
+import sys
 from pathlib import Path
 
-import numpy as np
+import torch
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -487,3 +489,28 @@ def test_the_teachers_batch_decodes_each_prompt_as_alone(english_clips):
         assert tokens == alone and tokens[-1] == teacher.facts.tokens.eot
         assert ids.shape == (len(tokens) - len(prompts[row]), 4)
         np.testing.assert_array_equal(ids[:, 0], alone_ids[:, 0])
+
+
+@pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")
+def test_freed_large_blocks_stay_in_the_heap_after_keep_freed_memory():
+    # In a child process: the setting lasts for the process's life.
+    script = """
+import resource, sys
+import torch
+from specwhisper_export.heap import keep_freed_memory
+if sys.argv[1] == "keep":
+    assert keep_freed_memory()
+def faults_of_a_fresh_64_mb_block():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    torch.ones(1 << 24).sum()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults_of_a_fresh_64_mb_block()
+print(faults_of_a_fresh_64_mb_block())
+"""
+    run = [sys.executable, "-c", script]
+    faults = {
+        mode: int(subprocess.run([*run, mode], capture_output=True, text=True, check=True).stdout)
+        for mode in ("keep", "default")
+    }
+    assert faults["default"] > 10_000  # 16k pages of 4 KiB, mapped afresh
+    assert faults["keep"] < 1_000

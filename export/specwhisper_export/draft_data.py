@@ -349,10 +349,10 @@ class MainTeacher:
                 ids = ids[np.argsort(-scores[ids])]
                 tops[row].append(ids)
                 tokens[row].append(int(ids[0]))
-            if finished := [slot for slot, row in enumerate(alive) if tokens[row][-1] == eot]:
-                kept = [slot for slot in range(len(alive)) if slot not in finished]
-                if not kept:
-                    break
+            kept = [slot for slot, row in enumerate(alive) if tokens[row][-1] != eot]
+            if not kept:
+                break
+            if len(kept) < len(alive):
                 session.keep_rows(kept)
                 alive = [alive[slot] for slot in kept]
         return [(tokens[row], np.stack(tops[row]).astype(np.int32)) for row in range(rows)]

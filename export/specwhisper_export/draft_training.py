@@ -55,6 +55,7 @@ from specwhisper_export import draft_data
 from specwhisper_export.cut import cut_decoder_only
 from specwhisper_export.draft_data import CorpusOptions, DraftData, Target
 from specwhisper_export.graphs import CrossKVGraph, DecoderGraph
+from specwhisper_export.heap import keep_freed_memory
 from specwhisper_export.presets import load_whisper, resolve_checkpoint
 from specwhisper_export.repository import DRAFT_VOCAB_FILE, ExportRequest, export_artefacts
 
@@ -660,6 +661,7 @@ TRAINING_VERSION = 2
 def train_draft(main: str, options: DraftTrainingOptions, out: Path) -> dict:
     """Train a draft for ``main`` and save it in ``out``; returns what was recorded in draft_training.json."""
     torch.set_num_threads(options.threads)
+    keep_freed_memory()
     started = time.perf_counter()
     data = draft_data.draft_data(options.corpus, main)
     data_seconds = time.perf_counter() - started
