@@ -8,6 +8,7 @@ import torch
 from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 
 from specwhisper_backend.decoding import decode_window
+from specwhisper_backend.facts import KV_WRITER_FILE
 from specwhisper_backend.logit_filters import SuppressAtBegin, SuppressTokens
 from specwhisper_backend.runtime import ExportedModel
 from specwhisper_backend.stats import DecodeStats
@@ -145,6 +146,14 @@ def test_onnx_greedy_equals_transformers_generate_tiny_en(tiny_en, tiny_en_expor
         if ours != theirs:
             mismatches.append((prompt.name, ours, theirs))
     assert not mismatches, f"{len(mismatches)} of {len(english_clips)} clips differ: {mismatches[:2]}"
+
+
+def test_an_assistants_export_links_the_main_models_own_graphs(base_export):
+    alone = export_artefacts(ExportRequest(main="base"))
+    shared = [*sorted((alone / "main").iterdir()), alone / KV_WRITER_FILE]
+    assert len(shared) == 7  # three graphs with their weights, and the KV cache writer
+    for path in shared:
+        assert (base_export / path.relative_to(alone)).samefile(path)
 
 
 def test_assistant_with_another_vocabulary_is_refused():

@@ -12,7 +12,7 @@ import inspect
 import json
 import os
 import shutil
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
@@ -112,16 +112,20 @@ def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, f
     np_dtype = "float16" if request.precision == "fp16" else "float32"
     steps: list[tuple[str, Callable[[], None]]] = []
 
-    (out / "main").mkdir()
     main = main.to(dtype)
-    steps += [
-        ("main encoder", lambda: onnx_export.export_encoder(main, out / "main" / onnx_export.ENCODER_FILE)),
-        (
-            "main cross K/V",
-            lambda: onnx_export.export_cross_kv(main, main.config.d_model, out / "main" / onnx_export.CROSS_KV_FILE),
-        ),
-        ("main decoder", lambda: onnx_export.export_decoder(main, out / "main" / onnx_export.DECODER_FILE)),
-    ]
+    if assistant_ckpt is None:
+        (out / "main").mkdir()
+        steps += [
+            ("main encoder", lambda: onnx_export.export_encoder(main, out / "main" / onnx_export.ENCODER_FILE)),
+            (
+                "main cross K/V",
+                lambda: onnx_export.export_cross_kv(
+                    main, main.config.d_model, out / "main" / onnx_export.CROSS_KV_FILE
+                ),
+            ),
+            ("main decoder", lambda: onnx_export.export_decoder(main, out / "main" / onnx_export.DECODER_FILE)),
+            ("KV cache writer", lambda: onnx_export.export_kv_writer(out / backend_facts.KV_WRITER_FILE, np_dtype)),
+        ]
     main_facts = _decoder_facts(main, "main", with_encoder=True, dtype=np_dtype)
 
     assistant_facts = None
@@ -134,6 +138,11 @@ def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, f
             assistant.config.vocab_size,
             request.assistant,
         )
+        # The main model's graphs do not depend on the assistant: those of its own export are linked.
+        # Trying several drafts for one main model (or a draft's report) then exports the draft alone.
+        alone = export_artefacts(ExportRequest(main=request.main, precision=request.precision))
+        _link_tree(alone / "main", out / "main")
+        _link_tree(alone, out, [backend_facts.KV_WRITER_FILE])
         assistant = assistant.to(dtype)
         (out / "assistant").mkdir()
         full = form == "full"
@@ -167,9 +176,6 @@ def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, f
             trimmed=draft_vocabulary(assistant_ckpt) is not None,
         )
 
-    steps.append(
-        ("KV cache writer", lambda: onnx_export.export_kv_writer(out / backend_facts.KV_WRITER_FILE, np_dtype))
-    )
     for name, step in (bar := tqdm(steps, desc="ONNX export", unit="graph")):
         bar.set_postfix_str(name)
         step()
@@ -238,9 +244,10 @@ def _quantize_assistant(artefacts: Path, out: Path) -> None:
     shutil.rmtree(work)
 
 
-def _link_tree(source: Path, target: Path) -> None:
-    """Hard-link (or copy, across file systems) ``source`` into ``target``: ONNX files are large."""
-    for path in source.rglob("*"):
+def _link_tree(source: Path, target: Path, names: Sequence[str] = ()) -> None:
+    """Hard-link (or copy, across file systems) ``source`` into ``target``, or only the files
+    ``names`` directly in it: ONNX files are large."""
+    for path in (source / name for name in names) if names else source.rglob("*"):
         dest = target / path.relative_to(source)
         if path.is_dir():
             dest.mkdir(parents=True, exist_ok=True)
