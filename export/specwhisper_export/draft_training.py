@@ -55,7 +55,7 @@ from specwhisper_export import draft_data
 from specwhisper_export.cut import cut_decoder_only
 from specwhisper_export.draft_data import CorpusOptions, DraftData, Target
 from specwhisper_export.graphs import CrossKVGraph, DecoderGraph
-from specwhisper_export.heap import keep_freed_memory
+from specwhisper_export.heap import freed_memory_kept
 from specwhisper_export.presets import load_whisper, resolve_checkpoint
 from specwhisper_export.repository import DRAFT_VOCAB_FILE, ExportRequest, export_artefacts
 
@@ -661,21 +661,21 @@ TRAINING_VERSION = 2
 def train_draft(main: str, options: DraftTrainingOptions, out: Path) -> dict:
     """Train a draft for ``main`` and save it in ``out``; returns what was recorded in draft_training.json."""
     torch.set_num_threads(options.threads)
-    keep_freed_memory()
     started = time.perf_counter()
-    data = draft_data.draft_data(options.corpus, main)
-    data_seconds = time.perf_counter() - started
-    model, processor = load_whisper(main)
-    train_targets = data.split("train")
-    eot = model.config.eos_token_id
-    lexicon = prose_lexicon(processor.tokenizer, options.corpus.languages, options.vocab_prose_min_count)
-    token_ids = draft_vocabulary(
-        train_targets, model.config.vocab_size, eot, options.vocab_rank_floor, options.vocab_teacher_top_k, lexicon
-    )
-    draft = TrimmedDraft.from_main(model, options.layers, token_ids, options.train_head)
-    main_hidden = main_hidden_states(model, data, train_targets)
-    del model
-    losses = train(draft, data, main_hidden, options)
+    with freed_memory_kept():
+        data = draft_data.draft_data(options.corpus, main)
+        data_seconds = time.perf_counter() - started
+        model, processor = load_whisper(main)
+        train_targets = data.split("train")
+        eot = model.config.eos_token_id
+        lexicon = prose_lexicon(processor.tokenizer, options.corpus.languages, options.vocab_prose_min_count)
+        token_ids = draft_vocabulary(
+            train_targets, model.config.vocab_size, eot, options.vocab_rank_floor, options.vocab_teacher_top_k, lexicon
+        )
+        draft = TrimmedDraft.from_main(model, options.layers, token_ids, options.train_head)
+        main_hidden = main_hidden_states(model, data, train_targets)
+        del model
+        losses = train(draft, data, main_hidden, options)
     draft.save(out, processor)
     record = {
         "main": main,

@@ -1,4 +1,4 @@
-"""Keep freed memory in the process for CPU training (glibc only).
+"""Keep freed memory in the process while a draft trains on the CPU (glibc only).
 
 PyTorch's CPU allocator asks malloc for every tensor and frees it when the step is done. glibc maps
 any block above its mmap threshold (32 MB at most) afresh and returns it on free, so every training
@@ -13,24 +13,33 @@ from __future__ import annotations
 import ctypes
 import logging
 import platform
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 log = logging.getLogger(__name__)
 
-# mallopt parameters (malloc.h)
+# mallopt parameters (malloc.h) and glibc's initial values for them
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_THRESHOLD = -3
+_DEFAULT_THRESHOLD = 128 * 1024
 
 
-def keep_freed_memory(mmap_threshold: int = 1 << 30) -> bool:
-    """Serve blocks below ``mmap_threshold`` bytes from the heap and never trim it: the process keeps
-    its peak memory until it exits. Whether glibc took the settings (False elsewhere)."""
-    if platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (OSError, AttributeError):
-        return False
-    taken = bool(mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
+@contextmanager
+def freed_memory_kept(mmap_threshold: int = 1 << 30) -> Iterator[bool]:
+    """Within: blocks below ``mmap_threshold`` bytes come from the heap, which is never trimmed, so
+    freed memory is reused without faulting it in again. On exit the thresholds go back to glibc's
+    initial values and the heap is trimmed: the memory goes back to the system, as a process that
+    goes on serving expects. Yields whether glibc took the settings (False elsewhere)."""
+    libc = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None
+    if libc is None or not hasattr(libc, "mallopt"):
+        yield False
+        return
+    taken = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     if not taken:
         log.warning("glibc refused the malloc settings: training keeps faulting in its large tensors")
-    return taken
+    try:
+        yield taken
+    finally:
+        libc.mallopt(_M_MMAP_THRESHOLD, _DEFAULT_THRESHOLD)
+        libc.mallopt(_M_TRIM_THRESHOLD, _DEFAULT_THRESHOLD)
+        libc.malloc_trim(0)
