@@ -28,12 +28,13 @@ _DEFAULT_THRESHOLD = 128 * 1024
 def freed_memory_kept(mmap_threshold: int = 1 << 30) -> Iterator[bool]:
     """Within: blocks below ``mmap_threshold`` bytes come from the heap, which is never trimmed, so
     freed memory is reused without faulting it in again. On exit the thresholds go back to glibc's
-    initial values and the heap is trimmed: the memory goes back to the system, as a process that
-    goes on serving expects. Yields whether glibc took the settings (False elsewhere)."""
-    libc = ctypes.CDLL(None) if platform.libc_ver()[0] == "glibc" else None
-    if libc is None or not hasattr(libc, "mallopt"):
+    initial values (set explicitly, so glibc no longer raises them by itself) and the heap is trimmed:
+    the memory goes back to the system, as a process that goes on serving expects. Yields whether
+    glibc took the settings (False elsewhere)."""
+    if platform.libc_ver()[0] != "glibc":
         yield False
         return
+    libc = ctypes.CDLL(None)
     taken = bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_TRIM_THRESHOLD, 2**31 - 1))
     if not taken:
         log.warning("glibc refused the malloc settings: training keeps faulting in its large tensors")
