@@ -1,5 +1,5 @@
 # The two commands a newcomer needs. Both install what they use.
-.PHONY: setup demo test lint
+.PHONY: setup demo test test-fast lint
 
 setup:
 	bash .ci/setup
@@ -10,6 +10,11 @@ demo: setup
 test: setup
 	.venv/bin/ruff check .
 	.venv/bin/python -m pytest -ra
+
+# Everything that needs no real weights (the engine on a toy export, model.py, requests, graphs).
+test-fast: setup
+	.venv/bin/ruff check .
+	.venv/bin/python -m pytest -ra -m "not slow"
 
 lint: setup
 	.venv/bin/ruff check .

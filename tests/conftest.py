@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
-from specwhisper_export import asterisk
 from specwhisper_export.cut import cached_cut
-from specwhisper_export.draft_training import draft_checkpoint
 from specwhisper_export.presets import load_whisper
 from specwhisper_export.repository import ExportRequest, export_artefacts
+from specwhisper_export.shipped import shipped_draft
+from specwhisper_training import asterisk
 from tests.support import clips, hf_greedy
+from tests.toy_model import write_toy_export
 
 # Layers of base (6 encoder, 6 decoder) kept by the test assistants: correctness must hold
 # whatever they propose, so they need not be good drafts.
@@ -40,8 +43,8 @@ def full_cut() -> str:
 
 @pytest.fixture(scope="session")
 def trained_draft() -> str:
-    """base's own trained draft (the product's default assistant; trained once, ~20 min, then cached)."""
-    return str(draft_checkpoint("base"))
+    """base's trained draft as it ships with the project: the product's default assistant."""
+    return str(shipped_draft("base"))
 
 
 @pytest.fixture(scope="session")
@@ -85,3 +88,10 @@ def hf_greedy_base(base, english_clips) -> dict[str, list[int]]:
     """transformers' own greedy tokens of base (no timestamps) for each English clip, computed once."""
     model, processor = base
     return {prompt.name: hf_greedy(model, processor, audio, "en") for prompt, audio in english_clips}
+
+
+@pytest.fixture(scope="session")
+def toy_export(tmp_path_factory) -> Path:
+    """A toy Whisper (random weights, Whisper's token layout) and a draft that mostly agrees with it,
+    exported through the real graphs: the engine end to end without real weights."""
+    return write_toy_export(tmp_path_factory.mktemp("toy") / "1")

@@ -5,12 +5,13 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from specwhisper_export import asterisk
+from specwhisper_backend.features import SAMPLE_RATE
+from specwhisper_training import asterisk
 
 
 def hf_greedy(model, processor, audio: np.ndarray, language: str | None) -> list[int]:
     """transformers ``generate``, greedy, no timestamps: the reference the ONNX paths must equal."""
-    features = processor.feature_extractor(audio, sampling_rate=16_000, return_tensors="pt").input_features
+    features = processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
     kwargs = {"language": language, "task": "transcribe"} if model.generation_config.is_multilingual else {}
     with torch.no_grad():
         sequence = model.generate(features, return_timestamps=False, **kwargs)[0].tolist()

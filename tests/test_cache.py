@@ -7,7 +7,7 @@ import time
 
 import pytest
 
-from specwhisper_backend import cache
+from specwhisper_export import cache
 
 
 @pytest.fixture(autouse=True)

@@ -1,91 +1,268 @@
-"""The draft/verify loop on scripted decoders: identity with plain greedy whatever the draft does."""
+"""The batched draft/verify loop on scripted decoders: every row's output is its own plain output
+(greedy, or sampled for its seed), whatever the draft proposes, whoever else is in the batch,
+whenever rows join and leave."""
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specwhisper_backend.decoding import accept, decode_window
-from specwhisper_backend.drafting import Drafter, DraftPolicy
-from specwhisper_backend.logit_filters import ApplyTimestampRules, SuppressAtBegin, SuppressTokens, select
+from specwhisper_backend.decoding import BatchDecoder, Window, keep_tokens
+from specwhisper_backend.drafting import DraftPolicy, Drafts, Proposal, RowDraft, propose, tempered, timed_propose
+from specwhisper_backend.facts import DecoderFacts, ModelFacts, SpecialTokens
+from specwhisper_backend.load_policy import StepCosts, choose_cap, expected_tokens
+from specwhisper_backend.logit_filters import (
+    ApplyTimestampRules,
+    LogitFilter,
+    SuppressAtBegin,
+    SuppressTokens,
+    filtered,
+    select,
+)
+from specwhisper_backend.sampling import PositionNoise, choose
 from specwhisper_backend.stats import DecodeStats
 
 VOCAB, EOT = 64, 30  # ids 40+ play the timestamps in TestTimestampRules, as in Whisper after <|endoftext|>
+SOT, LANGUAGES = 31, {"en": 32, "es": 33, "fr": 34}
+TOKENS = SpecialTokens(
+    sot=SOT, eot=EOT, transcribe=35, translate=36, no_timestamps=37, timestamp_begin=40, sot_prev=38, no_speech=39
+)
 
 
-class ScriptedDecoder:
-    """Stands in for a DecoderSession: logits are a pure function of the prefix it has consumed.
+def facts(max_length: int = 448) -> ModelFacts:
+    decoder = DecoderFacts(layers=1, heads=1, head_dim=4, cross_kv_file="", decoder_file="")
+    return ModelFacts(
+        n_mels=80,
+        n_audio_ctx=1500,
+        n_text_ctx=max_length,
+        vocab_size=VOCAB,
+        is_multilingual=True,
+        tokens=TOKENS,
+        languages=LANGUAGES,
+        suppress_tokens=(),
+        begin_suppress_tokens=(EOT,),
+        max_initial_timestamp_index=50,
+        main=decoder,
+        assistant=decoder,
+        assistant_form="decoder_only",
+    )
 
-    ``mistakes`` marks prefix lengths at which this decoder prefers another token than the true
-    model, so a draft built from it disagrees there. ``seconds_per_call`` makes each forward take
-    that long, for tests of the wall-clock fallback judge (otherwise timing is all noise).
-    ``sharpness`` scales the logits without moving their argmax: at 1 the top token's probability
-    is about 0.1 (64 ids), at 10 close to 1, so it sets how sure a draft is of its tokens.
-    """
 
-    def __init__(
-        self,
-        text_length: int,
-        seed: int = 0,
-        mistakes: frozenset[int] = frozenset(),
-        seconds_per_call: float = 0.0,
-        sharpness: float = 1.0,
-    ) -> None:
-        self.text_length, self.seed, self.mistakes = text_length, seed, mistakes
-        self.seconds_per_call, self.sharpness = seconds_per_call, sharpness
-        self.history: list[int] = []
-        self.calls = 0
-        self.started_on: tuple[int, ...] | None = None  # the shape of the states last started on
+def scripted_logits(seed: int, prefix: list[int], text_length: int, sharpness: float = 1.0) -> np.ndarray:
+    """The main model: logits that are a pure function of a row's audio (``seed``) and its prefix;
+    the text ends after ``text_length`` tokens. ``sharpness`` scales them without moving the argmax:
+    at 1 the top token's probability is about 0.1 (64 ids), at 10 close to 1."""
+    rng = np.random.default_rng([seed, *prefix])
+    logits = (rng.normal(size=VOCAB) * sharpness).astype(np.float32)
+    logits[[SOT, *LANGUAGES.values()]] -= 5.0  # never chosen, but language detection still reads them
+    if len(prefix) >= text_length:
+        logits[EOT] = 100.0
+    return logits
+
+
+class ScriptedSession:
+    """Stands in for a DecoderSession over a batch. A row's audio is a seed its encoder states carry
+    (``states[row, 0, 0]``) and its text length another (``states[row, 0, 1]``); ``mistakes`` are
+    (seed, prefix length) pairs at which this decoder prefers another token than the main model, so a
+    draft made from it disagrees there."""
+
+    def __init__(self, mistakes: frozenset[tuple[int, int]] = frozenset(), sharpness: float = 1.0) -> None:
+        self.mistakes, self.sharpness = mistakes, sharpness
+        self.rows: list[tuple[int, int]] = []  # (seed, text length)
+        self.history: list[list[int]] = []
+        self.frames: list[int] = []
+        self.passes = 0
 
     @property
     def lengths(self) -> np.ndarray:
-        return np.asarray([len(self.history)])
+        return np.asarray([len(h) for h in self.history], dtype=np.int64)
 
-    def start(self, states: np.ndarray | None = None) -> None:
-        self.history = []
-        self.started_on = None if states is None else states.shape
+    @property
+    def batch_size(self) -> int:
+        return len(self.rows)
 
-    def _logits(self, prefix: list[int]) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, *prefix])
-        logits = (rng.normal(size=VOCAB) * self.sharpness).astype(np.float32)
-        if len(prefix) >= self.text_length:
-            logits[EOT] = 100.0
-        if len(prefix) in self.mistakes:
+    def start(self, states: np.ndarray, frames: int | None = None) -> None:
+        self.rows, self.history, self.frames = [], [], []
+        self.add_rows(states, frames)
+
+    def add_rows(self, states: np.ndarray, frames: int | None = None) -> None:
+        for row in states:
+            self.rows.append((int(row[0, 0]), int(row[0, 1])))
+            self.history.append([])
+            self.frames.append(states.shape[1] if frames is None else frames)
+
+    def keep_rows(self, order) -> None:
+        assert all(row >= slot for slot, row in enumerate(order)), "rows move only into earlier slots"
+        self.rows = [self.rows[i] for i in order]
+        self.history = [self.history[i] for i in order]
+        self.frames = [self.frames[i] for i in order]
+
+    def logits(self, row: int) -> np.ndarray:
+        (seed, length), prefix = self.rows[row], self.history[row]
+        logits = scripted_logits(seed, prefix, length, self.sharpness)
+        if (seed, len(prefix)) in self.mistakes:
             logits[(int(logits.argmax()) + 1) % VOCAB] = 1000.0
         return logits
 
     def forward(self, tokens: np.ndarray, counts=None) -> np.ndarray:
-        self.calls += 1
-        time.sleep(self.seconds_per_call)
-        out = []
-        for token in tokens[0].tolist():
-            self.history.append(token)
-            out.append(self._logits(self.history))
-        return np.stack(out)[None]
+        assert tokens.shape[0] == self.batch_size
+        counts = np.full(len(tokens), tokens.shape[1]) if counts is None else counts
+        self.passes += 1
+        out = np.zeros((*tokens.shape, VOCAB), dtype=np.float32)
+        for row, count in enumerate(counts):
+            for position in range(count):
+                self.history[row].append(int(tokens[row, position]))
+                out[row, position] = self.logits(row)
+        return out
 
-    def truncate(self, lengths: np.ndarray) -> None:
-        assert lengths[0] <= len(self.history)
-        self.history = self.history[: int(lengths[0])]
-
-
-def _run(main: ScriptedDecoder, prompt, filters, drafter=None, max_length=448) -> tuple[list[int], DecodeStats]:
-    stats = DecodeStats()
-    main.start()
-    if drafter:
-        drafter.start_window(np.zeros((1, 1500, 1)), 1500)
-    result = decode_window(main, prompt, filters, EOT, max_length, stats, drafter)
-    return result.tokens, stats
+    def truncate(self, lengths) -> None:
+        for row, length in enumerate(lengths):
+            assert length <= len(self.history[row]), "truncate can only move lengths back"
+            self.history[row] = self.history[row][: int(length)]
 
 
-def test_accept_counts_common_prefix():
-    assert accept([5, 6, 7], [5, 6, 7, 8]) == 3
-    assert accept([5, 6, 7], [5, 9]) == 1
-    assert accept([5], [4]) == 0
-    assert accept([], [3]) == 0
+def greedy_alone(
+    seed: int,
+    text_length: int,
+    prompt: list[int],
+    filters: list[LogitFilter],
+    max_length: int,
+    temperature: float = 0.0,
+    noise: PositionNoise | None = None,
+):
+    """Plain decoding of one row, a token a pass, by hand: the reference (a window decodes at least
+    one token); sampled above temperature 0."""
+    tokens = list(prompt)
+    while True:
+        scores = filtered(scripted_logits(seed, tokens, text_length), tokens, filters)
+        token = choose(scores, temperature, noise, len(tokens))
+        if token == EOT:
+            break
+        tokens.append(token)
+        if len(tokens) >= max_length:
+            break
+    return tokens[len(prompt) :]
+
+
+def detect_alone(seed: int, text_length: int) -> str:
+    scores = scripted_logits(seed, [SOT], text_length)
+    return max(LANGUAGES, key=lambda code: scores[LANGUAGES[code]])
+
+
+def prompt_for(language: str, extra: int) -> list[int]:
+    return [SOT, LANGUAGES[language], 35, *range(50, 50 + extra)]
+
+
+def rules(prompt_length: int) -> list[LogitFilter]:
+    return [SuppressTokens([3, 4]), SuppressAtBegin([EOT], prompt_length)]
+
+
+def window(
+    seed: int,
+    text_length: int,
+    language: str | None,
+    extra: int,
+    drafting: RowDraft | None,
+    temperature: float = 0.0,
+) -> Window:
+    states = np.zeros((1, 1500, 4), np.float32)
+    states[0, 0, :2] = seed, text_length
+    return Window(
+        states=states,
+        audio_frames=400,
+        language=language,
+        prompt=lambda code: prompt_for(code, extra),
+        filters=rules,
+        stats=DecodeStats(),
+        drafting=drafting,
+        draft_states=states if drafting else None,
+        temperature=temperature,
+        noise=_noise(seed) if temperature else None,
+    )
+
+
+def _noise(seed: int) -> PositionNoise:
+    return PositionNoise((seed, 7), VOCAB)
+
+
+def flat_costs(main_per_token: float = 0.0, draft: float = 0.1) -> StepCosts:
+    """Costs to script a machine: a main pass costs 1 plus ``main_per_token`` per row and token."""
+    rows, tokens = (1, 2, 4, 8, 16), (1, 2, 3, 5, 9, 17)
+    main = np.asarray([[1.0 + main_per_token * r * t for t in tokens] for r in rows])
+    return StepCosts(rows, tokens, main, np.asarray([draft] * len(rows)))
+
+
+def run(decoder: BatchDecoder, arrivals: list[tuple[int, Window]]) -> dict[int, list[int]]:
+    """Join each window at its step (an index), step until every row has left; results by arrival."""
+    results: dict[int, list[int]] = {}
+    pending = sorted(enumerate(arrivals), key=lambda item: item[1][0])
+    step = 0
+    while pending or decoder.rows:
+        while pending and pending[0][1][0] <= step:
+            index, (_, joining) = pending.pop(0)
+            decoder.join(joining, index)
+        if decoder.rows:
+            for owner, result in decoder.step():
+                results[owner] = result.tokens
+        step += 1
+    return results
+
+
+def _peaked(*tops: int) -> np.ndarray:
+    """Logits for each position, ``tops[i]`` the likeliest at position ``i``."""
+    scores = np.zeros((len(tops), VOCAB), dtype=np.float32)
+    for i, top in enumerate(tops):
+        scores[i, top] = 5.0
+    return scores
+
+
+def test_greedy_keeps_the_agreeing_drafts_then_the_main_models_choice():
+    scores = _peaked(5, 6, 7, 8)
+    assert keep_tokens(scores, [1], Drafts([5, 6, 7]), [], 0.0, None)[0] == [5, 6, 7, 8]
+    assert keep_tokens(scores, [1], Drafts([5, 9, 7]), [], 0.0, None)[0] == [5, 6]
+    assert keep_tokens(scores, [1], Drafts([4]), [], 0.0, None)[0] == [5]
+    kept, logprobs = keep_tokens(scores[:1], [1], Drafts([]), [SuppressTokens([5])], 0.0, None)
+    assert kept != [5], "filters apply before the choice"
+    assert logprobs[0] == pytest.approx(-np.log(VOCAB - 1)), "log-probability under the filters"
+
+
+@pytest.mark.parametrize("drafts_per_round", [1, 3])
+def test_sampled_rounds_draw_from_the_main_models_distribution(drafts_per_round):
+    """Whatever the draft's distribution, the tokens kept follow the main model's: two tokens
+    generated by rounds of drafts sampled with the same noise, over many seeds, against ``p x p``
+    (chi-square)."""
+    from scipy.stats import chisquare
+
+    vocab, temperature = 6, 0.7
+    main = np.log(np.array([0.30, 0.25, 0.2, 0.15, 0.07, 0.03]))
+    draft = np.log(np.array([0.05, 0.1, 0.15, 0.2, 0.2, 0.3]))  # a bad draft
+    p = tempered(main, temperature)
+    counts = np.zeros((vocab, vocab))
+    for seed in range(12_000):
+        noise = PositionNoise((seed,), vocab)
+        tokens: list[int] = []
+        while len(tokens) < 2:
+            proposed = Drafts([])
+            for _ in range(drafts_per_round):
+                proposed.tokens.append(choose(draft, temperature, noise, len(tokens) + len(proposed.tokens)))
+            scores = np.tile(main, (drafts_per_round + 1, 1))
+            kept, _ = keep_tokens(scores, tokens, proposed, [], temperature, noise)
+            tokens += kept
+        counts[tokens[0], tokens[1]] += 1
+    expected = np.outer(p, p).ravel() * counts.sum()
+    assert chisquare(counts.ravel(), expected).pvalue > 0.001
+
+
+def test_sampling_reads_the_same_noise_at_a_position_whoever_reads_it():
+    noise = PositionNoise((3, 0, 1), 51865)
+    assert noise.at(5) is noise.at(5)
+    assert np.array_equal(noise.at(5), PositionNoise((3, 0, 1), 51865).at(5))
+    assert not np.array_equal(noise.at(5), noise.at(6))
+    assert not np.array_equal(noise.at(5), PositionNoise((4, 0, 1), 51865).at(5))
+    with pytest.raises(ValueError, match="needs noise"):
+        choose(np.zeros(4), 0.5, None, 0)
 
 
 def test_select_applies_filters_before_argmax():
@@ -97,105 +274,166 @@ def test_select_applies_filters_before_argmax():
     assert logits[7] == 5.0, "select must not edit the caller's logits"
 
 
-def test_perfect_draft_is_accepted_and_saves_passes():
-    prompt = [60, 61, 62]
-    plain, plain_stats = _run(ScriptedDecoder(40), prompt, [])
-    drafter = Drafter(ScriptedDecoder(40, sharpness=10), EOT, DraftPolicy(start=4, maximum=8))
-    fast, stats = _run(ScriptedDecoder(40), prompt, [], drafter)
-    assert fast == plain
-    assert stats.acceptance_rate == 1.0
-    assert stats.main_passes < plain_stats.main_passes / 3
+def test_a_draft_that_always_agrees_is_accepted_and_saves_passes():
+    policy = DraftPolicy(start=4, maximum=8, cost_aware=False)
+    plain = BatchDecoder(facts(), ScriptedSession(), None, policy)
+    (plain_tokens,) = run(plain, [(0, w := window(7, 40, "en", 0, None))]).values()
+    fast = BatchDecoder(facts(), ScriptedSession(), ScriptedSession(sharpness=10), policy)
+    (fast_tokens,) = run(fast, [(0, v := window(7, 40, "en", 0, RowDraft(policy)))]).values()
+    assert fast_tokens == plain_tokens == greedy_alone(7, 40, prompt_for("en", 0), rules(3), 448)
+    assert v.stats.acceptance_rate == 1.0
+    assert v.stats.main_passes < w.stats.main_passes / 3
 
 
-@settings(max_examples=60, deadline=None)
-@given(
-    text_length=st.integers(1, 60),
-    seed=st.integers(0, 1000),
-    mistakes=st.frozensets(st.integers(0, 70), max_size=25),
-    start=st.integers(1, 8),
-    max_length=st.integers(5, 80),
-    sharpness=st.sampled_from([1.0, 10.0]),
-    confidence=st.sampled_from([0.0, 0.3, 0.9]),
+row_strategy = st.tuples(
+    st.integers(0, 12),  # the step it joins at
+    st.integers(0, 10_000),  # its audio (seed)
+    st.integers(1, 50),  # its text length
+    st.sampled_from([None, "en", "es"]),  # given language, or detect it
+    st.integers(0, 20),  # extra prompt tokens (previous text): spread over prefill steps
+    st.booleans(),  # speculative
+    st.frozensets(st.integers(0, 80), max_size=20),  # where its draft disagrees (prefix lengths)
+    st.sampled_from([0.0, 0.0, 0.6]),  # temperature: greedy, or sampled (a fallback)
 )
-def test_any_draft_gives_plain_greedy_output(text_length, seed, mistakes, start, max_length, sharpness, confidence):
-    prompt = [60, 61, 62]
-    filters = [SuppressTokens([3, 4]), SuppressAtBegin([EOT], len(prompt))]
-    plain, _ = _run(ScriptedDecoder(text_length, seed), prompt, filters, max_length=max_length)
-    policy = DraftPolicy(start=start, maximum=8, confidence=confidence)
-    drafter = Drafter(ScriptedDecoder(text_length, seed, mistakes, sharpness=sharpness), EOT, policy)
-    fast, stats = _run(ScriptedDecoder(text_length, seed), prompt, filters, drafter, max_length=max_length)
-    assert fast == plain
-    assert len(prompt) + len(plain) <= max_length
-    assert stats.tokens_out >= len(plain)
 
 
-def test_unrelated_draft_falls_back_to_plain_decoding():
-    """A draft that never agrees, costing half a main step: each round yields one token for over
-    1.5 main steps, so the judge stops drafting after its first rounds."""
-    prompt = [60]
-    draft = ScriptedDecoder(200, seed=99, seconds_per_call=0.003)
-    drafter = Drafter(draft, EOT, DraftPolicy(start=3, judge_after_rounds=4))
-    tokens, stats = _run(ScriptedDecoder(200, seed=1, seconds_per_call=0.006), prompt, [], drafter)
-    assert stats.fallback_windows == 1
-    assert not drafter.active
-    assert stats.tokens_drafted < 20, "drafting should stop once it does not pay"
-    assert tokens == _run(ScriptedDecoder(200, seed=1), prompt, [])[0]
+@settings(max_examples=80, deadline=None)
+@given(
+    rows=st.lists(row_strategy, min_size=1, max_size=7),
+    max_length=st.integers(12, 90),
+    start=st.integers(1, 8),
+    confidence=st.sampled_from([0.0, 0.3, 0.9]),
+    costs=st.sampled_from([None, flat_costs(0.0), flat_costs(0.5), flat_costs(0.01, draft=0.02)]),
+)
+def test_every_row_gets_its_own_plain_output(rows, max_length, start, confidence, costs):
+    policy = DraftPolicy(start=start, maximum=8, confidence=confidence, cost_aware=costs is not None)
+    mistakes = frozenset((seed, at) for _, seed, _, _, _, _, wrong, _ in rows for at in wrong)
+    decoder = BatchDecoder(facts(max_length), ScriptedSession(), ScriptedSession(mistakes, sharpness=3), policy, costs)
+    arrivals = [
+        (step, window(seed, length, language, extra, RowDraft(policy) if speculative else None, temperature))
+        for step, seed, length, language, extra, speculative, _, temperature in rows
+    ]
+    results = run(decoder, arrivals)
+    for index, (_, seed, length, language, extra, _, _, temperature) in enumerate(rows):
+        prompt = prompt_for(language or detect_alone(seed, length), extra)
+        noise = _noise(seed) if temperature else None
+        alone = greedy_alone(seed, length, prompt, rules(len(prompt)), max_length, temperature, noise)
+        assert results[index] == alone, index
+    assert not decoder.rows and not decoder.drafting and decoder.main.batch_size == 0
+    assert decoder.draft.batch_size == 0
 
 
-def test_draft_reads_the_windows_audio_and_a_margin_of_encoder_frames():
-    drafter = Drafter(ScriptedDecoder(10), EOT, DraftPolicy(frames_after_audio=50))
-    drafter.start_window(np.zeros((1, 1500, 4), np.float32), audio_frames=200)
-    assert drafter.session.started_on == (1, 250, 4)
-    drafter.start_window(np.zeros((1, 1500, 4), np.float32), audio_frames=1490)
-    assert drafter.session.started_on == (1, 1500, 4)
+def test_rows_in_a_batch_share_passes():
+    policy = DraftPolicy(cost_aware=False)
+    decoder = BatchDecoder(facts(), ScriptedSession(), None, policy)
+    windows = [window(seed, 30, "en", 0, None) for seed in range(4)]
+    run(decoder, [(0, w) for w in windows])
+    # A prompt of 3 and a text that ends after 30 tokens in all: one prefill pass, 27 tokens, the end.
+    assert decoder.main.passes == max(w.stats.main_passes for w in windows) == 29
+    assert all(w.stats.rows_per_step == 4 for w in windows)
+
+
+def test_the_draft_reads_the_audio_and_a_margin_and_the_batch_its_longest_row():
+    policy = DraftPolicy(frames_after_audio=50, cost_aware=False)
+    draft = ScriptedSession()
+    decoder = BatchDecoder(facts(), ScriptedSession(), draft, policy)
+    first, second = window(1, 5, "en", 0, RowDraft(policy)), window(2, 5, "en", 0, RowDraft(policy))
+    second.audio_frames = 1490
+    decoder.join(first, 0)
+    decoder.join(second, 1)
+    assert draft.frames == [450, 1500]
     with pytest.raises(ValueError, match="frames_after_audio"):
         DraftPolicy(frames_after_audio=-1)
 
 
 def test_draft_length_adapts():
-    drafter = Drafter(ScriptedDecoder(10), EOT, DraftPolicy(start=4, minimum=2, maximum=9, confidence=0))
-    drafter.session.start()
-    stats = DecodeStats()
-    assert drafter.propose([1, 2], 4, [], stats) == [], "a window's first round is a plain, measuring step"
-    drafter.update(0, 0, 0.01, stats)
-    assert len(drafter.propose([1, 2], 4, [], stats)) == 4
-    drafter.update(4, 4, 0.01, stats)
-    assert drafter.draft_length == 6
-    drafter.propose([1, 2, 3, 4, 5, 6, 7], 6, [], stats)
-    drafter.update(1, 6, 0.01, stats)
-    assert drafter.draft_length == 5
-    assert drafter.session.lengths[0] == 7 + 1, "cache keeps the text plus the accepted draft"
+    drafting = RowDraft(DraftPolicy(start=4, minimum=2, maximum=9))
+    drafting.update(4, 4)
+    assert drafting.length == 6
+    drafting.update(1, 6)
+    assert drafting.length == 5
+    for _ in range(5):
+        drafting.update(0, 5)
+    assert drafting.length == 2
+    high = drafting.acceptance
+    drafting.update(2, 2)
+    assert drafting.acceptance > high
+    drafting.proposed_after = 7
+    assert drafting.kept_after(accepted=1, drafted=6) == 8, "the cache keeps the text and the accepted draft"
+    assert drafting.kept_after(accepted=6, drafted=6) == 12, "the last draft was never fed"
 
 
-def test_unsure_draft_ends_its_round():
+def _proposals(sharpness: float, confidence: float, filters=()) -> list[int]:
+    session = ScriptedSession(sharpness=sharpness)
+    session.start(window(1, 40, "en", 0, None).states)
+    (drafts,) = propose(session, [Proposal(0, [1, 2], 6, list(filters))], EOT, confidence)
+    return drafts.tokens
+
+
+def test_an_unsure_draft_ends_its_round():
     """A draft token below the policy's confidence is proposed, and drafting stops after it: the
     drafts after an unsure one would be drafted and verified mostly in vain."""
-    stats = DecodeStats()
-
-    def proposals(sharpness: float, confidence: float) -> list[int]:
-        drafter = Drafter(ScriptedDecoder(40, sharpness=sharpness), EOT, DraftPolicy(start=6, confidence=confidence))
-        drafter.session.start()
-        drafter.propose([1, 2], 6, [], stats)  # a window's first round is a plain, measuring step
-        drafter.update(0, 0, 0.01, stats)
-        return drafter.propose([1, 2], 6, [], stats)
-
-    sure, unsure = proposals(sharpness=10, confidence=0.6), proposals(sharpness=1, confidence=0.6)
+    sure, unsure = _proposals(sharpness=10, confidence=0.6), _proposals(sharpness=1, confidence=0.6)
     assert len(sure) == 6, "a draft sure of its tokens drafts the whole round"
     assert unsure == sure[:1], "an unsure draft proposes its first token and stops"
-    assert proposals(sharpness=1, confidence=0) == sure, "confidence 0 never stops a round"
+    assert _proposals(sharpness=1, confidence=0) == sure, "confidence 0 never stops a round"
 
 
 def test_draft_confidence_is_taken_under_the_logit_filters():
     """Suppressing every id but the draft's two likeliest leaves it choosing between two: sure enough."""
-    logits = ScriptedDecoder(40)._logits([1, 2])
+    logits = scripted_logits(1, [1, 2], 40)
     two = np.argsort(logits)[-2:]
     others = SuppressTokens([i for i in range(VOCAB) if i not in two])
-    drafter = Drafter(ScriptedDecoder(40), EOT, DraftPolicy(confidence=0.45))
-    stats = DecodeStats()
-    drafter.session.start()
-    drafter.propose([1, 2], 3, [others], stats)
-    drafter.update(0, 0, 0.01, stats)
-    assert len(drafter.propose([1, 2], 3, [others], stats)) == 3
+    assert len(_proposals(sharpness=1, confidence=0.45, filters=[others])) >= 2
+
+
+def test_only_one_token_draft_passes_teach_the_draft_cost():
+    """A round's first draft pass also feeds what the row accepted since it last drafted; timed as a
+    draft pass, it would make drafting look dearer after every stretch of plain steps."""
+    session = ScriptedSession(sharpness=10)
+    session.start(window(1, 40, "en", 0, None).states)
+    (drafts,), timing = timed_propose(session, [Proposal(0, [1, 2, 3, 4], 3, [])], EOT, 0.0)
+    assert len(drafts.tokens) == 3 and (timing.passes, timing.step_passes) == (3, 2)
+    assert timing.step_seconds <= timing.seconds
+    session.start(window(1, 40, "en", 0, None).states)
+    (drafts,), timing = timed_propose(session, [Proposal(0, [1, 2, 3, 4, 5, 6], 1, [])], EOT, 0.0)
+    assert (timing.passes, timing.step_passes, timing.step_seconds) == (1, 0, 0.0), "a probe: no draft cost"
+    costs = flat_costs(0.1, draft=0.02)
+    costs.observe(4, 1, costs.main(4, 1), 8, 2, 2 * costs.draft(8))
+    assert costs.draft_scale == pytest.approx(1.0), "draft passes are costed over the draft session's rows"
+
+
+def test_expected_tokens_of_a_round():
+    assert expected_tokens(np.array([0.0]), np.array([4]))[0] == pytest.approx(1.0)
+    assert expected_tokens(np.array([0.5]), np.array([2]))[0] == pytest.approx(1 + 0.5 + 0.25)
+    assert expected_tokens(np.array([1.0]), np.array([3]))[0] == pytest.approx(4.0)
+
+
+def test_the_cap_follows_the_cost_of_verification():
+    """Launch-bound passes (a GPU's, or one row on a CPU) take long drafts; passes that cost in
+    proportion to their tokens (a CPU with many rows) take none; a draft nobody trusts, none."""
+    trusted = [0.8] * 8
+    assert choose_cap(flat_costs(0.0, draft=0.02), 8, 1, trusted, [8] * 8, 8) == 8
+    assert choose_cap(flat_costs(0.5), 8, 1, trusted, [8] * 8, 8) == 0
+    assert 1 <= choose_cap(flat_costs(0.05), 1, 1, [0.8], [8], 1) < 8
+    assert choose_cap(flat_costs(0.0, draft=0.5), 1, 1, [0.1], [8], 1) == 0
+    assert choose_cap(flat_costs(0.0), 4, 1, [], [], 0) == 0
+
+
+def test_a_prefilling_row_makes_drafting_cheap():
+    """When a row brings its prompt to the pass anyway, the other rows' drafts ride along for free."""
+    costs = flat_costs(0.3)
+    assert choose_cap(costs, 4, 1, [0.7] * 3, [6] * 3, 3) == 0
+    assert choose_cap(costs, 4, 7, [0.7] * 3, [6] * 3, 3) == 6
+
+
+def test_costs_follow_the_machine():
+    costs = flat_costs(0.1)
+    before = costs.main(4, 5)
+    for _ in range(200):
+        costs.observe(4, 5, 2 * before, 0, 0, 0.0)
+    assert costs.main(4, 5) == pytest.approx(2 * before, rel=0.01)
+    assert costs.main(32, 1) == pytest.approx(2 * costs.main(16, 1))
 
 
 def test_invalid_policy_is_refused():
@@ -203,6 +441,8 @@ def test_invalid_policy_is_refused():
         DraftPolicy(start=0)
     with pytest.raises(ValueError, match="confidence"):
         DraftPolicy(confidence=1.0)
+    with pytest.raises(ValueError, match="measured step costs"):
+        BatchDecoder(facts(), ScriptedSession(), ScriptedSession(), DraftPolicy(cost_aware=True))
 
 
 class TestTimestampRules:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import re
+import tomllib
 from pathlib import Path
 
 import yaml
@@ -21,6 +22,13 @@ def test_dockerfile_is_ngc_triton_with_cuda_onnxruntime():
     assert "--device gpu" in text and "--out /models" in text
     assert 'CMD ["tritonserver", "--model-repository=/models"' in text
     assert "not built by this project's ci" in text.lower()
+
+
+def test_dockerfile_copies_every_package_the_project_installs():
+    pyproject = tomllib.loads((DOCKER.parent / "pyproject.toml").read_text())
+    folders = pyproject["tool"]["setuptools"]["packages"]["find"]["where"]
+    copied = re.findall(r"^COPY (\S+) \1$", (DOCKER / "Dockerfile").read_text(), re.M)
+    assert set(folders) <= set(copied), set(folders) - set(copied)
 
 
 def test_compose_reserves_a_gpu_and_checks_health():

@@ -9,29 +9,28 @@ import platform
 import random
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
-from transformers import WhisperConfig, WhisperForCausalLM, WhisperForConditionalGeneration
+from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 
-from specwhisper_export import asterisk, draft_data, draft_training
-from specwhisper_export.draft_data import Clip, CorpusOptions, DraftData, Target, Window
-from specwhisper_export.draft_training import (
-    DraftTrainingOptions,
-    TrimmedDraft,
-    agreement,
-    coverage,
-    draft_vocabulary,
-    loss,
-    main_hidden_states,
-    make_batch,
-    tokens_per_pass,
-    train,
-)
+from specwhisper_backend.features import SAMPLE_RATE
 from specwhisper_export.repository import DRAFT_VOCAB_FILE
+from specwhisper_training import asterisk, vocabulary
+from specwhisper_training import cli as draft_cli
+from specwhisper_training import data as draft_data
+from specwhisper_training import train as draft_training
+from specwhisper_training.data import Clip, CorpusOptions, DraftData, Target, Window
+from specwhisper_training.evaluate import agreement, tokens_per_pass
+from specwhisper_training.model import TrimmedDraft, loss, make_batch
+from specwhisper_training.options import DraftTrainingOptions
+from specwhisper_training.train import main_hidden_states, train
+from specwhisper_training.vocabulary import coverage, draft_vocabulary
+from tests.toy_model import tiny_config
 
 VOCAB, EOT, WIDTH, FRAMES = 300, 250, 64, 40  # ids >= EOT play the specials
 
@@ -49,10 +48,42 @@ def test_options_refuse_what_cannot_train():
         DraftTrainingOptions(ema_decay=1.0)
     with pytest.raises(ValueError):
         CorpusOptions(min_seconds=20, max_seconds=10)
-    with pytest.raises(ValueError):
-        CorpusOptions(languages=("de",))
+    with pytest.raises(ValueError, match="no built-in speech for \\['xx'\\]"):
+        CorpusOptions(languages=("de", "xx"))
     with pytest.raises(ValueError, match="training_forms"):
         CorpusOptions(training_forms=5)
+
+
+def test_the_command_trains_the_preset_or_the_multilingual_corpus_with_overrides():
+    def corpus(*argv: str) -> CorpusOptions:
+        return draft_cli.options_from(draft_cli.build_parser().parse_args(list(argv))).corpus
+
+    assert corpus() == replace(DraftTrainingOptions().corpus, seed=0)
+    multilingual = corpus("--multilingual")
+    assert multilingual.languages == draft_data.MULTILINGUAL and multilingual.catalog_windows == 12
+    fewer = corpus("--multilingual", "--languages", "de", "it", "--catalog-windows", "3")
+    assert fewer.languages == ("de", "it") and fewer.catalog_windows == 3 and fewer.fortune_windows == 16
+
+
+def test_program_messages_give_clean_sentences_in_every_language():
+    """The gettext catalogs of the system's programs: text in each of Whisper's twenty largest
+    languages, without format codes or menu markers."""
+    for language in draft_data.MULTILINGUAL:
+        texts = draft_data.catalog_texts(language)
+        assert len(texts) >= 50, f"{language}: {len(texts)} messages"
+        assert not any("%s" in text or "%d" in text or "\n" in text for text in texts), language
+    train, held = draft_data.split_texts([f"t{i}" for i in range(10)], every=5)
+    assert held == ["t4", "t9"] and set(train).isdisjoint(held) and len(train) == 8
+
+
+def test_training_batches_take_the_languages_in_turn():
+    windows = {"en": list(range(0, 30)), "de": [100, 101], "ko": [200, 201, 202]}
+    batches = draft_training.balanced_batches(windows, 4, random.Random(0))
+    seen = [next(batches) for _ in range(30)]
+    languages = [w // 100 for batch in seen for w in batch]
+    assert {language: languages.count(language) for language in (0, 1, 2)} == {0: 40, 1: 40, 2: 40}
+    english = [w for batch in seen for w in batch if w < 100]
+    assert sorted(english[:30]) == list(range(30)), "each pass goes through every window once"
 
 
 def test_every_nth_file_per_language_is_held_out_and_never_trains():
@@ -79,8 +110,8 @@ def test_windows_concatenate_distinct_clips_of_one_pool_within_bounds():
     assert len(made) == 20
     for names, audio in made:
         assert len(set(names)) == len(names) and set(names) <= set(lengths)
-        assert len(audio) <= 12 * 16_000
-        assert len(audio) >= 5 * 16_000 or sum(lengths.values()) < 5 * 16_000
+        assert len(audio) <= 12 * SAMPLE_RATE
+        assert len(audio) >= 5 * SAMPLE_RATE or sum(lengths.values()) < 5 * SAMPLE_RATE
     assert [n for n, _ in made] == [n for n, _ in windows(0)]  # seeded
     assert [n for n, _ in made] != [n for n, _ in windows(1)]
 
@@ -110,7 +141,7 @@ def test_a_second_voice_is_real_speech_of_the_same_prompts():
     assert len(voice) > 200 and len(voice.keys() & core.keys()) > 200
     name = "agent-alreadyon"
     audio = asterisk.load_audio(voice[name])
-    seconds = len(audio) / asterisk.SAMPLE_RATE
+    seconds = len(audio) / SAMPLE_RATE
     assert audio.dtype == np.float32 and 1.0 < seconds < 3 * core[name].seconds
     assert 0.1 < np.abs(audio).max() <= 1.0 and np.isfinite(audio).all()
     assert asterisk.other_voice("en") == ()
@@ -187,7 +218,7 @@ def test_training_windows_are_decoded_in_distinct_forms_held_out_ones_in_two(cou
 def test_espeak_speaks_each_language():
     for language, voices in draft_data.ESPEAK_VOICES.items():
         audio = draft_data.synthesize("uno dos tres" if language != "en" else "one two three", voices[0], 170, 50)
-        assert audio.dtype == np.float32 and 0.5 * 16_000 < len(audio) < 5 * 16_000, language
+        assert audio.dtype == np.float32 and 0.5 * SAMPLE_RATE < len(audio) < 5 * SAMPLE_RATE, language
         assert np.abs(audio).max() > 0.05
 
 
@@ -261,9 +292,9 @@ def test_prose_lexicon_keeps_the_ids_fortunes_use_often(monkeypatch):
         seen.extend(texts)
         return {"input_ids": [[ord(word) for word in text.split()] for text in texts]}  # one-letter words
 
-    lexicon = draft_training.prose_lexicon(tokenizer, ("en", "es", "fr"), min_count=2)
+    lexicon = vocabulary.prose_lexicon(tokenizer, ("en", "es", "fr"), min_count=2)
     assert list(lexicon) == [ord("b"), ord("c")] and seen == [" a b", " b c", " b", " c"]
-    assert list(draft_training.prose_lexicon(tokenizer, ("en",), min_count=0)) == []
+    assert list(vocabulary.prose_lexicon(tokenizer, ("en",), min_count=0)) == []
     targets = [_target(0, [EOT + 1, 7, EOT], 1)]
     assert {ord("b"), ord("c")} < set(draft_vocabulary(targets, VOCAB, EOT, 0, lexicon=lexicon))
 
@@ -278,15 +309,10 @@ def test_tokens_per_pass_follows_speculative_rounds():
 @pytest.fixture(scope="module")
 def tiny_main():
     torch.manual_seed(0)
-    config = WhisperConfig(
+    config = tiny_config(
         vocab_size=VOCAB,
         d_model=WIDTH,
         encoder_layers=1,
-        decoder_layers=3,
-        encoder_attention_heads=4,
-        decoder_attention_heads=4,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
         max_source_positions=FRAMES,
         max_target_positions=64,
         decoder_start_token_id=EOT + 1,
@@ -353,13 +379,12 @@ def test_a_draft_with_all_the_main_layers_is_at_zero_hidden_distance(tiny_main, 
     assert whole.item() < 1e-5 < 0.01 < cut.item(), (whole.item(), cut.item())
 
 
-@pytest.mark.parametrize("train_head", [False, True])
-def test_training_fits_the_main_models_outputs(tiny_main, tiny_data, train_head):
-    """The loop, the cross-entropy and agreement work together: a few windows are learnt by heart. By
-    default the head stays the main model's output projection rows; ``train_head`` trains it too.
-    The toy labels are random, not what the tiny main model says, so its own terms are off here."""
+def test_training_fits_the_main_models_outputs(tiny_main, tiny_data):
+    """The loop, the cross-entropy and agreement work together: a few windows are learnt by heart,
+    while the head stays the main model's output projection rows. The toy labels are random, not
+    what the tiny main model says, so its own terms are off here."""
     ids = draft_vocabulary(tiny_data.targets, VOCAB, EOT, rank_floor=16)
-    draft = TrimmedDraft.from_main(tiny_main, (0, 2), ids, train_head)
+    draft = TrimmedDraft.from_main(tiny_main, (0, 2), ids)
     head = draft.head.detach().clone()
     before = np.concatenate(agreement(draft, tiny_data, tiny_data.targets)).mean()
     options = DraftTrainingOptions(
@@ -367,7 +392,6 @@ def test_training_fits_the_main_models_outputs(tiny_main, tiny_data, train_head)
         batch_windows=2,
         learning_rate=3e-3,
         warmup_steps=5,
-        train_head=train_head,
         kd_weight=0,
         hidden_weight=0,
         ema_decay=0,  # the last weights: a moving average over 80 toy steps lags behind them
@@ -375,7 +399,7 @@ def test_training_fits_the_main_models_outputs(tiny_main, tiny_data, train_head)
     losses = train(draft, tiny_data, main_hidden_states(tiny_main, tiny_data, tiny_data.targets), options)
     after = np.concatenate(agreement(draft, tiny_data, tiny_data.targets)).mean()
     assert before < 0.2 and after > 0.9, (before, after)
-    assert torch.equal(draft.head, head) != train_head
+    assert torch.equal(draft.head, head)
     assert np.mean(losses[-5:]) < 0.8 * np.mean(losses[:5])
     embedding = tiny_main.model.decoder.embed_tokens.weight
     assert torch.equal(draft.model.model.decoder.embed_tokens.weight, embedding)  # frozen copy
@@ -455,12 +479,12 @@ def test_reduced_run_of_the_command_beats_an_untrained_cut(tmp_path, capsys, bas
     argv = ["--main", "base", "--out", str(out), "--max-files", "15", "--train-windows", "4"]
     argv += ["--voice-windows", "2", "--espeak-windows", "2", "--fortune-windows", "2", "--heldout-windows", "2"]
     argv += ["--steps", "40", "--engine-windows", "1"]
-    assert draft_training.main(argv) == 0
+    assert draft_cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "tok/pass" in printed and "draft token" in printed
 
-    args = draft_training.build_parser().parse_args(argv)
-    options = draft_training.options_from(args)
+    args = draft_cli.build_parser().parse_args(argv)
+    options = draft_cli.options_from(args)
     data = draft_data.draft_data(options.corpus, "base")
     heldout = data.split("heldout")
     trained = TrimmedDraft.load(out)
@@ -497,7 +521,7 @@ def test_keeping_freed_memory_spares_a_training_steps_page_faults_then_hands_it_
     script = """
 import contextlib, os, resource, sys
 import torch
-from specwhisper_export.heap import freed_memory_kept
+from specwhisper_training.heap import freed_memory_kept
 def step():  # the head's part of a draft's training step: [positions, ids] tensors of 38 MB
     logits = torch.ones(400, 24_000)
     return (logits.log_softmax(-1) * logits.softmax(-1)).sum()
@@ -518,7 +542,7 @@ print(faults, inside, resident_mb())
     for mode in ("keep", "default"):
         out = subprocess.run([*run, mode], capture_output=True, text=True, check=True).stdout
         measured[mode] = dict(zip(("faults", "inside", "after"), map(int, out.split()), strict=True))
-    # Measured: 47-66 thousand against 375 thousand (every page of every large tensor, every step).
+    # Without the setting every page of every large tensor faults in again at every step.
     assert measured["keep"]["faults"] * 3 < measured["default"]["faults"], measured
     # The kept blocks (over 100 MB) stay resident within, and go back to the system after.
     assert measured["keep"]["inside"] > measured["default"]["inside"] + 100, measured

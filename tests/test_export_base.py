@@ -7,8 +7,10 @@ import pytest
 import torch
 from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 
-from specwhisper_backend.decoding import decode_window
+from specwhisper_backend.decoding import BatchDecoder, Window
+from specwhisper_backend.drafting import DraftPolicy
 from specwhisper_backend.facts import KV_WRITER_FILE
+from specwhisper_backend.features import SAMPLE_RATE
 from specwhisper_backend.logit_filters import SuppressAtBegin, SuppressTokens
 from specwhisper_backend.runtime import ExportedModel
 from specwhisper_backend.stats import DecodeStats
@@ -23,7 +25,7 @@ LOGIT_ATOL = 2e-3
 
 
 def _features(processor, audio: list[np.ndarray]) -> np.ndarray:
-    return processor.feature_extractor(audio, sampling_rate=16_000, return_tensors="np").input_features
+    return processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="np").input_features
 
 
 def _prompt(exported: ExportedModel, language: str | None) -> list[int]:
@@ -34,12 +36,16 @@ def _prompt(exported: ExportedModel, language: str | None) -> list[int]:
 
 
 def _onnx_greedy(exported: ExportedModel, features: np.ndarray, language: str | None) -> list[int]:
+    """Plain greedy decoding through the engine's loop, with only the rules transformers applies."""
     facts = exported.facts
     prompt = _prompt(exported, language)
     filters = [SuppressTokens(facts.suppress_tokens), SuppressAtBegin(facts.begin_suppress_tokens, len(prompt))]
-    exported.main.start(exported.encode(features))
-    eot, limit = facts.tokens.eot, facts.n_text_ctx
-    return decode_window(exported.main, prompt, filters, eot, limit, DecodeStats()).tokens
+    decoder = BatchDecoder(facts, exported.main, None, DraftPolicy(cost_aware=False))
+    states = exported.encode(features)
+    window = Window(states, states.shape[1], language or "en", lambda _: prompt, lambda _: filters, DecodeStats())
+    decoder.join(window, owner=None)
+    ((_, result),) = decoder.drain()
+    return result.tokens
 
 
 def _teacher_forced_tokens(exported: ExportedModel, model, processor, audio: np.ndarray) -> list[int]:
@@ -151,7 +157,7 @@ def test_onnx_greedy_equals_transformers_generate_tiny_en(tiny_en, tiny_en_expor
 def test_an_assistants_export_links_the_main_models_own_graphs(base_export):
     alone = export_artefacts(ExportRequest(main="base"))
     shared = [*sorted((alone / "main").iterdir()), alone / KV_WRITER_FILE]
-    assert len(shared) == 7  # three graphs with their weights, and the KV cache writer
+    assert len(shared) == 9  # encoder, decoder, cross-attention KV and alignment graphs, weights, KV writer
     for path in shared:
         assert (base_export / path.relative_to(alone)).samefile(path)
 

@@ -13,12 +13,13 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
-from transformers import WhisperConfig, WhisperForConditionalGeneration
+from transformers import WhisperForConditionalGeneration
 
 from specwhisper_backend.decoder_session import DecoderSession, DeviceCache
 from specwhisper_backend.facts import KV_WRITER_FILE, DecoderFacts
 from specwhisper_backend.runtime import execution_providers
 from specwhisper_export import onnx_export
+from tests.toy_model import tiny_config
 
 LAYERS, HEADS, WIDTH, VOCAB = 3, 4, 64, 300
 
@@ -26,21 +27,7 @@ LAYERS, HEADS, WIDTH, VOCAB = 3, 4, 64, 300
 @pytest.fixture(scope="module")
 def tiny_random(tmp_path_factory):
     torch.manual_seed(0)
-    config = WhisperConfig(
-        vocab_size=VOCAB,
-        d_model=WIDTH,
-        encoder_layers=2,
-        decoder_layers=LAYERS,
-        encoder_attention_heads=HEADS,
-        decoder_attention_heads=HEADS,
-        encoder_ffn_dim=128,
-        decoder_ffn_dim=128,
-        num_mel_bins=80,
-        decoder_start_token_id=1,
-        pad_token_id=0,
-        eos_token_id=2,
-        bos_token_id=2,
-    )
+    config = tiny_config(vocab_size=VOCAB, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=2)
     model = WhisperForConditionalGeneration(config).eval()
     folder = tmp_path_factory.mktemp("graphs")
     onnx_export.export_encoder(model, folder / onnx_export.ENCODER_FILE)
@@ -149,9 +136,47 @@ def test_kept_rows_go_on_with_their_own_caches(tiny_random, cache_device):
     logits = decoder.forward(chunk)
     np.testing.assert_allclose(logits[0], reference[1, 4:9], atol=1e-4)
     np.testing.assert_allclose(logits[1], reference[2, 5:10], atol=1e-4)
-    for wrong in ([2], [1, 0]):
-        with pytest.raises(ValueError, match="increasing rows of a batch of 2"):
+    for wrong in ([2], [1, 0], [1, 1]):
+        with pytest.raises(ValueError, match="distinct rows of a batch of 2, each at or after its slot"):
             decoder.keep_rows(wrong)
+
+
+@CACHE_DEVICES
+def test_rows_join_and_leave_a_running_batch(tiny_random, cache_device):
+    """A row joins a batch mid-way and decodes as if alone; another leaves and the last row moves
+    into its slot; the rows already there never notice. A row that asks for more encoder frames
+    than the batch reads makes every row read that many; one that asks for fewer reads the batch's."""
+    model, folder = tiny_random
+    torch.manual_seed(3)
+    states = torch.randn(4, 1500, WIDTH)
+    ids = torch.randint(3, 300, (4, 20))
+
+    def reference(row: int, frames: int) -> np.ndarray:
+        with torch.no_grad():
+            cut = states[row : row + 1, :frames]
+            return model(encoder_outputs=(cut,), decoder_input_ids=ids[row : row + 1]).logits[0].numpy()
+
+    decoder = _decoder(folder, cache_device=cache_device)
+    decoder.start(states[:1].numpy(), frames=600)
+    decoder.add_rows(states[1:2].numpy(), frames=900)  # before any step: both rows read 900 frames
+    assert decoder.encoder_frames == 900
+    decoder.forward(ids[:2, :5].numpy(), counts=np.array([5, 3]))
+    decoder.add_rows(states[2:3].numpy(), frames=300)  # joins a running batch, reads its 900
+    assert decoder.encoder_frames == 900 and decoder.lengths.tolist() == [5, 3, 0]
+    logits = decoder.forward(np.stack([ids[0, 5:9].numpy(), ids[1, 3:7].numpy(), ids[2, 0:4].numpy()]))
+    for row, start in ((0, 5), (1, 3), (2, 0)):
+        np.testing.assert_allclose(logits[row], reference(row, 900)[start : start + 4], atol=1e-4)
+
+    decoder.keep_rows([2, 1])  # row 0 leaves; the last row takes its slot
+    assert decoder.lengths.tolist() == [4, 7]
+    logits = decoder.forward(np.stack([ids[2, 4:8].numpy(), ids[1, 7:11].numpy()]))
+    np.testing.assert_allclose(logits[0], reference(2, 900)[4:8], atol=1e-4)
+    np.testing.assert_allclose(logits[1], reference(1, 900)[7:11], atol=1e-4)
+    decoder.add_rows(states[3:].numpy(), frames=1500)  # every row now reads all frames
+    assert decoder.encoder_frames == 1500 and decoder.batch_size == 3
+    logits = decoder.forward(np.stack([ids[2, 8:9].numpy(), ids[1, 11:12].numpy(), ids[3, 0:1].numpy()]))
+    np.testing.assert_allclose(logits[2], reference(3, 1500)[:1], atol=1e-4)
+    assert np.all(np.isfinite(logits))
 
 
 @CACHE_DEVICES

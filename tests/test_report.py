@@ -7,7 +7,7 @@ from dataclasses import fields
 
 import pytest
 
-from specwhisper_export.report import Row, SweepPoint, main
+from specwhisper_bench.report import Row, SweepPoint, main
 
 pytestmark = pytest.mark.slow
 

@@ -9,27 +9,29 @@ import statistics
 import threading
 import time
 import urllib.request
-from pathlib import Path
 
 import numpy as np
 import pytest
 import soundfile as sf
 import tritonclient.grpc as grpcclient
 
-from specwhisper_backend.tritonserver import TritonServer
+from specwhisper_backend.features import SAMPLE_RATE
+from specwhisper_bench.load import server_rss_mb
 from specwhisper_client import SpeechClient, StreamEnd, TranscriptionError
 from specwhisper_client.cli import main as cli_main
-from specwhisper_export.asterisk import long_form
 from specwhisper_export.repository import ExportRequest, write_repository
 from specwhisper_export.triton_config import ServingOptions
+from specwhisper_serve.tritonserver import TritonServer
+from specwhisper_training.asterisk import long_form
 from tests.support import clips
 
 pytestmark = pytest.mark.slow
 
 MAX_AUDIO_SECONDS = 300
 DRAFT_CONFIDENCE = 0.45  # not the default: the test below checks that the model was configured with it
-# The load check runs this long (seconds); raise it for a soak, e.g. SPECWHISPER_LOAD_SECONDS=180.
-LOAD_SECONDS = float(os.environ.get("SPECWHISPER_LOAD_SECONDS", "45"))
+MAX_BATCH_ROWS = 4  # likewise
+# The load check runs this long (seconds) after a 20 s warm-up; raise it for a soak, e.g. SPECWHISPER_LOAD_SECONDS=180.
+LOAD_SECONDS = float(os.environ.get("SPECWHISPER_LOAD_SECONDS", "40"))
 
 
 @pytest.fixture(scope="module")
@@ -39,7 +41,11 @@ def server(tmp_path_factory, serving_assistant):
         ExportRequest(main="base", assistant=serving_assistant),
         repository,
         serving=ServingOptions(
-            instances=2, intra_op_threads=1, max_audio_seconds=MAX_AUDIO_SECONDS, draft_confidence=DRAFT_CONFIDENCE
+            instances=2,
+            intra_op_threads=1,
+            max_audio_seconds=MAX_AUDIO_SECONDS,
+            draft_confidence=DRAFT_CONFIDENCE,
+            max_batch_rows=MAX_BATCH_ROWS,
         ),
     )
     log = tmp_path_factory.mktemp("logs") / "tritonserver.log"
@@ -53,7 +59,7 @@ def client(server):
         yield speech
 
 
-def _wav_bytes(audio: np.ndarray, rate: int = 16_000) -> bytes:
+def _wav_bytes(audio: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
     buffer = io.BytesIO()
     sf.write(buffer, audio, rate, format="WAV")
     return buffer.getvalue()
@@ -64,6 +70,7 @@ def test_model_config_sets_the_drafting_policy(server, client):
     policies = [line for line in server.log_file.read_text().splitlines() if "DraftPolicy(" in line]
     assert len(policies) == 2 * 2, "two instances of each of the two models (plain and streaming)"
     assert all(f"confidence={DRAFT_CONFIDENCE}" in line for line in policies)
+    assert all(f"SchedulerOptions(max_rows={MAX_BATCH_ROWS}," in line for line in policies)
 
 
 @pytest.mark.parametrize("language", ["en", "es", "fr"])
@@ -78,7 +85,7 @@ def test_real_recordings_same_text_speculative_or_not(client, language):
 
 def test_pcm_input_and_detected_language(client):
     prompt, audio = clips("es", 1, min_seconds=3.0)[0]
-    result = client.transcribe(audio, sample_rate=16_000)
+    result = client.transcribe(audio, sample_rate=SAMPLE_RATE)
     assert result.language == "es"
     assert result.text == client.transcribe(prompt.path).text
 
@@ -130,13 +137,13 @@ def _tensor(name, array, dtype):
 
 def test_bad_requests_get_clear_errors_and_server_keeps_serving(server, client):
     good = clips("en", 1)[0][0].path
-    rate = _tensor("SAMPLE_RATE", np.array([16_000], np.int32), "INT32")
+    rate = _tensor("SAMPLE_RATE", np.array([SAMPLE_RATE], np.int32), "INT32")
     language = np.array([b"en"], dtype=object)
     cases = [
         ("empty file", lambda: client.transcribe(b""), "empty"),
         ("corrupt bytes", lambda: client.transcribe(b"RIFF" + os.urandom(4000)), "cannot decode"),
-        ("silence", lambda: client.transcribe(np.zeros(16_000, np.float32), sample_rate=16_000), "silent"),
-        ("NaN", lambda: client.transcribe(np.full(16_000, np.nan, np.float32), sample_rate=16_000), "NaN"),
+        ("silence", lambda: client.transcribe(np.zeros(SAMPLE_RATE, np.float32), sample_rate=SAMPLE_RATE), "silent"),
+        ("NaN", lambda: client.transcribe(np.full(SAMPLE_RATE, np.nan, np.float32), sample_rate=SAMPLE_RATE), "NaN"),
         (
             "too long",
             lambda: client.transcribe(np.full(8_000 * (MAX_AUDIO_SECONDS + 5), 0.1, np.float32), sample_rate=8_000),
@@ -158,7 +165,7 @@ def test_bad_requests_get_clear_errors_and_server_keeps_serving(server, client):
         (
             "unknown parameter",
             lambda: _raw_infer(
-                server, [_tensor("AUDIO", np.ones(16_000, np.float32) * 0.1, "FP32"), rate], {"beam": 5}
+                server, [_tensor("AUDIO", np.ones(SAMPLE_RATE, np.float32) * 0.1, "FP32"), rate], {"beam": 5}
             ),
             "unknown request parameter",
         ),
@@ -175,10 +182,10 @@ def test_bad_requests_amid_good_ones_lose_nothing(server, client):
     """Bad requests arriving while good ones are being decoded are refused on their own: every good
     request already accepted completes, with the text it gets when sent alone."""
     audio = long_form("en", 20)
-    expected = client.transcribe(audio, sample_rate=16_000, language="en").text
+    expected = client.transcribe(audio, sample_rate=SAMPLE_RATE, language="en").text
     bad = {
-        "NaN": (np.full(16_000, np.nan, np.float32), "NaN"),
-        "silence": (np.zeros(16_000, np.float32), "silent"),
+        "NaN": (np.full(SAMPLE_RATE, np.nan, np.float32), "NaN"),
+        "silence": (np.zeros(SAMPLE_RATE, np.float32), "silent"),
         "corrupt": (b"RIFF" + os.urandom(4000), "cannot decode"),
     }
     results: dict[str, object] = {}
@@ -186,7 +193,7 @@ def test_bad_requests_amid_good_ones_lose_nothing(server, client):
     def send(name: str, payload, language: str = "en") -> None:
         with SpeechClient(server.grpc_url, timeout=300) as own:
             try:
-                rate = 16_000 if isinstance(payload, np.ndarray) else None
+                rate = SAMPLE_RATE if isinstance(payload, np.ndarray) else None
                 results[name] = own.transcribe(payload, sample_rate=rate, language=language).text
             except TranscriptionError as error:
                 results[name] = error
@@ -236,7 +243,7 @@ def test_cli_writes_subtitles_and_json(server, tmp_path):
 
 def test_cli_streams_long_files(server, tmp_path):
     long_file = tmp_path / "long.wav"
-    sf.write(long_file, long_form("en", 75), 16_000)
+    sf.write(long_file, long_form("en", 75), SAMPLE_RATE)
     assert (
         cli_main(
             ["transcribe", str(long_file), "--url", server.grpc_url, "--format", "srt", "--output-dir", str(tmp_path)]
@@ -244,24 +251,6 @@ def test_cli_streams_long_files(server, tmp_path):
         == 0
     )
     assert (tmp_path / "long.srt").read_text().count(" --> ") > 3
-
-
-def _server_rss_mb(server: TritonServer) -> float:
-    """Resident memory of tritonserver and its Python-backend stubs, in MB."""
-    pids = [server.process.pid]
-    for status in Path("/proc").glob("[0-9]*/status"):
-        try:
-            text = status.read_text()
-        except OSError:
-            continue
-        if f"PPid:\t{server.process.pid}\n" in text:
-            pids.append(int(status.parent.name))
-    total = 0
-    for pid in pids:
-        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                total += int(line.split()[1])
-    return total / 1024
 
 
 def _load(server, files, expected, speculative: bool, seconds: float, clients: int = 8) -> dict:
@@ -276,12 +265,12 @@ def _load(server, files, expected, speculative: bool, seconds: float, clients: i
                 path = files[turn % len(files)]
                 started = time.monotonic()
                 try:
-                    text = own.transcribe(path, language="en", speculative=speculative).text
+                    result = own.transcribe(path, language="en", speculative=speculative)
                 except TranscriptionError as error:
                     failures.append(str(error))
                     continue
                 latencies.append(time.monotonic() - started)
-                if text != expected[path]:
+                if [s.tokens for s in result.segments] != expected[path]:
                     mismatches.append(path.name)
                 turn += 1
 
@@ -303,17 +292,30 @@ def _load(server, files, expected, speculative: bool, seconds: float, clients: i
     }
 
 
-def test_concurrent_clients(server, client):
-    """8 clients for a bounded time: no failures, outputs equal single requests, memory flat."""
+def _metric(server, name: str) -> float:
+    text = urllib.request.urlopen(server.metrics_url, timeout=10).read().decode()
+    return sum(float(line.rsplit(" ", 1)[1]) for line in text.splitlines() if line.startswith(name + "{"))
+
+
+def test_concurrent_clients_are_batched_and_get_their_own_plain_tokens(server, client):
+    """8 clients for a bounded time: no failures, every response's tokens those of the same file
+    decoded alone and plainly, requests decoded together, memory flat once warm."""
     files = [prompt.path for prompt, _ in clips("en", 8)]
-    expected = {path: client.transcribe(path, language="en").text for path in files}
-    _load(server, files, expected, speculative=True, seconds=5)  # warm every instance first
+    expected = {
+        path: [s.tokens for s in client.transcribe(path, language="en", speculative=False).segments] for path in files
+    }
+    for speculative in (True, False):  # every instance warm at this load, in both modes, first
+        _load(server, files, expected, speculative, seconds=10)
+    steps, rows = _metric(server, "specwhisper_batch_steps_total"), _metric(server, "specwhisper_batch_rows_total")
+    before = server_rss_mb(server)
     report = {}
     for speculative in (True, False):
-        before = _server_rss_mb(server)
         outcome = _load(server, files, expected, speculative, LOAD_SECONDS / 2)
-        outcome["rss_growth_mb"] = round(_server_rss_mb(server) - before, 1)
         assert not outcome.pop("failures") and not outcome.pop("mismatches")
-        assert outcome["rss_growth_mb"] < 100, "server memory should stay flat after warm-up"
         report["speculative" if speculative else "plain"] = outcome
+    report["rss_growth_mb"] = round(server_rss_mb(server) - before, 1)
+    steps = _metric(server, "specwhisper_batch_steps_total") - steps
+    report["rows_per_step"] = round((_metric(server, "specwhisper_batch_rows_total") - rows) / steps, 2)
     print(f"load check, 8 clients, {LOAD_SECONDS:.0f} s: {json.dumps(report)}")
+    assert report["rows_per_step"] > 1.2, "requests in flight should be decoded together"
+    assert report["rss_growth_mb"] < 100, "server memory should stay flat after warm-up"

@@ -28,24 +28,68 @@ from specwhisper_backend.facts import KV_WRITER_FILE, DecoderFacts, cache_names
 CAPACITY_STEP = 64
 
 
+def _grown(arrays: list[np.ndarray], rows: int, row_capacity: int) -> list[np.ndarray]:
+    """``arrays`` with room for ``row_capacity`` rows along axis 0, the first ``rows`` kept."""
+    grown = []
+    for array in arrays:
+        bigger = np.zeros((row_capacity, *array.shape[1:]), dtype=array.dtype)
+        bigger[:rows] = array[:rows]
+        grown.append(bigger)
+    return grown
+
+
 class HostCache:
-    """NumPy caches, fed to ``session.run`` as they are; new K/V are copied in by slicing."""
+    """NumPy caches, fed to ``session.run`` as they are; new K/V are copied in by slicing.
+
+    Rows live in the leading slots of arrays with room for more (``[row_capacity, ...]``), and each
+    graph input is the contiguous view of the rows in use, so a row joins by filling the next slot
+    and leaves by another row moving into its slot: the other rows' caches never move.
+    """
 
     def __init__(self, decoder: ort.InferenceSession, cross_kv: ort.InferenceSession, facts: DecoderFacts) -> None:
         self.decoder, self.cross_kv, self.facts = decoder, cross_kv, facts
         self.dtype = np.dtype(facts.dtype)
         self._past_names = cache_names(facts.layers, "past")
         self._cross_names = cache_names(facts.layers, "cross")
+        self.rows = 0
+        self.frames = 0  # encoder frames every row's cross-attention reads
+        self._states: list[np.ndarray] = []  # each row's encoder states, should the frames grow
         self._cross: list[np.ndarray] = []
         self._buffers: list[np.ndarray] = []
 
     @property
     def capacity(self) -> int:
-        return self._buffers[0].shape[2]
+        return self._buffers[0].shape[2] if self._buffers else CAPACITY_STEP
 
-    def start(self, encoder_hidden_states: np.ndarray) -> None:
-        self._cross = self.cross_kv.run(None, {"encoder_hidden_states": encoder_hidden_states})
-        self._buffers = self._empty(encoder_hidden_states.shape[0], CAPACITY_STEP)
+    def start(self, encoder_hidden_states: np.ndarray, frames: int) -> None:
+        self.rows, self.frames, self._states, self._cross, self._buffers = 0, 0, [], [], []
+        self.add_rows(encoder_hidden_states, frames)
+
+    def add_rows(self, encoder_hidden_states: np.ndarray, frames: int) -> None:
+        """New rows reading ``frames`` of these states; if that is more than the rows so far read,
+        every row's cross K/V is recomputed over the longer span."""
+        count = encoder_hidden_states.shape[0]
+        states = self._states + list(encoder_hidden_states)
+        row_capacity = self._cross[0].shape[0] if self._cross else 0
+        if frames > self.frames:
+            self.frames = frames
+            computed = self._cross_kv(np.stack([s[:frames] for s in states]))
+            self._cross = _grown(computed, len(states), max(len(states), row_capacity))
+        else:
+            computed = self._cross_kv(encoder_hidden_states[:, : self.frames])
+            if self.rows + count > row_capacity:
+                self._cross = _grown(self._cross, self.rows, max(self.rows + count, 2 * row_capacity))
+            for array, new in zip(self._cross, computed, strict=True):
+                array[self.rows : self.rows + count] = new
+        if not self._buffers:
+            self._buffers = self._empty(self._cross[0].shape[0], CAPACITY_STEP)
+        elif self._buffers[0].shape[0] < self._cross[0].shape[0]:
+            self._buffers = _grown(self._buffers, self.rows, self._cross[0].shape[0])
+        self._states = states
+        self.rows += count
+
+    def _cross_kv(self, states: np.ndarray) -> list[np.ndarray]:
+        return self.cross_kv.run(None, {"encoder_hidden_states": np.ascontiguousarray(states)})
 
     def _empty(self, rows: int, capacity: int) -> list[np.ndarray]:
         shape = (rows, self.facts.heads, capacity, self.facts.head_dim)
@@ -57,27 +101,30 @@ class HostCache:
             return
         grown = self._empty(self._buffers[0].shape[0], -(-needed // CAPACITY_STEP) * CAPACITY_STEP)
         for old, new in zip(self._buffers, grown, strict=True):
-            new[:, :, :capacity] = old
+            new[: self.rows, :, :capacity] = old[: self.rows]
         self._buffers = grown
 
     def keep_rows(self, rows: np.ndarray) -> None:
-        """In place: each kept row moves forward and the arrays become their leading views. A copy
-        into new arrays page-faulted ~40 MB of cross K/V a row, slower than the steps it saved."""
+        """In place: slot ``i`` takes row ``rows[i]`` (never an earlier slot's row, so nothing is
+        overwritten before it is read). A copy into new arrays page-faulted every kept row's cross
+        K/V afresh, slower than the steps it saved."""
         for arrays in (self._cross, self._buffers):
             for array in arrays:
                 for slot, row in enumerate(rows):
                     if slot != row:
                         array[slot] = array[row]
-            arrays[:] = [array[: len(rows)] for array in arrays]
+        self._states = [self._states[row] for row in rows]
+        self.rows = len(rows)
 
     def step(self, feed: dict[str, np.ndarray], lengths: np.ndarray, counts: np.ndarray) -> np.ndarray:
-        feed = {**feed, **dict(zip(self._past_names, self._buffers, strict=True))}
-        feed.update(zip(self._cross_names, self._cross, strict=True))
+        rows = self.rows
+        feed = {**feed, **{name: buffer[:rows] for name, buffer in zip(self._past_names, self._buffers, strict=True)}}
+        feed.update((name, cross[:rows]) for name, cross in zip(self._cross_names, self._cross, strict=True))
         logits, *new_kv = self.decoder.run(None, feed)
         if np.all(counts == counts[0]) and np.all(lengths == lengths[0]):
             start, stop = int(lengths[0]), int(lengths[0] + counts[0])
             for buffer, new in zip(self._buffers, new_kv, strict=True):
-                buffer[:, :, start:stop] = new[:, :, : stop - start]
+                buffer[:rows, :, start:stop] = new[:, :, : stop - start]
         else:
             for row, (start, count) in enumerate(zip(lengths, counts, strict=True)):
                 for buffer, new in zip(self._buffers, new_kv, strict=True):
@@ -93,7 +140,8 @@ class DeviceCache:
     ``kv_writer`` run then scatters them into every row's slots, its output bound on its input. The
     buffer is allocated whole (the context is at most ``max_length`` tokens); its last slot is
     scratch that padded tokens are written to and no row ever reads. Only token ids, positions,
-    masks and the logits cross to the host.
+    masks and the logits cross to the host during steps. Rows joining and leaving go through the
+    host (docs/gpu.md): they happen once per window, steps once per token.
     """
 
     def __init__(
@@ -113,33 +161,52 @@ class DeviceCache:
         self._past_names = cache_names(facts.layers, "past")
         self._cross_names = cache_names(facts.layers, "cross")
         self._new_names = cache_names(facts.layers, "new")
+        self.rows = 0
+        self.frames = 0
+        self._states: list[np.ndarray] = []
         self._cross: list[ort.OrtValue] = []
         self._buffer: ort.OrtValue | None = None
 
-    def start(self, encoder_hidden_states: np.ndarray) -> None:
+    def _on_device(self, array: np.ndarray) -> ort.OrtValue:
+        return ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(array), self.device, self.device_id)
+
+    def _compute_cross(self, states: np.ndarray) -> list[ort.OrtValue]:
         binding = self.cross_kv.io_binding()
-        binding.bind_cpu_input("encoder_hidden_states", encoder_hidden_states)
+        binding.bind_cpu_input("encoder_hidden_states", np.ascontiguousarray(states))
         for name in self._cross_names:
             binding.bind_output(name, self.device, self.device_id)
         self.cross_kv.run_with_iobinding(binding)
-        self._cross = binding.get_outputs()
-        rows = encoder_hidden_states.shape[0]
+        return binding.get_outputs()
+
+    def start(self, encoder_hidden_states: np.ndarray, frames: int) -> None:
+        self.rows, self.frames, self._states, self._cross, self._buffer = 0, 0, [], [], None
+        self.add_rows(encoder_hidden_states, frames)
+
+    def add_rows(self, encoder_hidden_states: np.ndarray, frames: int) -> None:
+        count = encoder_hidden_states.shape[0]
+        self._states += list(encoder_hidden_states)
+        self.frames = max(self.frames, frames)
+        # Every row's cross K/V, computed on the device: simpler than splicing rows into device buffers.
+        self._cross = self._compute_cross(np.stack([s[: self.frames] for s in self._states]))
         # Zeroed, not just allocated: masked slots must hold finite values (0 x NaN is NaN).
-        shape = (len(self._past_names), rows, self.facts.heads, self.capacity, self.facts.head_dim)
-        self._buffer = ort.OrtValue.ortvalue_from_numpy(np.zeros(shape, self.dtype), self.device, self.device_id)
+        shape = (len(self._past_names), count, self.facts.heads, self.capacity, self.facts.head_dim)
+        fresh = np.zeros(shape, self.dtype)
+        kept = [self._buffer.numpy()] if self._buffer is not None else []
+        self._buffer = self._on_device(np.concatenate([*kept, fresh], axis=1))
+        self.rows += count
 
     def reserve(self, needed: int) -> None:
         """Nothing to grow: the buffer holds the whole context from the start."""
 
     def keep_rows(self, rows: np.ndarray) -> None:
-        """Through the host: rows are dropped rarely (a batch's finished rows), steps are frequent."""
-
-        def kept(value: ort.OrtValue, axis: int) -> ort.OrtValue:
-            subset = np.ascontiguousarray(np.take(value.numpy(), rows, axis=axis))
-            return ort.OrtValue.ortvalue_from_numpy(subset, self.device, self.device_id)
-
-        self._cross = [kept(value, 0) for value in self._cross]
-        self._buffer = kept(self._buffer, 1)
+        """Through the host: rows leave once per window, steps are once per token."""
+        if not len(rows):
+            self.rows, self.frames, self._states, self._cross, self._buffer = 0, 0, [], [], None
+            return
+        self._cross = [self._on_device(np.take(value.numpy(), rows, axis=0)) for value in self._cross]
+        self._buffer = self._on_device(np.take(self._buffer.numpy(), rows, axis=1))
+        self._states = [self._states[row] for row in rows]
+        self.rows = len(rows)
 
     def _bind_layers(self, binding: ort.IOBinding, names: list[str], stacked: ort.OrtValue, output: bool) -> None:
         shape = stacked.shape()[1:]
@@ -218,17 +285,39 @@ class DecoderSession:
         self.facts = facts
         self.max_length = max_length
         self.lengths = np.zeros(0, dtype=np.int64)
-        self.encoder_frames = 0  # of the encoder output the rows read (a draft reads its audio's only)
+        self.passes = 0  # forward passes run, ever
 
     @property
     def batch_size(self) -> int:
         return len(self.lengths)
 
-    def start(self, encoder_hidden_states: np.ndarray) -> None:
-        """Begin new rows for these audio windows: cross K/V once, empty self-attention caches."""
-        self.cache.start(encoder_hidden_states)
+    @property
+    def encoder_width(self) -> int:
+        """The width of the encoder output its cross-attention reads."""
+        return int(self.cache.cross_kv.get_inputs()[0].shape[-1])
+
+    @property
+    def encoder_frames(self) -> int:
+        """Encoder frames every row's cross-attention reads (a draft reads its audio's and a margin)."""
+        return self.cache.frames
+
+    def start(self, encoder_hidden_states: np.ndarray, frames: int | None = None) -> None:
+        """Replace every row with new ones for these audio windows: cross K/V once (over the first
+        ``frames`` of the states; all by default), empty self-attention caches."""
+        self.cache.start(encoder_hidden_states, encoder_hidden_states.shape[1] if frames is None else frames)
         self.lengths = np.zeros(encoder_hidden_states.shape[0], dtype=np.int64)
-        self.encoder_frames = encoder_hidden_states.shape[1]
+
+    def add_rows(self, encoder_hidden_states: np.ndarray, frames: int | None = None) -> None:
+        """Append rows for these windows after the current ones, which go on undisturbed. Every row
+        of a batch reads as many encoder frames: the most any row asked for (``frames``, default all)."""
+        frames = encoder_hidden_states.shape[1] if frames is None else frames
+        if not 1 <= frames <= encoder_hidden_states.shape[1]:
+            raise ValueError(f"frames {frames} out of range for states of {encoder_hidden_states.shape[1]} frames")
+        if not self.batch_size:
+            self.start(encoder_hidden_states, frames)
+            return
+        self.cache.add_rows(encoder_hidden_states, frames)
+        self.lengths = np.concatenate([self.lengths, np.zeros(encoder_hidden_states.shape[0], dtype=np.int64)])
 
     def forward(self, tokens: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
         """Feed ``tokens [B, S]`` after each row's current length and return their logits ``[B, S, V]``.
@@ -254,6 +343,7 @@ class DecoderSession:
         feed = {"input_ids": tokens.astype(np.int64, copy=False), "position_ids": positions, "attention_mask": mask}
         logits = self.cache.step(feed, self.lengths, counts)
         self.lengths = ends
+        self.passes += 1
         return logits if self._logit_ids is None else self._full_vocabulary(logits)
 
     def _full_vocabulary(self, logits: np.ndarray) -> np.ndarray:
@@ -264,11 +354,16 @@ class DecoderSession:
         return full
 
     def keep_rows(self, rows: Sequence[int]) -> None:
-        """Keep only ``rows`` (increasing), with their caches: a batch's finished rows stop costing
-        steps (each row's cross-attention reads its own 1500 frames of K/V)."""
+        """Keep only ``rows``, with their caches, row ``rows[i]`` becoming row ``i``: a batch's finished
+        rows stop costing steps. Each kept row comes from its own slot or a later one (``rows[i] >= i``:
+        rows in order, or the last rows moved into the slots of rows that left), so the cache is
+        rearranged in place."""
         rows = np.asarray(rows, dtype=np.int64)
-        if rows.size and (rows.min() < 0 or rows.max() >= self.batch_size or np.any(np.diff(rows) <= 0)):
-            raise ValueError(f"rows {rows.tolist()}: need increasing rows of a batch of {self.batch_size}")
+        valid = len(set(rows.tolist())) == rows.size and np.all(rows >= np.arange(rows.size))
+        if rows.size and (not valid or rows.max() >= self.batch_size):
+            raise ValueError(
+                f"rows {rows.tolist()}: need distinct rows of a batch of {self.batch_size}, each at or after its slot"
+            )
         self.cache.keep_rows(rows)
         self.lengths = self.lengths[rows]
 

@@ -1,94 +1,368 @@
-"""The one decoding loop: greedy Whisper decoding of a 30 s window, with or without a draft.
+"""The one decoding loop: greedy Whisper decoding of 30 s windows as the rows of one batch.
 
-Each round, the drafter (if any) proposes up to ``K`` tokens; the main decoder scores the pending
-token plus the drafts in one pass; every scored position is filtered with its own prefix and the
-main model's greedy choice is taken there; drafts are kept while they equal that choice, and the
-main model's choice at the first disagreement (or after the last draft) is kept too. Without a
-draft ``K`` is 0 and the same round is plain greedy decoding, so both paths share every rule and
-the output of the speculative path can only differ from the plain one if the main model's logits
-do (float rounding differs slightly between a one-token and a multi-token pass).
+Each window is a row of the main decoder (and, when it drafts, of the draft decoder). A row joins
+at a step boundary once its window is encoded and leaves when its text ends, so the windows of many
+requests are decoded together, each at its own length. A step, for every row at once:
+
+1. rows that may draft propose up to their draft length, capped by what the step can afford
+   (:mod:`specwhisper_backend.load_policy`), in batched draft passes;
+2. one main pass scores each row's pending token and its drafts (a row that detects its language or
+   fills in its prompt brings those tokens instead);
+3. every scored position is filtered with its own prefix and the main model's greedy choice is
+   taken there; drafts are kept while they equal that choice, and the main model's choice at the
+   first disagreement (or after the last draft) is kept too;
+4. each row's rejected drafts are rolled back by moving its length.
+
+A row that does not draft is plain greedy decoding through the same rules, so speculative output
+can only differ from plain if the main model's logits do (float rounding differs slightly between
+one-token and multi-token passes, and between batch sizes); a batch of one row is the same loop.
+
+A row decoded at a temperature above 0 (a fallback, :mod:`specwhisper_backend.transcriber`) samples
+through the same rules: its choice at each position is ``argmax(scores / T + g)`` with Gumbel noise
+``g`` fixed by the request's seed and the position (:mod:`specwhisper_backend.sampling`), and its
+draft proposes with the same noise. What it keeps is distributed as the main model's tempered
+distribution, and is the plain sampled output for that seed, as greedy output is plain greedy
+output. Every row also records the log-probability of each token it keeps and, at its
+``<|startoftranscript|>``, the probability of ``<|nospeech|>``, which the fallback reads.
 """
 
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from enum import Enum
 
 import numpy as np
 
 from specwhisper_backend.decoder_session import DecoderSession
-from specwhisper_backend.drafting import Drafter
-from specwhisper_backend.logit_filters import LogitFilter, select
+from specwhisper_backend.drafting import (
+    DraftPolicy,
+    Drafts,
+    Proposal,
+    ProposalTiming,
+    RowDraft,
+    attended_frames,
+    tempered,
+    timed_propose,
+)
+from specwhisper_backend.facts import ModelFacts
+from specwhisper_backend.load_policy import PROBE_EVERY, StepCosts, choose_cap
+from specwhisper_backend.logit_filters import LogitFilter, filtered
+from specwhisper_backend.sampling import PositionNoise, choose
 from specwhisper_backend.stats import DecodeStats
 
+# Prompt tokens a row feeds per step: a long prompt (previous text) is spread over a few steps
+# rather than padding every row of one step to its length.
+PREFILL_CHUNK = 16
+NO_PROPOSAL = ProposalTiming(0.0, 0, 0.0, 0)
 
-def accept(drafts: Sequence[int], choices: Sequence[int]) -> int:
-    """How many drafts the main model agrees with: the length of the common prefix.
 
-    ``choices[i]`` is the main model's greedy token where ``drafts[i]`` was proposed, so
-    ``len(choices) == len(drafts) + 1`` and ``choices[accept(...)]`` is the main model's own token
-    that follows the accepted drafts.
-    """
-    for i, (draft, choice) in enumerate(zip(drafts, choices, strict=False)):
-        if draft != choice:
-            return i
-    return len(drafts)
+@dataclass(eq=False)
+class Window:
+    """A 30 s window to decode, with what its request asks of it."""
+
+    states: np.ndarray  # [1, n_audio_ctx, d]: the main encoder's output
+    audio_frames: int  # encoder frames that cover the window's audio
+    language: str | None  # None: detect it (from the main model's first pass)
+    prompt: Callable[[str], list[int]]  # the prompt, once the language is known
+    filters: Callable[[int], list[LogitFilter]]  # Whisper's rules for a prompt of this length
+    stats: DecodeStats  # the request's, added to
+    drafting: RowDraft | None = None  # the request's drafting state; None decodes plainly
+    draft_states: np.ndarray | None = None  # [1, frames, d]: what the draft reads
+    temperature: float = 0.0  # 0: greedy; above, sampled with ``noise``
+    noise: PositionNoise | None = None
 
 
 @dataclass(frozen=True)
 class WindowResult:
     tokens: list[int]  # generated ids after the prompt, without the final <|endoftext|>
-    ended: bool  # <|endoftext|> was chosen (rather than running into the length limit)
+    language: str
+    sum_logprob: float = 0.0  # log-probabilities of the tokens kept, <|endoftext|> included
+    no_speech_prob: float | None = None  # of <|nospeech|> at <|startoftranscript|>
+    temperature: float = 0.0
+
+    @property
+    def avg_logprob(self) -> float:
+        """As openai/whisper: over the text tokens and the end of text."""
+        return self.sum_logprob / (len(self.tokens) + 1)
 
 
-def decode_window(
-    main: DecoderSession,
-    prompt: Sequence[int],
-    filters: Sequence[LogitFilter],
-    eot: int,
-    max_length: int,
-    stats: DecodeStats,
-    drafter: Drafter | None = None,
-) -> WindowResult:
-    """Greedy decoding of the window whose encoder output ``main`` was started on.
+class Phase(Enum):
+    DETECT = "detect"  # one pass of <|startoftranscript|> to read the language
+    PREFILL = "prefill"  # the prompt, all but its last token, into the cache
+    DECODE = "decode"  # rounds of the pending token and drafts
 
-    ``prompt`` ends the sequence the model continues; ``max_length`` bounds prompt plus text.
-    """
-    tokens = list(prompt)
-    # Everything but the last prompt token goes in as prefill; the last is "pending": fed with the
-    # next round's drafts, so that a round is always pending token + drafts.
-    if len(tokens) > 1:
+
+@dataclass(eq=False)
+class Row:
+    window: Window
+    owner: object  # whoever joined it; handed back with its result
+    phase: Phase
+    language: str | None
+    tokens: list[int] = field(default_factory=list)
+    prompt_length: int = 0
+    filters: list[LogitFilter] = field(default_factory=list)
+    draft_slot: int | None = None  # its row in the draft session, if it drafts
+    sot_index: int = 0  # where <|startoftranscript|> is in the prompt
+    sum_logprob: float = 0.0
+    no_speech_prob: float | None = None
+
+    def begin(self, language: str, sot: int) -> None:
+        self.language = language
+        self.tokens = list(self.window.prompt(language))
+        self.prompt_length = len(self.tokens)
+        self.sot_index = self.tokens.index(sot)
+        self.filters = self.window.filters(self.prompt_length)
+        self.phase = Phase.PREFILL if self.prompt_length > 1 else Phase.DECODE
+
+
+class BatchDecoder:
+    """The rows being decoded on one main decoder session (and one draft session), step by step."""
+
+    def __init__(
+        self,
+        facts: ModelFacts,
+        main: DecoderSession,
+        draft: DecoderSession | None,
+        policy: DraftPolicy,
+        costs: StepCosts | None = None,
+    ) -> None:
+        """``costs``: the measured step costs the drafts are capped by (``policy.cost_aware``)."""
+        if policy.cost_aware and draft is not None and costs is None:
+            raise ValueError("a cost-aware drafting policy needs the measured step costs")
+        self.facts, self.main, self.draft, self.policy, self.costs = facts, main, draft, policy, costs
+        for session in (main, draft) if draft is not None else (main,):
+            session.keep_rows([])  # the sessions are this decoder's from now on, empty
+        self.rows: list[Row] = []
+        self.drafting: list[Row] = []  # rows of the draft session, in its order
+        self.last_cap: int | None = None  # the cap the last step's drafts had (None: nobody could draft)
+        self._undrafted_steps = 0  # steps in a row whose rows could have drafted and did not
+
+    def join(self, window: Window, owner: object) -> None:
+        """A new row for ``window``; it takes part from the next step on."""
+        phase = Phase.DETECT if window.language is None else Phase.PREFILL
+        row = Row(window, owner, phase, window.language)
+        if window.language is not None:
+            row.begin(window.language, self.facts.tokens.sot)
+        self.main.add_rows(window.states)
+        if window.drafting is not None:
+            if self.draft is None:
+                raise ValueError("this model has no draft decoder: decode plainly")
+            states = window.draft_states
+            frames = attended_frames(window.audio_frames, self.policy.frames_after_audio, states.shape[1])
+            self.draft.add_rows(states, frames)
+            row.draft_slot = len(self.drafting)
+            self.drafting.append(row)
+        self.rows.append(row)
+
+    def leave(self, rows: Sequence[Row]) -> None:
+        """Drop ``rows`` (finished or withdrawn); the last rows move into their slots."""
+        self.rows = _remove(self.main, self.rows, rows)
+        if self.draft is not None and any(row.draft_slot is not None for row in rows):
+            self.drafting = _remove(self.draft, self.drafting, rows)
+            for slot, row in enumerate(self.drafting):
+                row.draft_slot = slot
+
+    def owners(self) -> list[object]:
+        return [row.owner for row in self.rows]
+
+    def withdraw(self, owner: object) -> None:
+        """Drop ``owner``'s rows before their text ends (a cancelled request)."""
+        self.leave([row for row in self.rows if row.owner is owner])
+
+    def drain(self) -> list[tuple[object, WindowResult]]:
+        """Step until every row has left; their results, in the order they finished."""
+        results = []
+        while self.rows:
+            results += self.step()
+        return results
+
+    def step(self) -> list[tuple[object, WindowResult]]:
+        """One batched step for every row; the rows whose text ended leave, their results returned."""
         started = time.perf_counter()
-        main.forward(np.asarray([tokens[:-1]]))
-        stats.add_verify(time.perf_counter() - started)
-    while True:
-        room = max_length - len(tokens)
-        drafts = drafter.propose(tokens, min(drafter.draft_length, room - 1), filters, stats) if drafter else []
+        feeds = [self._fed_before_drafts(row) for row in self.rows]
+        drafts, timing = self._propose(feeds)
+        feeds = [feed + drafted.tokens for feed, drafted in zip(feeds, drafts, strict=True)]
+        width = max(len(feed) for feed in feeds)
+        batch = np.zeros((len(self.rows), width), dtype=np.int64)
+        for index, feed in enumerate(feeds):
+            batch[index, : len(feed)] = feed
+        counts = np.asarray([len(feed) for feed in feeds])
+        verify_started = time.perf_counter()
+        logits = self.main.forward(batch, counts)
+        verify_seconds = time.perf_counter() - verify_started
+        if self.costs is not None:
+            draft_rows = self.draft.batch_size if self.draft is not None else 0
+            self.costs.observe(
+                len(self.rows), width, verify_seconds, draft_rows, timing.step_passes, timing.step_seconds
+            )
 
-        started = time.perf_counter()
-        logits = main.forward(np.asarray([[tokens[-1], *drafts]]))[0]
-        verify_seconds = time.perf_counter() - started
-        stats.add_verify(verify_seconds)
+        share = (time.perf_counter() - started - timing.seconds) / len(self.rows)
+        finished: list[Row] = []
+        for row, feed, drafted, scores in zip(self.rows, feeds, drafts, logits, strict=True):
+            stats = row.window.stats
+            stats.add_verify(share)
+            stats.rows_in_steps += len(self.rows)
+            if row.phase is Phase.DETECT:
+                self._detect(row, scores[0])
+                continue
+            fed = int(self.main.lengths[self.rows.index(row)]) - len(feed)  # where this step's tokens began
+            if fed <= row.sot_index < fed + len(feed):
+                row.no_speech_prob = self._no_speech(scores[row.sot_index - fed])
+            if row.phase is Phase.PREFILL:
+                if fed + len(feed) >= row.prompt_length - 1:
+                    row.phase = Phase.DECODE
+            elif self._decode(row, scores[: len(feed)], drafted):
+                finished.append(row)
+        results = [(row.owner, self._result(row)) for row in finished]
+        if finished:
+            self.leave(finished)
+        return results
 
-        choices: list[int] = []
-        for i in range(len(drafts) + 1):
-            choices.append(select(logits[i], tokens + drafts[:i], filters))
-            if i < len(drafts) and choices[i] != drafts[i]:
-                break
-        accepted = accept(drafts, choices)
-        new = [*drafts[:accepted], choices[accepted]]
+    def _fed_before_drafts(self, row: Row) -> list[int]:
+        if row.phase is Phase.DETECT:
+            return [self.facts.tokens.sot]
+        if row.phase is Phase.PREFILL:
+            fed = int(self.main.lengths[self.rows.index(row)])
+            return row.tokens[fed : min(row.prompt_length - 1, fed + PREFILL_CHUNK)]
+        return [row.tokens[-1]]
+
+    def _propose(self, feeds: list[list[int]]) -> tuple[list[Drafts], ProposalTiming]:
+        """This step's drafts for every row (none for rows that do not draft now)."""
+        none = [Drafts([]) for _ in self.rows]
+        candidates = [
+            (i, row) for i, row in enumerate(self.rows) if row.phase is Phase.DECODE and row.draft_slot is not None
+        ]
+        self.last_cap = None
+        if not candidates or self.draft is None:
+            return none, NO_PROPOSAL
+        limit = self.facts.n_text_ctx
+        lengths = [min(row.window.drafting.length, limit - len(row.tokens) - 1) for _, row in candidates]
+        cap = max(lengths)
+        if self.policy.cost_aware:
+            acceptance = [row.window.drafting.acceptance for _, row in candidates]
+            min_tokens = max(len(feed) for feed in feeds)
+            cap = choose_cap(self.costs, len(self.rows), min_tokens, acceptance, lengths, len(self.drafting))
+            self._undrafted_steps = self._undrafted_steps + 1 if cap == 0 else 0
+            if self._undrafted_steps > PROBE_EVERY:
+                cap, self._undrafted_steps = 1, 0
+        self.last_cap = cap
+        proposals, owners = [], []
+        for (index, row), length in zip(candidates, lengths, strict=True):
+            if min(length, cap) > 0:
+                window = row.window
+                proposals.append(
+                    Proposal(
+                        row.draft_slot, row.tokens, min(length, cap), row.filters, window.temperature, window.noise
+                    )
+                )
+                owners.append(index)
+                row.window.drafting.proposed_after = len(row.tokens)
+        drafted, timing = timed_propose(self.draft, proposals, self.facts.tokens.eot, self.policy.confidence)
+        for index, tokens in zip(owners, drafted, strict=True):
+            none[index] = tokens
+            stats = self.rows[index].window.stats
+            stats.assistant_passes += timing.passes
+            stats.seconds_draft += timing.seconds / len(owners)
+        return none, timing
+
+    def _detect(self, row: Row, scores: np.ndarray) -> None:
+        """The main model's likeliest language after <|startoftranscript|>; the row then starts over."""
+        codes = list(self.facts.languages)
+        ids = np.asarray([self.facts.languages[code] for code in codes])
+        slot = self.rows.index(row)
+        lengths = self.main.lengths.copy()
+        lengths[slot] = 0
+        self.main.truncate(lengths)
+        row.begin(codes[int(np.argmax(scores[ids]))], self.facts.tokens.sot)
+
+    def _no_speech(self, scores: np.ndarray) -> float | None:
+        """The probability of <|nospeech|> in these raw (unfiltered) scores, as openai/whisper reads it."""
+        no_speech = self.facts.tokens.no_speech
+        if no_speech is None:
+            return None
+        return float(tempered(scores.astype(np.float64), 1.0)[no_speech])
+
+    def _decode(self, row: Row, scores: np.ndarray, drafted: Drafts) -> bool:
+        """Keep a round's tokens (the main model's choices, or samples); True when the row's text ended."""
+        drafts = drafted.tokens
+        kept, logprobs = keep_tokens(scores, row.tokens, drafted, row.filters, row.window.temperature, row.window.noise)
+        accepted = len(kept) - 1
+        stats = row.window.stats
         stats.add_round(drafted=len(drafts), accepted=accepted)
-        if drafter:
-            drafter.update(accepted, len(drafts), verify_seconds, stats)
-
-        # The main cache holds the pending token and every draft; keep pending + accepted drafts.
-        main.truncate(main.lengths - (len(drafts) - accepted))
-        for token in new:
-            if token == eot:
-                stats.add_tokens(1)
-                return WindowResult(tokens[len(prompt) :], ended=True)
-            tokens.append(token)
+        stats.undrafted_rounds += row.draft_slot is not None and not drafts
+        slot = self.rows.index(row)
+        lengths = self.main.lengths.copy()
+        lengths[slot] -= len(drafts) - accepted  # keep the pending token and the accepted drafts
+        self.main.truncate(lengths)
+        if row.draft_slot is not None and drafts:
+            drafting = row.window.drafting
+            draft_lengths = self.draft.lengths.copy()
+            slot = row.draft_slot
+            draft_lengths[slot] = min(draft_lengths[slot], drafting.kept_after(accepted, len(drafts)))
+            self.draft.truncate(draft_lengths)
+            drafting.update(accepted, len(drafts))
+        for token, logprob in zip(kept, logprobs, strict=True):
             stats.add_tokens(1)
-            if len(tokens) >= max_length:
-                return WindowResult(tokens[len(prompt) :], ended=False)
+            row.sum_logprob += logprob
+            if token == self.facts.tokens.eot:
+                return True
+            row.tokens.append(token)
+            if len(row.tokens) >= self.facts.n_text_ctx:
+                return True
+        return False
+
+    @staticmethod
+    def _result(row: Row) -> WindowResult:
+        return WindowResult(
+            tokens=row.tokens[row.prompt_length :],
+            language=row.language,
+            sum_logprob=row.sum_logprob,
+            no_speech_prob=row.no_speech_prob,
+            temperature=row.window.temperature,
+        )
+
+
+def keep_tokens(
+    scores: np.ndarray,
+    tokens: list[int],
+    drafted: Drafts,
+    filters: Sequence[LogitFilter],
+    temperature: float,
+    noise: PositionNoise | None,
+) -> tuple[list[int], list[float]]:
+    """The tokens a round keeps, and the log-probability of each under the filters (not tempered).
+
+    ``scores[i]`` are the main model's logits after ``tokens`` and the first ``i`` drafts. The main
+    model's choice at each position (greedy, or sampled with the row's per-position ``noise``) is
+    taken; drafts are kept while they equal it, and its choice at the first disagreement (or after
+    the last draft) is kept too.
+    """
+    drafts = drafted.tokens
+    kept: list[int] = []
+    logprobs: list[float] = []
+    for i in range(len(drafts) + 1):
+        position = filtered(scores[i], tokens + drafts[:i], filters)
+        with np.errstate(divide="ignore", under="ignore"):
+            log_norm = float(np.logaddexp.reduce(position.astype(np.float64)))
+        token = choose(position, temperature, noise, len(tokens) + i)
+        kept.append(token)
+        logprobs.append(float(position[token]) - log_norm)
+        if i == len(drafts) or token != drafts[i]:
+            break
+    return kept, logprobs
+
+
+def _remove(session: DecoderSession, rows: list[Row], leaving: Sequence[Row]) -> list[Row]:
+    """Remove ``leaving`` from ``rows`` (and their session): each hole takes the last remaining row."""
+    gone = {id(row) for row in leaving}
+    order = list(range(len(rows)))
+    kept_count = len(rows) - sum(id(row) in gone for row in rows)
+    tail = [i for i in range(kept_count, len(rows)) if id(rows[i]) not in gone]
+    for slot in range(kept_count):
+        if id(rows[slot]) in gone:
+            order[slot] = tail.pop()
+    order = order[:kept_count]
+    session.keep_rows(order)
+    return [rows[i] for i in order]

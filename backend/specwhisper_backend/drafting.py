@@ -1,4 +1,15 @@
-"""The assistant's side of speculative decoding: proposing tokens and learning how many to propose."""
+"""The draft's side of speculative decoding: each row's draft length, and proposing for a batch.
+
+Every row keeps its own drafting state (:class:`RowDraft`): a draft length that grows after a round
+the main model accepted whole and shrinks after one it cut short (transformers' heuristic), and an
+estimate of how often it accepts a drafted token. A round stops early after a token the draft itself
+is unsure of. How many tokens a row actually drafts in a step is also capped by what the batch can
+afford (:mod:`specwhisper_backend.load_policy`).
+
+The draft decoder's cache always holds a prefix of each row's text; proposing first feeds it what it
+has not seen (the tokens accepted since), then one token per step for every row still drafting, all
+rows in one batched pass per step.
+"""
 
 from __future__ import annotations
 
@@ -10,35 +21,31 @@ import numpy as np
 
 from specwhisper_backend.decoder_session import DecoderSession
 from specwhisper_backend.logit_filters import LogitFilter, filtered
-from specwhisper_backend.stats import DecodeStats
+from specwhisper_backend.sampling import PositionNoise, choose
 
 
 @dataclass(frozen=True)
 class DraftPolicy:
-    """How the draft length adapts (transformers' heuristic: +2 on full acceptance, -1 otherwise)
-    and when a window stops drafting."""
+    """How draft lengths adapt, and what the draft reads."""
 
     start: int = 5
     minimum: int = 1
     maximum: int = 16
     grow: int = 2
     shrink: int = 1
-    # Stop drafting for the rest of a window once, after this many rounds, the tokens it produced
-    # took longer (drafting plus verification, measured) than plain steps would have: the first
-    # round of each window is a plain step, which measures that cost on this machine, now. Not after
-    # 4 rounds: a window's first rounds are its hardest (its opening timestamps), and judged that
-    # early, drafting stopped in fr and es long-form windows where it paid (decode speed-up side by
-    # side, base's draft: fr 1.51x after 4 rounds, 1.65x after 12; es long-form 1.39x and 1.56x).
-    judge_after_rounds: int = 12
+    # Cap every step's drafts at what the batch can afford, from the measured cost of verification
+    # passes and draft steps and each row's acceptance (load_policy), down to plain decoding when
+    # drafting does not pay. False: draft as the lengths say whatever it costs (to measure a draft).
+    cost_aware: bool = True
     # The draft's cross-attention reads the window's audio and this many encoder frames (20 ms each)
-    # after it, not all 1500: over a short clip's padding it is a fifth of base's int8 draft step.
-    # The draft trained here reads the same cut (see draft_training); the main decoder reads all.
+    # after it, not all 1500, since over a short clip's padding they would be most of a draft step.
+    # The drafts trained here read the same cut (specwhisper_training); the main decoder reads all.
+    # Rows of a batch read as many frames as the row that reads most.
     frames_after_audio: int = 50
     # A round stops drafting after a token the draft itself gives less than this probability (under
     # the logit filters), as transformers' ``assistant_confidence_threshold`` does: the drafts after
-    # an unsure one would mostly be drafted and verified in vain. Base's trained draft, held out, agrees
-    # with the main model on 63 % of the tokens it gives 0.4-0.6 and on 99 % of those above 0.97.
-    # 0 turns it off.
+    # an unsure one would mostly be drafted and verified in vain. 0 turns it off. Why 0.6:
+    # docs/experiments.md.
     confidence: float = 0.6
 
     def __post_init__(self) -> None:
@@ -55,85 +62,154 @@ def attended_frames(audio_frames: int, frames_after_audio: int, total: int) -> i
     return max(1, min(total, audio_frames + frames_after_audio))
 
 
-class Drafter:
-    """Greedy drafting with the assistant decoder, whose cache always holds a prefix of the text."""
+class RowDraft:
+    """One row's drafting: its draft length and acceptance, carried across a request's windows."""
 
-    def __init__(self, session: DecoderSession, eot: int, policy: DraftPolicy | None = None) -> None:
-        self.session = session
-        self.eot = eot
-        self.policy = policy or DraftPolicy()
-        self.draft_length = self.policy.start
-        self.active = True
-        self._proposed_after = 0  # text length when the last proposal was made
-        self._reset()
+    # Evidence about acceptance fades by this factor a round, so a row follows its audio.
+    MEMORY = 0.9
 
-    def start_window(self, encoder_states: np.ndarray, audio_frames: int) -> None:
-        """A new window: the session restarts on its first ``audio_frames`` encoder frames of audio
-        (and the policy's margin after them); drafting gets a fresh chance."""
-        frames = attended_frames(audio_frames, self.policy.frames_after_audio, encoder_states.shape[1])
-        self.session.start(encoder_states[:, :frames])
-        self._reset()
+    def __init__(self, policy: DraftPolicy) -> None:
+        self.policy = policy
+        self.length = policy.start
+        self._accepted, self._rejected = 2.0, 1.0  # a prior of two accepted drafts to one rejection
+        self.proposed_after = 0  # text length when the current round's drafts were proposed
 
-    def _reset(self) -> None:
-        self.active = True
-        self._plain_step: float | None = None  # seconds of one plain main step, measured this window
-        self._rounds = self._produced = 0  # drafting rounds, and the tokens they produced
-        self._spent = 0.0  # seconds those rounds took, drafting and verification
-        self._draft_seconds = 0.0  # drafting time of the current round
+    @property
+    def acceptance(self) -> float:
+        """Estimated chance that the main model accepts the next drafted token, given the previous."""
+        return self._accepted / (self._accepted + self._rejected)
 
-    def propose(
-        self, tokens: Sequence[int], count: int, filters: Sequence[LogitFilter], stats: DecodeStats
-    ) -> list[int]:
-        """Up to ``count`` greedy tokens following ``tokens``; fewer if the draft ends the text."""
-        if count <= 0 or not self.active or self._plain_step is None:
-            return []
-        session = self.session
-        self._proposed_after = len(tokens)
-        fresh = list(tokens[int(session.lengths[0]) :])
-        round_started = started = time.perf_counter()
-        logits = session.forward(np.asarray([fresh]))[0, -1]
-        stats.add_draft(time.perf_counter() - started)
-        drafts: list[int] = []
-        context = list(tokens)
-        while True:
-            scores = filtered(logits, context, filters)
-            token = int(scores.argmax())
-            drafts.append(token)
-            context.append(token)
-            if token == self.eot or len(drafts) == count or self._unsure(scores, token):
-                self._draft_seconds = time.perf_counter() - round_started
-                return drafts
-            started = time.perf_counter()
-            logits = session.forward(np.asarray([[token]]))[0, 0]
-            stats.add_draft(time.perf_counter() - started)
-
-    def _unsure(self, scores: np.ndarray, token: int) -> bool:
-        """Whether the draft's probability for ``token`` (the argmax of ``scores``) is below the policy's
-        confidence: ``1 / sum(exp(scores - scores[token])) < confidence``, with no division."""
-        if not self.policy.confidence:
-            return False
-        with np.errstate(over="ignore", under="ignore"):
-            return float(np.exp(scores - scores[token]).sum()) * self.policy.confidence > 1.0
-
-    def update(self, accepted: int, drafted: int, verify_seconds: float, stats: DecodeStats) -> None:
-        """Roll the cache back to the accepted text, adapt the draft length, judge whether drafting pays."""
+    def update(self, accepted: int, drafted: int) -> None:
+        """After a verified round: adapt the length, weigh the evidence."""
         if not drafted:
-            if self._plain_step is None:
-                self._plain_step = verify_seconds
             return
-        # The session consumed the text and all drafts but the last; keep text + accepted drafts.
-        keep = self._proposed_after + min(accepted, max(drafted - 1, 0))
-        self.session.truncate(np.minimum(self.session.lengths, keep))
         policy = self.policy
         if accepted == drafted:
-            self.draft_length = min(policy.maximum, self.draft_length + policy.grow)
+            self.length = min(policy.maximum, self.length + policy.grow)
         else:
-            self.draft_length = max(policy.minimum, self.draft_length - policy.shrink)
+            self.length = max(policy.minimum, self.length - policy.shrink)
+        self._accepted = self.MEMORY * self._accepted + accepted
+        self._rejected = self.MEMORY * self._rejected + (accepted < drafted)
 
-        self._rounds += 1
-        self._produced += accepted + 1
-        self._spent += self._draft_seconds + verify_seconds
-        plain_cost = self._produced * (self._plain_step or 0.0)
-        if self._rounds >= policy.judge_after_rounds and plain_cost < self._spent:
-            self.active = False
-            stats.fallback_windows += 1
+    def kept_after(self, accepted: int, drafted: int) -> int:
+        """How much of the draft cache to keep after a round: the text and the accepted drafts (the
+        cache consumed the text and every draft but the last)."""
+        return self.proposed_after + min(accepted, max(drafted - 1, 0))
+
+
+@dataclass
+class Proposal:
+    """What one row asks of a batched proposal: ``count`` drafts after ``tokens``, with its filters;
+    drafted greedily, or sampled at ``temperature`` with the row's per-position ``noise``
+    (:mod:`specwhisper_backend.sampling`), the noise the main model's choice will read."""
+
+    slot: int  # the row's row in the draft session
+    tokens: list[int]
+    count: int
+    filters: Sequence[LogitFilter]
+    temperature: float = 0.0
+    noise: PositionNoise | None = None
+
+
+@dataclass
+class Drafts:
+    tokens: list[int]
+
+
+def tempered(scores: np.ndarray, temperature: float) -> np.ndarray:
+    """``softmax(scores / temperature)``; filtered-out ids (-inf) get probability 0."""
+    with np.errstate(over="ignore"):
+        scaled = scores.astype(np.float64) / temperature
+    scaled -= scaled.max()
+    with np.errstate(under="ignore"):
+        probs = np.exp(scaled)
+    return probs / probs.sum()
+
+
+def unsure(scores: np.ndarray, token: int, confidence: float) -> bool:
+    """Whether the draft's probability for ``token`` (the argmax of ``scores``) is below ``confidence``:
+    ``1 / sum(exp(scores - scores[token])) < confidence``, with no division."""
+    if not confidence:
+        return False
+    with np.errstate(over="ignore", under="ignore"):
+        return float(np.exp(scores - scores[token]).sum()) * confidence > 1.0
+
+
+def propose(
+    session: DecoderSession,
+    proposals: Sequence[Proposal],
+    eot: int,
+    confidence: float,
+    pass_seconds: list[float] | None = None,
+) -> list[Drafts]:
+    """Drafts for every proposal, in batched draft steps (greedy, or sampled at the proposal's
+    temperature); returns each one's drafts.
+
+    A row drafts until it has ``count`` tokens, ends the text, or is unsure of a token. Rows of the
+    session with no proposal take no part (their lengths do not move). Each pass's seconds are
+    appended to ``pass_seconds`` when given.
+    """
+    if not proposals:
+        return []
+    rows = session.batch_size
+    fresh = [p.tokens[int(session.lengths[p.slot]) :] for p in proposals]
+    width = max(len(f) for f in fresh)
+    feed = np.zeros((rows, width), dtype=np.int64)
+    counts = np.zeros(rows, dtype=np.int64)
+    for proposal, tokens in zip(proposals, fresh, strict=True):
+        feed[proposal.slot, : len(tokens)] = tokens
+        counts[proposal.slot] = len(tokens)
+    logits = _timed_forward(session, feed, counts, pass_seconds)
+    last = {p.slot: logits[p.slot, len(f) - 1] for p, f in zip(proposals, fresh, strict=True)}
+    drafts = [Drafts([]) for _ in proposals]
+    going = list(range(len(proposals)))
+    while going:
+        feed, counts = np.zeros((rows, 1), dtype=np.int64), np.zeros(rows, dtype=np.int64)
+        still = []
+        for index in going:
+            proposal, mine = proposals[index], drafts[index]
+            scores = filtered(last[proposal.slot], [*proposal.tokens, *mine.tokens], proposal.filters)
+            temperature = proposal.temperature
+            token = choose(scores, temperature, proposal.noise, len(proposal.tokens) + len(mine.tokens))
+            with np.errstate(over="ignore"):
+                doubtful = unsure(scores / temperature if temperature else scores, token, confidence)
+            mine.tokens.append(token)
+            if token != eot and len(mine.tokens) < proposal.count and not doubtful:
+                feed[proposal.slot, 0], counts[proposal.slot] = token, 1
+                still.append(index)
+        going = still
+        if going:
+            logits = _timed_forward(session, feed, counts, pass_seconds)
+            last = {proposals[i].slot: logits[proposals[i].slot, 0] for i in going}
+    return drafts
+
+
+def _timed_forward(session: DecoderSession, feed: np.ndarray, counts: np.ndarray, seconds: list[float] | None):
+    started = time.perf_counter()
+    logits = session.forward(feed, counts)
+    if seconds is not None:
+        seconds.append(time.perf_counter() - started)
+    return logits
+
+
+@dataclass(frozen=True)
+class ProposalTiming:
+    """What a batched proposal took: all of it, and its passes of one token a row apart from the
+    first, which also feeds each row what it accepted since it last drafted (after a stretch of
+    plain steps, many tokens): only those say what one more drafted token costs."""
+
+    seconds: float
+    passes: int
+    step_seconds: float
+    step_passes: int
+
+
+def timed_propose(
+    session: DecoderSession, proposals: Sequence[Proposal], eot: int, confidence: float
+) -> tuple[list[Drafts], ProposalTiming]:
+    """:func:`propose`, with what it took."""
+    started = time.perf_counter()
+    passes: list[float] = []
+    drafts = propose(session, proposals, eot, confidence, passes)
+    timing = ProposalTiming(time.perf_counter() - started, len(passes), sum(passes[1:]), max(len(passes) - 1, 0))
+    return drafts, timing

@@ -11,3 +11,7 @@ class AudioError(RequestError):
 
 class OptionError(RequestError):
     """An unknown language, task or option, or options that contradict each other."""
+
+
+class RequestCancelled(Exception):
+    """The caller withdrew the request (a cancelled call, a closed stream): decoding stopped early."""

@@ -12,8 +12,8 @@ from pathlib import Path
 from typing import Literal
 
 FACTS_FILE = "model_facts.json"
-# 3: a decoder's logits may cover a vocabulary subset (logit_ids_file).
-FACTS_FORMAT = 3
+# 3: a decoder's logits may cover a vocabulary subset (logit_ids_file). 4: the alignment graph.
+FACTS_FORMAT = 4
 # Writes a decoder step's new K/V into caches that stay on the device (see decoder_session).
 KV_WRITER_FILE = "kv_writer.onnx"
 
@@ -50,6 +50,8 @@ class DecoderFacts:
     # A trained draft's head scores a vocabulary subset: its logits have one column per id in this
     # file (int64 .npy, relative to the facts file). None: the whole vocabulary.
     logit_ids_file: str | None = None
+    # The main model's alignment graph (word timestamps), where it has alignment heads.
+    alignment_file: str | None = None
 
 
 @dataclass(frozen=True)

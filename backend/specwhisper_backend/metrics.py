@@ -20,6 +20,18 @@ COUNTERS = (
     ("specwhisper_assistant_decoder_passes_total", "Assistant decoder passes", "assistant_passes"),
     ("specwhisper_audio_seconds_total", "Seconds of audio transcribed", None),
     ("specwhisper_requests_total", "Requests served", None),
+    ("specwhisper_queue_seconds_total", "Seconds requests waited before their first window decoded", "seconds_queued"),
+    (
+        "specwhisper_first_segment_seconds_total",
+        "Seconds from arrival to each request's first segment",
+        "seconds_to_first_segment",
+    ),
+)
+# Per instance, not per request: the batch's steps and the rows they decoded (mean rows per step is
+# rate(rows) / rate(steps)).
+STEP_COUNTERS = (
+    ("specwhisper_batch_steps_total", "Decode steps run"),
+    ("specwhisper_batch_rows_total", "Rows decoded, summed over the decode steps"),
 )
 
 
@@ -41,6 +53,8 @@ class ServingMetrics:
         )
         self._failures: dict[str, Any] = {}
         self._model = model
+        self._step_families = [pb_utils.MetricFamily(name=n, description=d, kind=kind) for n, d in STEP_COUNTERS]
+        self._steps, self._rows = (family.Metric(labels={"model": model}) for family in self._step_families)
 
     def record(self, stats: DecodeStats, audio_seconds: float, speculative: bool) -> None:
         metrics = self._metrics["true" if speculative else "false"]
@@ -49,6 +63,10 @@ class ServingMetrics:
                 metrics[name].increment(getattr(stats, field))
         metrics["specwhisper_audio_seconds_total"].increment(audio_seconds)
         metrics["specwhisper_requests_total"].increment(1)
+
+    def record_step(self, rows: int) -> None:
+        self._steps.increment(1)
+        self._rows.increment(rows)
 
     def record_failure(self, reason: str) -> None:
         if reason not in self._failures:
@@ -60,4 +78,5 @@ class ServingMetrics:
         self._metrics.clear()
         self._failures.clear()
         self._families.clear()
-        del self._failures_family
+        del self._failures_family, self._steps, self._rows
+        self._step_families.clear()

@@ -19,8 +19,12 @@ def session_options(intra_op_threads: int = 0) -> ort.SessionOptions:
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     # Draft and main decoder alternate step by step, each with its own thread pool: a pool that
-    # spin-waits after its run keeps the cores from the other (measured here: 3-4x slower steps).
+    # spin-waits after its run keeps the cores from the other, and both slow down several times.
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    # Memory patterns are planned and kept per set of input shapes, and decoder shapes change with
+    # the batch's rows, tokens and cache length: off, a batching instance held less memory and ran
+    # as fast (docs/experiments.md, 2026-12-01).
+    options.enable_mem_pattern = False
     return options
 
 
@@ -41,8 +45,8 @@ def execution_providers(device: str = "cpu", device_id: int = 0) -> list:
         raise RuntimeError(
             f"device 'gpu' needs onnxruntime-gpu's CUDA execution provider; this ONNX Runtime has only {available}"
         )
-    # No TF32: an fp32 export computes in fp32, as the CPU does (TF32 moved logits by ~1e-3 on an
-    # H100, enough to flip near-ties against the CPU's greedy choice); fp16 exports are for speed.
+    # No TF32: an fp32 export computes in fp32, as the CPU does (TF32 moved logits enough to flip
+    # near-ties against the CPU's greedy choice, docs/gpu.md); fp16 exports are for speed.
     return [("CUDAExecutionProvider", {"device_id": device_id, "use_tf32": 0}), "CPUExecutionProvider"]
 
 
@@ -67,6 +71,8 @@ class ExportedModel:
         def open_session(relative: str) -> ort.InferenceSession:
             return ort.InferenceSession(str(self.directory / relative), self._options, providers=self._providers)
 
+        self._open_session = open_session
+        self._alignment: ort.InferenceSession | None = None
         main = self.facts.main
         self.encoder = open_session(main.encoder_file)
         self.main = self.open_decoder(main)
@@ -86,6 +92,14 @@ class ExportedModel:
             self._cache_device,
             self.facts.vocab_size,
         )
+
+    @property
+    def alignment(self) -> ort.InferenceSession | None:
+        """The main model's alignment graph (word timestamps), opened on first use; None if the
+        export has none."""
+        if self._alignment is None and self.facts.main.alignment_file:
+            self._alignment = self._open_session(self.facts.main.alignment_file)
+        return self._alignment
 
     def encode(self, features: np.ndarray) -> np.ndarray:
         """Main encoder: log-mel ``[B, n_mels, 3000]`` -> hidden states ``[B, 1500, d]``."""

@@ -16,7 +16,24 @@ from specwhisper_backend import audio
 from specwhisper_backend.errors import RequestError
 from specwhisper_backend.transcriber import Segment, TranscribeOptions, Transcription
 
-INPUT_NAMES = ("AUDIO", "SAMPLE_RATE", "AUDIO_BYTES", "LANGUAGE", "TASK", "TIMESTAMPS", "SPECULATIVE", "INITIAL_PROMPT")
+INPUT_NAMES = (
+    "AUDIO",
+    "SAMPLE_RATE",
+    "AUDIO_BYTES",
+    "LANGUAGE",
+    "TASK",
+    "TIMESTAMPS",
+    "SPECULATIVE",
+    "INITIAL_PROMPT",
+    "CONDITION_ON_PREVIOUS_TEXT",
+    "TEMPERATURE",
+    "COMPRESSION_RATIO_THRESHOLD",
+    "LOGPROB_THRESHOLD",
+    "NO_SPEECH_THRESHOLD",
+    "SEED",
+    "WORD_TIMESTAMPS",
+    "VAD_FILTER",
+)
 # Languages given as these mean "detect it".
 AUTO_LANGUAGE = ("", "auto")
 
@@ -48,6 +65,27 @@ def _flag(inputs: Mapping[str, np.ndarray | None], name: str, default: bool) -> 
     return default if value is None else bool(value)
 
 
+def _threshold(inputs: Mapping[str, np.ndarray | None], name: str, default: float | None) -> float | None:
+    """A float input; NaN turns the threshold off."""
+    value = _scalar(inputs, name)
+    if value is None:
+        return default
+    number = float(value)
+    if np.isinf(number):
+        raise RequestError(f"input {name} must be a finite number (NaN turns it off), got {number}")
+    return None if np.isnan(number) else number
+
+
+def _temperatures(inputs: Mapping[str, np.ndarray | None]) -> tuple[float, ...] | None:
+    value = inputs.get("TEMPERATURE")
+    if value is None:
+        return None
+    values = np.asarray(value, dtype=np.float64).reshape(-1)
+    if values.size == 0 or not np.all(np.isfinite(values)):
+        raise RequestError(f"input TEMPERATURE must hold one or more finite temperatures, got {values.tolist()}")
+    return tuple(float(v) for v in values)
+
+
 def parse_request(
     inputs: Mapping[str, np.ndarray | None], max_audio_seconds: float, parameters: str | None = None
 ) -> tuple[np.ndarray, TranscribeOptions]:
@@ -76,12 +114,24 @@ def parse_request(
             raise RequestError(f"AUDIO_BYTES must be a 1-D uint8 vector of file bytes, got {data.dtype} {data.shape}")
         pcm = audio.from_bytes(data.tobytes(), max_audio_seconds)
     language = _text(inputs, "LANGUAGE")
+    defaults = TranscribeOptions()
+    seed = _scalar(inputs, "SEED")
     options = TranscribeOptions(
         language=None if language is None or language.strip().lower() in AUTO_LANGUAGE else language.strip().lower(),
         task=_text(inputs, "TASK") or "transcribe",
         timestamps=_flag(inputs, "TIMESTAMPS", False),
         speculative=_flag(inputs, "SPECULATIVE", True),
         initial_prompt=_text(inputs, "INITIAL_PROMPT") or None,
+        condition_on_previous_text=_flag(inputs, "CONDITION_ON_PREVIOUS_TEXT", defaults.condition_on_previous_text),
+        temperatures=_temperatures(inputs) or defaults.temperatures,
+        compression_ratio_threshold=_threshold(
+            inputs, "COMPRESSION_RATIO_THRESHOLD", defaults.compression_ratio_threshold
+        ),
+        logprob_threshold=_threshold(inputs, "LOGPROB_THRESHOLD", defaults.logprob_threshold),
+        no_speech_threshold=_threshold(inputs, "NO_SPEECH_THRESHOLD", defaults.no_speech_threshold),
+        seed=defaults.seed if seed is None else int(seed),
+        word_timestamps=_flag(inputs, "WORD_TIMESTAMPS", defaults.word_timestamps),
+        vad_filter=_flag(inputs, "VAD_FILTER", defaults.vad_filter),
     )
     return pcm, options
 

@@ -1,5 +1,13 @@
 """gRPC client library and CLI for the specwhisper Triton model."""
 
-from specwhisper_client.client import Segment, SpeechClient, StreamEnd, TranscriptionError, TranscriptionResult
+from specwhisper_client.client import (
+    Options,
+    Segment,
+    SpeechClient,
+    StreamEnd,
+    TranscriptionError,
+    TranscriptionResult,
+    Word,
+)
 
-__all__ = ["Segment", "SpeechClient", "StreamEnd", "TranscriptionError", "TranscriptionResult"]
+__all__ = ["Options", "Segment", "SpeechClient", "StreamEnd", "TranscriptionError", "TranscriptionResult", "Word"]

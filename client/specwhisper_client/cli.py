@@ -28,11 +28,33 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("--timestamps", action="store_true", help="segment times (implied by srt and vtt)")
     run.add_argument("--no-speculative", action="store_true", help="main model alone (the baseline)")
     run.add_argument("--initial-prompt")
+    run.add_argument(
+        "--condition-on-previous-text",
+        action=argparse.BooleanOptionalAction,
+        help="prompt each window with the text so far",
+    )
+    run.add_argument("--temperature", type=float, nargs="+", help="the fallback's schedule (default 0 0.2 ... 1.0)")
+    for name, what in (
+        ("compression-ratio-threshold", "decode again above this gzip ratio (default 2.4)"),
+        ("logprob-threshold", "decode again below this average log-probability (default -1)"),
+        ("no-speech-threshold", "skip a silent window above this no-speech probability (default 0.6)"),
+    ):
+        run.add_argument(f"--{name}", type=_threshold, help=f"{what}; 'off' turns it off")
+    run.add_argument("--seed", type=int, help="for sampling above temperature 0 (default 0)")
+    run.add_argument(
+        "--word-timestamps", action="store_true", help="times of each word (json; srt/vtt with --word-level)"
+    )
+    run.add_argument("--word-level", action="store_true", help="srt/vtt: one cue per word (implies --word-timestamps)")
+    run.add_argument("--vad-filter", action="store_true", help="decode only the speech Silero VAD finds")
     run.add_argument("--format", choices=FORMATS, default="txt")
     run.add_argument("--output-dir", type=Path, default=Path("."))
     run.add_argument("--concurrency", type=int, default=4)
     run.add_argument("--timeout", type=float, default=600.0, help="seconds per request")
     return parser
+
+
+def _threshold(value: str) -> float:
+    return float("nan") if value.lower() == "off" else float(value)
 
 
 def _stream_with_progress(client: SpeechClient, path: Path, options: dict) -> TranscriptionResult:
@@ -58,12 +80,21 @@ def main(argv: list[str] | None = None) -> int:
         "timestamps": args.timestamps or args.format in ("srt", "vtt"),
         "speculative": not args.no_speculative,
         "initial_prompt": args.initial_prompt,
+        "condition_on_previous_text": args.condition_on_previous_text,
+        "temperature": args.temperature,
+        "compression_ratio_threshold": args.compression_ratio_threshold,
+        "logprob_threshold": args.logprob_threshold,
+        "no_speech_threshold": args.no_speech_threshold,
+        "seed": args.seed,
+        "word_timestamps": args.word_timestamps or args.word_level,
+        "vad_filter": args.vad_filter,
     }
     args.output_dir.mkdir(parents=True, exist_ok=True)
     failures = 0
 
     def save(path: Path, result: TranscriptionResult) -> None:
-        (args.output_dir / f"{path.stem}.{args.format}").write_text(render(result, args.format), encoding="utf-8")
+        text = render(result, args.format, words=args.word_level)
+        (args.output_dir / f"{path.stem}.{args.format}").write_text(text, encoding="utf-8")
 
     missing = [f for f in args.files if not f.is_file()]
     for path in missing:

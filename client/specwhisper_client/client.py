@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import queue
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,11 +28,24 @@ class TranscriptionError(RuntimeError):
 
 
 @dataclass(frozen=True)
+class Word:
+    word: str
+    start: float
+    end: float
+    probability: float
+
+
+@dataclass(frozen=True)
 class Segment:
     start: float
     end: float
     text: str
     tokens: tuple[int, ...] = ()
+    words: tuple[Word, ...] = ()  # with word_timestamps
+    temperature: float = 0.0  # its window's decoding: the temperature kept, and what the fallback judged
+    avg_logprob: float = 0.0
+    compression_ratio: float = 0.0
+    no_speech_prob: float | None = None
 
 
 @dataclass(frozen=True)
@@ -52,7 +65,18 @@ class StreamEnd:
 
 
 def _segments(raw: bytes) -> list[Segment]:
-    return [Segment(s["start"], s["end"], s["text"], tuple(s.get("tokens", ()))) for s in json.loads(raw)]
+    judged = ("temperature", "avg_logprob", "compression_ratio", "no_speech_prob")
+    return [
+        Segment(
+            s["start"],
+            s["end"],
+            s["text"],
+            tuple(s.get("tokens", ())),
+            tuple(Word(**w) for w in s.get("words", ())),
+            **{key: s[key] for key in judged if key in s},
+        )
+        for s in json.loads(raw)
+    ]
 
 
 def _text_input(name: str, value: str) -> grpcclient.InferInput:
@@ -64,6 +88,13 @@ def _text_input(name: str, value: str) -> grpcclient.InferInput:
 def _flag_input(name: str, value: bool) -> grpcclient.InferInput:
     tensor = grpcclient.InferInput(name, [1], "BOOL")
     tensor.set_data_from_numpy(np.array([value], dtype=bool))
+    return tensor
+
+
+def _number_input(name: str, values: Sequence[float] | float, dtype: str = "FP32") -> grpcclient.InferInput:
+    array = np.asarray(values, dtype=np.int64 if dtype == "INT64" else np.float32).reshape(-1)
+    tensor = grpcclient.InferInput(name, list(array.shape), dtype)
+    tensor.set_data_from_numpy(array)
     return tensor
 
 
@@ -87,22 +118,43 @@ def audio_inputs(source: Source, sample_rate: int | None = None) -> list[grpccli
 
 @dataclass(frozen=True)
 class Options:
+    """A request's options; those left at None are the server's defaults (openai/whisper's)."""
+
     language: str | None = None
     task: str = "transcribe"
     timestamps: bool = False
     speculative: bool = True
     initial_prompt: str | None = None
+    condition_on_previous_text: bool | None = None
+    temperature: Sequence[float] | float | None = None  # the fallback's schedule, e.g. (0.0, 0.2, ..., 1.0)
+    compression_ratio_threshold: float | None = None  # NaN turns it off
+    logprob_threshold: float | None = None  # NaN turns it off
+    no_speech_threshold: float | None = None  # NaN turns it off
+    seed: int | None = None
+    word_timestamps: bool = False
+    vad_filter: bool = False
 
     def inputs(self) -> list[grpcclient.InferInput]:
         tensors = [
             _text_input("TASK", self.task),
             _flag_input("TIMESTAMPS", self.timestamps),
             _flag_input("SPECULATIVE", self.speculative),
+            _flag_input("WORD_TIMESTAMPS", self.word_timestamps),
+            _flag_input("VAD_FILTER", self.vad_filter),
         ]
         if self.language:
             tensors.append(_text_input("LANGUAGE", self.language))
         if self.initial_prompt:
             tensors.append(_text_input("INITIAL_PROMPT", self.initial_prompt))
+        if self.condition_on_previous_text is not None:
+            tensors.append(_flag_input("CONDITION_ON_PREVIOUS_TEXT", self.condition_on_previous_text))
+        if self.temperature is not None:
+            tensors.append(_number_input("TEMPERATURE", self.temperature))
+        for name in ("compression_ratio_threshold", "logprob_threshold", "no_speech_threshold"):
+            if getattr(self, name) is not None:
+                tensors.append(_number_input(name.upper(), getattr(self, name)))
+        if self.seed is not None:
+            tensors.append(_number_input("SEED", self.seed, "INT64"))
         return tensors
 
 

@@ -18,18 +18,28 @@ def _clock(seconds: float, separator: str) -> str:
     return f"{hours:02d}:{minutes:02d}:{secs:02d}{separator}{millis:03d}"
 
 
-def render(result: TranscriptionResult, fmt: str) -> str:
+def _cues(result: TranscriptionResult, words: bool) -> list[tuple[float, float, str]]:
+    """(start, end, text) of each subtitle: a segment, or each word of each segment."""
+    if words:
+        return [(w.start, w.end, w.word.strip()) for s in result.segments for w in s.words]
+    return [(s.start, s.end, s.text.strip()) for s in result.segments]
+
+
+def render(result: TranscriptionResult, fmt: str, words: bool = False) -> str:
+    """The result as ``fmt``; ``words``: srt and vtt cues are words (the result has word timestamps)."""
     if fmt == "txt":
         return result.text + "\n"
     if fmt == "json":
         return json.dumps(asdict(result), ensure_ascii=False, indent=2) + "\n"
+    if words and not any(s.words for s in result.segments) and result.segments:
+        raise ValueError("word-level subtitles need word timestamps: request word_timestamps")
     if fmt == "srt":
         blocks = [
-            f"{i}\n{_clock(s.start, ',')} --> {_clock(s.end, ',')}\n{s.text.strip()}\n"
-            for i, s in enumerate(result.segments, 1)
+            f"{i}\n{_clock(start, ',')} --> {_clock(end, ',')}\n{text}\n"
+            for i, (start, end, text) in enumerate(_cues(result, words), 1)
         ]
         return "\n".join(blocks)
     if fmt == "vtt":
-        cues = [f"{_clock(s.start, '.')} --> {_clock(s.end, '.')}\n{s.text.strip()}\n" for s in result.segments]
+        cues = [f"{_clock(start, '.')} --> {_clock(end, '.')}\n{text}\n" for start, end, text in _cues(result, words)]
         return "WEBVTT\n\n" + "\n".join(cues)
     raise ValueError(f"unknown format {fmt!r}: use one of {', '.join(FORMATS)}")

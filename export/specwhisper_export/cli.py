@@ -10,7 +10,38 @@ from pathlib import Path
 from specwhisper_export.compat import IncompatibleAssistantError
 from specwhisper_export.presets import PRESETS
 from specwhisper_export.repository import ExportRequest, write_repository
+from specwhisper_export.shipped import default_assistant
 from specwhisper_export.triton_config import ServingOptions
+
+
+def add_assistant_arguments(parser: argparse.ArgumentParser, optional: bool = True) -> None:
+    """``--assistant`` (default: the draft that ships for ``--main``) and ``--assistant-int8`` (on by
+    default), the same for every command that exports a draft; ``optional``: ``--no-assistant`` too."""
+    parser.add_argument(
+        "--assistant", help="preset, checkpoint directory or Hugging Face id (default: the draft shipped for --main)"
+    )
+    if optional:
+        parser.add_argument("--no-assistant", action="store_true", help="no assistant: plain decoding only")
+    parser.add_argument(
+        "--assistant-int8",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="int8 weights for the assistant decoder only, a cheaper draft with the same output "
+        "(default: on, for fp32 exports)",
+    )
+
+
+def resolve_assistant(args: argparse.Namespace, precision: str = "fp32") -> tuple[str | None, bool]:
+    """The assistant asked for (or the shipped default) and whether its decoder goes int8."""
+    if getattr(args, "no_assistant", False):
+        if args.assistant:
+            raise ValueError("--assistant and --no-assistant contradict each other")
+        return None, False
+    assistant = args.assistant or default_assistant(args.main)
+    int8 = args.assistant_int8
+    if int8 is None:
+        int8 = assistant is not None and precision == "fp32"
+    return assistant, int8
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -20,7 +51,6 @@ def build_parser() -> argparse.ArgumentParser:
         description="Export Whisper (and an assistant for speculative decoding) to ONNX in a Triton model repository.",
     )
     parser.add_argument("--main", required=True, help=f"preset ({presets}), checkpoint directory or Hugging Face id")
-    parser.add_argument("--assistant", help="assistant model: preset, checkpoint directory or Hugging Face id")
     parser.add_argument(
         "--assistant-form",
         choices=["auto", "decoder_only", "full"],
@@ -29,11 +59,7 @@ def build_parser() -> argparse.ArgumentParser:
         "encoder; auto picks decoder_only when the assistant can read the main encoder's output",
     )
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="fp16 is for GPU deployments")
-    parser.add_argument(
-        "--assistant-int8",
-        action="store_true",
-        help="int8 weights for the assistant decoder only (a cheaper draft; the output is unchanged)",
-    )
+    add_assistant_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="Triton model repository to write into")
     parser.add_argument("--model-name", default="specwhisper")
     parser.add_argument("--instances", type=int, default=1, help="Triton model instances")
@@ -44,6 +70,16 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=ServingOptions().draft_confidence,
         help="a round stops drafting after a token the draft gives less probability (0: never)",
+    )
+    batching = ServingOptions()
+    parser.add_argument(
+        "--max-batch-rows", type=int, default=batching.max_batch_rows, help="windows decoded together per instance"
+    )
+    parser.add_argument(
+        "--max-queue", type=int, default=batching.max_queue, help="requests that may wait beyond the batch's rows"
+    )
+    parser.add_argument(
+        "--encoder-batch", type=int, default=batching.encoder_batch, help="windows per encoder pass (GPUs: more)"
     )
     parser.add_argument(
         "--no-stream", action="store_true", help="skip the decoupled <name>_stream model that streams segments"
@@ -61,13 +97,17 @@ def main(argv: list[str] | None = None) -> int:
             device=args.device,
             streaming=not args.no_stream,
             draft_confidence=args.draft_confidence,
+            max_batch_rows=args.max_batch_rows,
+            max_queue=args.max_queue,
+            encoder_batch=args.encoder_batch,
         )
+        assistant, int8 = resolve_assistant(args, args.precision)
         request = ExportRequest(
             main=args.main,
-            assistant=args.assistant,
+            assistant=assistant,
             assistant_form=args.assistant_form,
             precision=args.precision,
-            assistant_int8=args.assistant_int8,
+            assistant_int8=int8,
         )
         model_dirs = write_repository(request, args.out, args.model_name, serving)
     except (IncompatibleAssistantError, ValueError) as error:

@@ -15,7 +15,7 @@ from typing import Literal
 from torch import nn
 from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 
-from specwhisper_backend.cache import cached_dir, checkpoint_identity, input_key
+from specwhisper_export.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_export.presets import load_whisper, resolve_checkpoint
 
 

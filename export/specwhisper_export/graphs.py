@@ -8,6 +8,8 @@ Three graphs per model (the decoder-only assistant has no encoder of its own):
 * ``decoder``: ``S`` new tokens per row, a self-attention KV cache and the cross K/V -> logits for
   the new tokens (over the whole vocabulary, or a trained draft's subset of it) and their
   self-attention K/V.
+* ``alignment`` (the main model only): a whole token sequence and the encoder output -> its logits
+  and the alignment heads' cross-attention scores, from which word timestamps are made.
 
 The decoder's cache is a buffer the caller owns, ``past_key_i / past_value_i [B, H, C, Dh]`` per
 layer, passed whole and never copied by the graph: ``attention_mask [B, C + S]`` says which of the
@@ -101,8 +103,8 @@ class TrimmedHead(nn.Module):
     A small draft decoder spends most of its time in the output projection (``d x 51865`` for
     Whisper's multilingual vocabulary); projecting onto the ids the main model actually says is what
     makes drafting cheap. The graph returns just those scores: scattering them into a full-vocabulary
-    row inside the graph (an ``Expand``, two transposes and a ``ScatterND`` over 51865 columns) cost
-    an eighth of a draft step, and the engine does it on the host for a fraction of that
+    row inside the graph (an ``Expand``, two transposes and a ``ScatterND`` over 51865 columns) was a
+    noticeable share of a draft step, and the engine does it on the host for a fraction of that
     (``DecoderFacts.logit_ids_file`` says which ids the columns are).
     """
 
@@ -124,11 +126,16 @@ class DecoderGraph(nn.Module):
     ``past_key_i, past_value_i`` for all layers, then ``cross_key_i, cross_value_i`` for all layers.
     """
 
-    def __init__(self, decoder: WhisperDecoder, proj_out: nn.Module) -> None:
+    def __init__(
+        self, decoder: WhisperDecoder, proj_out: nn.Module, alignment_heads: tuple[tuple[int, int], ...] = ()
+    ) -> None:
+        """``alignment_heads``: (layer, head) pairs whose cross-attention scores (before the softmax)
+        are returned instead of the new K/V."""
         super().__init__()
         self.decoder = decoder
         self.proj_out = proj_out
         self.num_heads = decoder.config.decoder_attention_heads
+        self.alignment_heads = alignment_heads
 
     def forward(
         self,
@@ -152,6 +159,7 @@ class DecoderGraph(nn.Module):
         hidden = hidden + decoder.embed_positions.weight[position_ids]
 
         new_kv: list[torch.Tensor] = []
+        captured: list[torch.Tensor] = []
         for i, layer in enumerate(decoder.layers):
             attn: WhisperAttention = layer.self_attn
             x = layer.self_attn_layer_norm(hidden)
@@ -166,6 +174,7 @@ class DecoderGraph(nn.Module):
             x = layer.encoder_attn_layer_norm(hidden)
             q = _split_heads(cross_attn.q_proj(x) * cross_attn.scaling, self.num_heads)
             scores = torch.matmul(q, cross[2 * i].transpose(-1, -2))
+            captured += [scores[:, head] for layer_index, head in self.alignment_heads if layer_index == i]
             ctx = torch.matmul(torch.softmax(scores, dim=-1), cross[2 * i + 1])
             hidden = hidden + cross_attn.out_proj(_merge_heads(ctx))
 
@@ -174,4 +183,29 @@ class DecoderGraph(nn.Module):
 
         # Logits stay float32 at the interface whatever precision the weights are in.
         logits = self.proj_out(decoder.layer_norm(hidden)).float()
+        if self.alignment_heads:
+            return logits, torch.stack(captured, dim=1).float()
         return (logits, *new_kv)
+
+
+class AlignmentGraph(nn.Module):
+    """The main decoder over one whole token sequence (prompt, text, end of text), with no cache:
+    its logits ``[1, T, V]`` and the alignment heads' cross-attention scores ``[1, A, T, frames]``
+    (before the softmax, as openai/whisper's ``timing.py`` reads them), from the encoder output."""
+
+    def __init__(self, decoder: WhisperDecoder, proj_out: nn.Module, alignment_heads: tuple[tuple[int, int], ...]):
+        super().__init__()
+        self.cross_kv = CrossKVGraph(decoder)
+        self.decoder = DecoderGraph(decoder, proj_out, alignment_heads)
+        self.heads = decoder.config.decoder_attention_heads
+        self.head_dim = decoder.config.d_model // self.heads
+        self.layers = len(decoder.layers)
+
+    def forward(self, input_ids: torch.Tensor, encoder_hidden_states: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        length = input_ids.shape[1]
+        dtype = self.decoder.decoder.embed_tokens.weight.dtype
+        cross = self.cross_kv(encoder_hidden_states.to(dtype))
+        empty = [input_ids.new_zeros((1, self.heads, 0, self.head_dim), dtype=dtype) for _ in range(2 * self.layers)]
+        positions = torch.arange(length, device=input_ids.device)[None]
+        mask = torch.ones(1, length, dtype=torch.int64, device=input_ids.device)
+        return self.decoder(input_ids, positions, mask, *empty, *cross)

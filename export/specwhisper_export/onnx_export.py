@@ -19,7 +19,7 @@ from torch.export import Dim
 from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 
 from specwhisper_backend.facts import cache_names
-from specwhisper_export.graphs import CrossKVGraph, DecoderGraph, EncoderGraph, TrimmedHead
+from specwhisper_export.graphs import AlignmentGraph, CrossKVGraph, DecoderGraph, EncoderGraph, TrimmedHead
 
 OPSET = 18
 IR_VERSION = 10  # what torch.onnx.export writes with OPSET; ONNX Runtime 1.20 loads up to IR 10
@@ -28,6 +28,7 @@ logging.getLogger("torch.onnx._internal.exporter._registration").setLevel(loggin
 ENCODER_FILE = "encoder.onnx"
 CROSS_KV_FILE = "cross_kv.onnx"
 DECODER_FILE = "decoder.onnx"
+ALIGNMENT_FILE = "alignment.onnx"
 # Beside a decoder whose head covers a vocabulary subset: the ids its logits' columns stand for.
 LOGIT_IDS_FILE = "logit_ids.npy"
 
@@ -157,6 +158,23 @@ def export_decoder(
         ],
         ["logits", *cache_names(shape.layers, "new")],
         ({0: b, 1: s}, {0: b, 1: s}, {0: b, 1: Dim("total")}, tuple(caches)),
+    )
+
+
+def export_alignment(model: WhisperForConditionalGeneration, heads: tuple[tuple[int, int], ...], path: Path) -> None:
+    """The main decoder over a whole token sequence with its alignment heads' cross-attention scores
+    (:class:`AlignmentGraph`): ``input_ids [1, T]``, ``encoder_hidden_states [1, frames, d]`` ->
+    ``logits [1, T, V]``, ``scores [1, heads, T, frames]``."""
+    decoder, proj_out = _decoder_parts(model)
+    enc_len = model.config.max_source_positions
+    args = (torch.zeros(1, 4, dtype=torch.int64), torch.zeros(1, enc_len, model.config.d_model))
+    _export(
+        AlignmentGraph(decoder, proj_out, heads),
+        args,
+        path,
+        ["input_ids", "encoder_hidden_states"],
+        ["logits", "scores"],
+        ({1: Dim("tokens", min=2, max=model.config.max_target_positions)}, {1: Dim("enc_len")}),
     )
 
 

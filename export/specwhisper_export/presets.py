@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING
 
 from tqdm import tqdm
 
-from specwhisper_backend.cache import cache_root, cached_dir, input_key
+from specwhisper_export.cache import cache_root, cached_dir, input_key
 
 from .ct2_import import CONVERTER_VERSION, import_ct2_whisper
 

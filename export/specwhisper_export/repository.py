@@ -8,12 +8,13 @@ same inputs takes seconds.
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import inspect
 import json
 import os
 import shutil
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -28,10 +29,11 @@ from transformers import (
 )
 
 from specwhisper_backend import facts as backend_facts
-from specwhisper_backend.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_backend.facts import FACTS_FILE, DecoderFacts
 from specwhisper_backend.features import MEL_FILTERS_FILE
+from specwhisper_backend.vad import VAD_FILE
 from specwhisper_export import compat, graphs, model_facts, onnx_export
+from specwhisper_export.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_export.presets import resolve_checkpoint
 from specwhisper_export.triton_config import ServingOptions, render_config
 
@@ -68,7 +70,7 @@ def _code_version() -> str:
     digest = hashlib.sha256()
     for module in _EXPORT_SOURCES:
         digest.update(Path(module.__file__).read_bytes())
-    for function in (_build, _decoder_facts, draft_vocabulary, _load):
+    for function in (_build, _decoder_facts, draft_vocabulary, _load, _copy_vad):
         digest.update(inspect.getsource(function).encode())
     return digest.hexdigest()[:12]
 
@@ -113,6 +115,8 @@ def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, f
     steps: list[tuple[str, Callable[[], None]]] = []
 
     main = main.to(dtype)
+    alignment = getattr(main.generation_config, "alignment_heads", None) or ()
+    heads = tuple(tuple(int(x) for x in pair) for pair in alignment)
     if assistant_ckpt is None:
         (out / "main").mkdir()
         steps += [
@@ -126,7 +130,12 @@ def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, f
             ("main decoder", lambda: onnx_export.export_decoder(main, out / "main" / onnx_export.DECODER_FILE)),
             ("KV cache writer", lambda: onnx_export.export_kv_writer(out / backend_facts.KV_WRITER_FILE, np_dtype)),
         ]
+        if heads:
+            path = out / "main" / onnx_export.ALIGNMENT_FILE
+            steps.append(("main alignment", lambda: onnx_export.export_alignment(main, heads, path)))
     main_facts = _decoder_facts(main, "main", with_encoder=True, dtype=np_dtype)
+    if heads:
+        main_facts = replace(main_facts, alignment_file=f"main/{onnx_export.ALIGNMENT_FILE}")
 
     assistant_facts = None
     if assistant_ckpt is not None:
@@ -180,11 +189,23 @@ def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, f
         bar.set_postfix_str(name)
         step()
 
+    _copy_vad(out)
     processor.save_pretrained(out / PROCESSOR_DIR)
     # The backend computes features without transformers, with the extractor's own filter bank.
     np.save(out / MEL_FILTERS_FILE, np.asarray(processor.feature_extractor.mel_filters, dtype=np.float32))
     facts = model_facts.build_facts(main, processor.tokenizer, main_facts, assistant_facts, form)
     (out / FACTS_FILE).write_text(facts.to_json())
+
+
+def _copy_vad(out: Path) -> None:
+    """Silero VAD's ONNX file from the ``silero-vad`` package (found, not imported: it imports torch)."""
+    spec = importlib.util.find_spec("silero_vad")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("the silero-vad package is missing: pip install silero-vad")
+    source = Path(next(iter(spec.submodule_search_locations))) / "data" / "silero_vad.onnx"
+    target = out / VAD_FILE
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copy2(source, target)
 
 
 def _decoder_facts(

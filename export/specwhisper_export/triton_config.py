@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from specwhisper_backend.drafting import DraftPolicy
+from specwhisper_backend.scheduler import SchedulerOptions
 
 # (name, Triton data type, dims). All inputs are optional to Triton: the model itself checks that a
 # request carries exactly one of AUDIO (with SAMPLE_RATE) and AUDIO_BYTES, and says which is wrong.
@@ -18,6 +19,15 @@ INPUTS = (
     ("TIMESTAMPS", "TYPE_BOOL", "[ 1 ]"),
     ("SPECULATIVE", "TYPE_BOOL", "[ 1 ]"),
     ("INITIAL_PROMPT", "TYPE_STRING", "[ 1 ]"),
+    ("CONDITION_ON_PREVIOUS_TEXT", "TYPE_BOOL", "[ 1 ]"),
+    # The temperature fallback's schedule, and its thresholds (NaN turns one off).
+    ("TEMPERATURE", "TYPE_FP32", "[ -1 ]"),
+    ("COMPRESSION_RATIO_THRESHOLD", "TYPE_FP32", "[ 1 ]"),
+    ("LOGPROB_THRESHOLD", "TYPE_FP32", "[ 1 ]"),
+    ("NO_SPEECH_THRESHOLD", "TYPE_FP32", "[ 1 ]"),
+    ("SEED", "TYPE_INT64", "[ 1 ]"),
+    ("WORD_TIMESTAMPS", "TYPE_BOOL", "[ 1 ]"),
+    ("VAD_FILTER", "TYPE_BOOL", "[ 1 ]"),
 )
 OUTPUTS = (
     ("TEXT", "TYPE_STRING", "[ 1 ]"),
@@ -36,6 +46,11 @@ class ServingOptions:
     max_audio_seconds: float = 3600.0
     # The drafting policy's confidence stop (see DraftPolicy): worth tuning per assistant and device.
     draft_confidence: float = DraftPolicy().confidence
+    # In-flight batching (SchedulerOptions): rows decoded together per instance, requests that may wait
+    # beyond them, windows per encoder pass.
+    max_batch_rows: int = SchedulerOptions().max_rows
+    max_queue: int = SchedulerOptions().max_queue
+    encoder_batch: int = SchedulerOptions().encoder_batch
 
     def __post_init__(self) -> None:
         if self.instances < 1:
@@ -47,6 +62,7 @@ class ServingOptions:
         if self.max_audio_seconds <= 0:
             raise ValueError(f"max_audio_seconds must be positive, got {self.max_audio_seconds}")
         DraftPolicy(confidence=self.draft_confidence)  # refuses a value out of range
+        SchedulerOptions(self.max_batch_rows, self.max_queue, self.encoder_batch)  # likewise
 
 
 def _tensors(entries: tuple[tuple[str, str, str], ...], optional: bool) -> str:
@@ -61,6 +77,9 @@ def render_config(model_name: str, options: ServingOptions, decoupled: bool = Fa
         "device": options.device,
         "max_audio_seconds": str(options.max_audio_seconds),
         "draft_confidence": str(options.draft_confidence),
+        "max_batch_rows": str(options.max_batch_rows),
+        "max_queue": str(options.max_queue),
+        "encoder_batch": str(options.encoder_batch),
     }
     params = "\n".join(
         f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}' for key, value in parameters.items()

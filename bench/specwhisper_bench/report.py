@@ -18,7 +18,6 @@ import argparse
 import json
 import os
 import platform
-import socket
 import tempfile
 import threading
 import time
@@ -34,21 +33,19 @@ import transformers
 from transformers import WhisperForCausalLM, WhisperForConditionalGeneration, WhisperProcessor
 from transformers.models.whisper.english_normalizer import BasicTextNormalizer, EnglishTextNormalizer
 
-from specwhisper_backend.tritonserver import TritonServer
+from specwhisper_backend.features import SAMPLE_RATE
+from specwhisper_bench.benchmark import run_transformers
 from specwhisper_client import SpeechClient
-from specwhisper_export import asterisk
-from specwhisper_export.benchmark import run_transformers
-from specwhisper_export.cut import cached_cut
+from specwhisper_export.cli import add_assistant_arguments, resolve_assistant
 from specwhisper_export.presets import ct2_dir, load_whisper, resolve_checkpoint
 from specwhisper_export.repository import ExportRequest, write_repository
 from specwhisper_export.triton_config import ServingOptions
+from specwhisper_serve.tritonserver import TritonServer, free_ports
+from specwhisper_training import asterisk
 
-SAMPLE_RATE = asterisk.SAMPLE_RATE
 REFERENCE = "transformers greedy"
 # Where the long-form audio starts in each language's prompt list (as ``specwhisper-bench``).
 LONG_FORM_SKIP = 100
-# Stand-in draft while no trained one can be imported: base's decoder layers 0 and 5.
-FALLBACK_DRAFT_LAYERS = (0, 5)
 
 
 @dataclass(frozen=True)
@@ -56,9 +53,9 @@ class ReportOptions:
     """What to measure; ``smoke()`` is the tiny subset the test runs."""
 
     out: Path
+    assistant: str  # the draft: a checkpoint directory or preset (the CLI's default: the one shipped for main)
     main: str = "base"
-    assistant: str | None = None  # None: the trained draft of ``main`` (or the fallback cut)
-    assistant_int8: bool = False  # this project's draft decoder with int8 weights (the main model stays fp32)
+    assistant_int8: bool = True  # this project's draft decoder with int8 weights (the main model stays fp32)
     languages: tuple[str, ...] = ("en",)
     clips: int = 10
     long_seconds: float = 120.0  # 0: no long-form table
@@ -134,15 +131,6 @@ class Report:
 
 
 # ---------------------------------------------------------------- the systems
-
-
-def default_assistant(main: str) -> str:
-    """The trained draft of ``main`` when its module is importable, else a cut of ``main``'s own layers."""
-    try:
-        from specwhisper_export.draft_training import draft_checkpoint
-    except ImportError:
-        return str(cached_cut(main, "decoder_only", FALLBACK_DRAFT_LAYERS))
-    return str(draft_checkpoint(main))
 
 
 def _text_tokens(ids: Sequence[int], eot: int) -> tuple[int, ...]:
@@ -359,18 +347,6 @@ def long_form_reference(language: str, seconds: float) -> tuple[np.ndarray, str]
 # ---------------------------------------------------------------- the server and the sweep
 
 
-def _free_ports(count: int) -> list[int]:
-    """Loopback ports free right now, so that the run never collides with another server (tests use fixed ones)."""
-    sockets = [socket.socket() for _ in range(count)]
-    try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
 @contextmanager
 def running_server(options: ReportOptions, assistant: str) -> Iterator[TritonServer]:
     """The exported repository in a temporary directory, served by the real tritonserver (log in ``--out``)."""
@@ -378,7 +354,7 @@ def running_server(options: ReportOptions, assistant: str) -> Iterator[TritonSer
         serving = ServingOptions(instances=1, intra_op_threads=options.threads, streaming=False)
         request = ExportRequest(main=options.main, assistant=assistant, assistant_int8=options.assistant_int8)
         write_repository(request, Path(repository), serving=serving)
-        grpc, http, metrics = _free_ports(3)
+        grpc, http, metrics = free_ports(3)
         log = options.out / "tritonserver.log"
         with TritonServer(Path(repository), grpc, http, metrics, log_file=log) as server:
             yield server
@@ -537,12 +513,11 @@ NOTES = (
 
 
 def parse(argv: list[str] | None) -> ReportOptions:
-    defaults = ReportOptions(out=Path("report"))
+    defaults = ReportOptions(out=Path("report"), assistant="")
     parser = argparse.ArgumentParser(prog="specwhisper-report", description=__doc__)
     parser.add_argument("--out", type=Path, default=defaults.out, help="directory for report.md/.json/.png")
     parser.add_argument("--main", default=defaults.main)
-    parser.add_argument("--assistant", help="draft checkpoint; default: the trained draft of --main")
-    parser.add_argument("--assistant-int8", action="store_true", help="serve the draft decoder with int8 weights")
+    add_assistant_arguments(parser, optional=False)
     parser.add_argument("--languages", nargs="+", default=list(defaults.languages))
     parser.add_argument("--clips", type=int, default=defaults.clips, help="short clips per language")
     parser.add_argument("--long-seconds", type=float, default=defaults.long_seconds, help="0: no long-form table")
@@ -551,11 +526,14 @@ def parse(argv: list[str] | None) -> ReportOptions:
     parser.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads of every system")
     parser.add_argument("--smoke", action="store_true", help="2 clips, 20 s long-form, sweep 1 2 for 3 s")
     args = parser.parse_args(argv)
+    assistant, int8 = resolve_assistant(args)
+    if assistant is None:
+        parser.error(f"no draft ships for {args.main!r}: give --assistant")
     options = ReportOptions(
         out=args.out,
         main=args.main,
-        assistant=args.assistant,
-        assistant_int8=args.assistant_int8,
+        assistant=assistant,
+        assistant_int8=int8,
         languages=tuple(args.languages),
         clips=args.clips,
         long_seconds=args.long_seconds,
@@ -591,7 +569,7 @@ def main(argv: list[str] | None = None) -> int:
     transformers.logging.set_verbosity_error()  # assisted generate warns about max_length on every call
     options.out.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(options.threads)
-    assistant = resolve_checkpoint(options.assistant) if options.assistant else default_assistant(options.main)
+    assistant = resolve_checkpoint(options.assistant)
     print(f"loading {options.main}, draft {assistant}, faster-whisper ...", flush=True)
     models = Models.load(options, assistant)
     print("exporting and starting tritonserver ...", flush=True)

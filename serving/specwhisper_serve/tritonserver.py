@@ -11,6 +11,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import sysconfig
@@ -21,7 +22,7 @@ import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from specwhisper_backend.cache import cache_root
+from specwhisper_export.cache import cache_root
 
 PYTRITON_WHEEL = ("nvidia-pytriton", "0.7.0")
 SYSTEM_ROOT = Path("/opt/tritonserver")
@@ -74,6 +75,18 @@ def _fetch_pytriton() -> TritonInstall:
     return TritonInstall(binary=binary, backend_dir=backend.parent, library_path=(root / "nvidia_pytriton.libs",))
 
 
+def free_ports(count: int) -> list[int]:
+    """Loopback ports free right now, so that a run never collides with another server (tests use fixed ones)."""
+    sockets = [socket.socket() for _ in range(count)]
+    try:
+        for s in sockets:
+            s.bind(("127.0.0.1", 0))
+        return [s.getsockname()[1] for s in sockets]
+    finally:
+        for s in sockets:
+            s.close()
+
+
 def find_tritonserver() -> TritonInstall:
     """The NGC container's server if there is one, else the pytriton wheel's (fetched once)."""
     if (SYSTEM_ROOT / "bin" / "tritonserver").is_file():
@@ -90,7 +103,6 @@ class TritonServer:
     http_port: int = 8000
     metrics_port: int = 8002
     log_file: Path | None = None
-    extra_args: tuple[str, ...] = ()
     process: subprocess.Popen | None = field(default=None, init=False)
 
     @property
@@ -113,7 +125,6 @@ class TritonServer:
             f"--grpc-port={self.grpc_port}",
             f"--metrics-port={self.metrics_port}",
             "--allow-gpu-metrics=false",
-            *self.extra_args,
         ]
 
     def environment(self, install: TritonInstall) -> dict[str, str]:

@@ -5,13 +5,17 @@ transcripts are needed: the targets are the main model's own greedy tokens and i
 decoded exactly as serving decodes (the exported ONNX graphs and the backend's logit filters) for
 each prompt form served (transcribe/translate, with and without timestamps).
 
-The few real recordings at hand (short Asterisk prompts) are memorised in a few epochs, so variety
-is made here: windows of 5-25 s concatenating random clips of one language, like the long-form
-audio Whisper serves (the core voice, and a second one where Debian has it), plus espeak-ng
-speaking new sentences recombined from the training split's transcripts and reading prose
-(Debian's fortune-cookie files, where installed). Clips are split
-into training and held-out BY FILE before anything is concatenated, so no held-out recording (or
-its transcript) ever reaches training; a second voice's reading of a held-out prompt is left out.
+The few real recordings at hand (short Asterisk prompts in English, Spanish and French) are
+memorised in a few epochs, so variety is made here: windows of 5-25 s concatenating random clips of
+one language, like the long-form audio Whisper serves (the core voice, and a second one where Debian
+has it), plus espeak-ng speaking new sentences recombined from the training split's transcripts,
+and reading text in every language of the corpus: Debian's fortune-cookie prose where a package has
+it, and the translated messages of the system's own programs (gettext catalogs) in all of them.
+The targets are the main model's, so synthetic speech in a language teaches the draft what the
+main model says in it. Clips are split into training and held-out BY FILE before anything is
+concatenated, so no held-out recording (or its transcript) ever reaches training; a second voice's
+reading of a held-out prompt is left out; and in the languages with no recordings, every fifth text
+is held out and spoken only in held-out windows.
 
 Everything (encoder outputs included: the draft reads them) is computed once, seeded, and kept in
 ``cache_root()/draft-data/<key>``.
@@ -23,9 +27,11 @@ import hashlib
 import json
 import logging
 import random
+import re
 import shutil
 import subprocess
 import tempfile
+import unicodedata
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass, field
 from functools import partial
@@ -35,32 +41,58 @@ from typing import Literal
 import numpy as np
 from tqdm import tqdm
 
-from specwhisper_backend.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_backend.facts import ModelFacts
-from specwhisper_backend.features import log_mel, window
+from specwhisper_backend.features import SAMPLE_RATE, log_mel, window
 from specwhisper_backend.logit_filters import LogitFilter
 from specwhisper_backend.runtime import ExportedModel
 from specwhisper_backend.stats import DecodeStats
 from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
-from specwhisper_export import asterisk
+from specwhisper_export.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_export.presets import resolve_checkpoint
 from specwhisper_export.repository import ExportRequest, export_artefacts
+from specwhisper_training import asterisk
 
 log = logging.getLogger(__name__)
 
-SAMPLE_RATE = asterisk.SAMPLE_RATE
 AUDIO_SUFFIXES = (".wav", ".flac", ".ogg", ".mp3")
 Split = Literal["train", "heldout"]
 Task = Literal["transcribe", "translate"]
 # The prompt forms served; every window is decoded in the default one plus others drawn at random.
 DEFAULT_FORM: tuple[Task, bool] = ("transcribe", False)
 OTHER_FORMS: tuple[tuple[Task, bool], ...] = (("transcribe", True), ("translate", False), ("translate", True))
+# Whisper's twenty languages with the most training audio (Radford et al., 2022, figure 3), in that
+# order: the base preset's draft covers them all.
+MULTILINGUAL = (
+    *("en", "zh", "de", "es", "ru", "ko", "fr", "ja", "pt", "tr"),
+    *("pl", "ca", "nl", "ar", "sv", "it", "id", "hi", "fi", "vi"),
+)
 # espeak-ng voices per language (the built-in ones; mbrola voices need extra packages).
 ESPEAK_VOICES = {
     "en": ("en-us", "en-gb", "en-gb-scotland", "en-gb-x-rp"),
     "es": ("es", "es-419"),
     "fr": ("fr-fr", "fr-be", "fr-ch"),
+    "zh": ("cmn",),
+    "de": ("de",),
+    "ru": ("ru",),
+    "ko": ("ko",),
+    "ja": ("ja",),
+    "pt": ("pt", "pt-br"),
+    "tr": ("tr",),
+    "pl": ("pl",),
+    "ca": ("ca",),
+    "nl": ("nl",),
+    "ar": ("ar",),
+    "sv": ("sv",),
+    "it": ("it",),
+    "id": ("id",),
+    "hi": ("hi",),
+    "fi": ("fi",),
+    "vi": ("vi", "vi-vn-x-central", "vi-vn-x-south"),
 }
+# gettext catalogs per language (their folders under /usr/share/locale).
+LOCALE_ROOT = Path("/usr/share/locale")
+LOCALE_FOLDERS = {"zh": ("zh_CN", "zh_TW"), "pt": ("pt_BR", "pt")}
+UNSPACED = ("zh", "ja")  # languages written without spaces: texts are measured in characters
 ESPEAK_VARIANTS = ("", "+m1", "+m3", "+m5", "+f1", "+f2", "+f4")
 # Text tokens per window at most: speech needs up to ~6 a second with timestamps; more is a
 # repetition loop, which would hold up its whole batch (openai/whisper allows 224 per window).
@@ -69,21 +101,25 @@ HELDOUT_AUDIO_FILE = "heldout_audio.npz"
 # Prose for espeak-ng beyond the few transcripts at hand: Debian's fortune cookies (apt packages
 # fortunes, fortunes-es). Text the main model has never been asked about is what teaches a draft
 # to read audio rather than recall the training sentences.
-FORTUNE_FOLDERS = {"en": Path("/usr/share/games/fortunes"), "es": Path("/usr/share/games/fortunes/es")}
+FORTUNES = Path("/usr/share/games/fortunes")
+FORTUNE_FOLDERS = {"en": FORTUNES, **{language: FORTUNES / language for language in ("es", "de", "it")}}
 
 
 @dataclass(frozen=True)
 class CorpusOptions:
     """What audio the draft learns from and which main-model outputs it imitates."""
 
-    languages: tuple[str, ...] = asterisk.LANGUAGES  # Asterisk prompts and espeak-ng speech in these
+    # Asterisk prompts (en, es, fr) and espeak-ng speech in these; the base preset's: MULTILINGUAL.
+    languages: tuple[str, ...] = asterisk.LANGUAGES
     audio: tuple[str, ...] = ()  # extra files or folders (no transcripts; language detected by the main model)
     use_asterisk: bool = True
     train_windows: int = 60  # concatenated real-speech windows per language
     voice_windows: int = 30  # windows per language of its second Asterisk voice (es, fr), where one exists
-    espeak_windows: int = 20  # synthetic windows per language (skipped if espeak-ng is absent)
+    espeak_windows: int = 20  # synthetic windows of recombined transcripts per language with Asterisk prompts
     fortune_windows: int = 40  # synthetic windows of fortune-cookie prose, in languages that have it
+    catalog_windows: int = 0  # synthetic windows of translated program messages, in every language
     heldout_windows: int = 20  # real-speech windows per language, from held-out files only
+    heldout_synthetic_windows: int = 0  # synthetic windows per language without recordings, of held-out texts
     # Prompt forms each training window is decoded in (the default and others, 1-4): a form costs
     # decoding only, the window's encoder pass is shared. Held-out windows are decoded in two.
     training_forms: int = 2
@@ -97,14 +133,16 @@ class CorpusOptions:
     def __post_init__(self) -> None:
         if not self.languages and not self.audio:
             raise ValueError("no audio: give languages (Asterisk/espeak-ng) or audio files")
-        if unknown := set(self.languages) - set(asterisk.LANGUAGES):
-            raise ValueError(f"no built-in speech for {sorted(unknown)}; known: {asterisk.LANGUAGES}")
+        if unknown := set(self.languages) - set(ESPEAK_VOICES):
+            raise ValueError(f"no built-in speech for {sorted(unknown)}; known: {sorted(ESPEAK_VOICES)}")
         counts = (
             self.train_windows,
             self.voice_windows,
             self.espeak_windows,
             self.fortune_windows,
+            self.catalog_windows,
             self.heldout_windows,
+            self.heldout_synthetic_windows,
             self.max_files,
         )
         if min(counts) < 0:
@@ -222,8 +260,9 @@ def synthesize(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
     """espeak-ng speech of ``text`` at 16 kHz."""
     with tempfile.TemporaryDirectory() as tmp:
         path = Path(tmp) / "speech.wav"
-        subprocess.run(
-            ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(path), text],
+        subprocess.run(  # the text through stdin: a text starting with "-" is not read as an option
+            ["espeak-ng", "-v", voice, "-s", str(speed), "-p", str(pitch), "-w", str(path), "--stdin"],
+            input=text.encode("utf-8"),
             check=True,
             capture_output=True,
         )
@@ -242,13 +281,53 @@ def recombined_texts(texts: Sequence[str], rng: random.Random, sentences: tuple[
     return " ".join(parts)
 
 
-def fortune_passage(texts: Sequence[str], rng: random.Random) -> str:
-    """Random fortunes one after another, 15-60 words in all."""
+def text_length(text: str, language: str) -> int:
+    """Words, or for a language written without spaces, characters over three (about a word)."""
+    return len(text) // 3 if language in UNSPACED else len(text.split())
+
+
+def fortune_passage(texts: Sequence[str], rng: random.Random, language: str = "en") -> str:
+    """Random texts one after another, 15-60 words in all."""
     words = rng.randint(15, 60)
     chosen: list[str] = []
-    while sum(len(t.split()) for t in chosen) < words:
+    while sum(text_length(t, language) for t in chosen) < words:
         chosen.append(rng.choice(texts))
     return " ".join(chosen)
+
+
+def catalog_texts(language: str) -> list[str]:
+    """Translated messages of the system's programs in ``language`` (their gettext catalogs), cleaned
+    of format codes and menu markers; sentences of 3-40 words (or 8-120 characters). Sorted, so that
+    the held-out split does not depend on the file system's order."""
+    import gettext
+
+    texts = set()
+    for folder in LOCALE_FOLDERS.get(language, (language,)):
+        for path in sorted((LOCALE_ROOT / folder / "LC_MESSAGES").glob("*.mo")):
+            try:
+                with path.open("rb") as handle:
+                    catalog = gettext.GNUTranslations(handle)._catalog
+            except (OSError, ValueError) as error:  # a broken catalog (or one not in UTF-8) is skipped
+                log.debug("skipping %s: %s", path, error)
+                continue
+            for key, value in catalog.items():
+                if not key or not isinstance(value, str):  # the header, or a plural form's index
+                    continue
+                text = re.sub(r"%[-+ #0-9.*lhzjtL]*[a-zA-Z%]|\{[^}]*\}|<[^>]*>|[_&](?=\w)|\\[nt]", " ", value)
+                text = " ".join(text.replace("\n", " ").split()).strip(" :")
+                size = text_length(text, language)
+                letters = sum(unicodedata.category(c)[0] in "LPZM" for c in text)  # letters, marks, punctuation
+                if (8 if language in UNSPACED else 3) <= size <= 40 and letters >= 0.9 * len(text):
+                    texts.add(text)
+    return sorted(texts)
+
+
+def split_texts(texts: Sequence[str], every: int) -> tuple[list[str], list[str]]:
+    """(training, held-out): every ``every``-th text is held out."""
+    return (
+        [t for i, t in enumerate(texts) if i % every != every - 1],
+        [t for i, t in enumerate(texts) if i % every == every - 1],
+    )
 
 
 def spoken_windows(
@@ -360,8 +439,8 @@ class MainTeacher:
 
 def _clips(options: CorpusOptions, teacher: MainTeacher) -> list[Clip]:
     clips: list[Clip] = []
-    if options.use_asterisk:
-        for language in options.languages:
+    if options.use_asterisk:  # recordings to train on: English, Spanish and French only
+        for language in (language for language in options.languages if language in asterisk.LANGUAGES):
             clips += [
                 Clip(language, f"asterisk/{language}/{p.name}", p.path, p.text, p.name)
                 for p in asterisk.prompts(language)
@@ -424,20 +503,34 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
                 yield Window(language, split, "speech", tuple(names), len(audio) / SAMPLE_RATE), audio
 
     texts = {lang: [c.text for c in splits["train"] if c.language == lang and c.text] for lang in options.languages}
-    if options.espeak_windows and not espeak_available():
+    synthetic = options.espeak_windows or options.fortune_windows or options.catalog_windows
+    if synthetic and not espeak_available():
         log.warning("espeak-ng not found: training without synthetic speech (apt-get install espeak-ng)")
         return
-    sources: list[tuple[Callable[[random.Random], str], str, int]] = [
-        (partial(recombined_texts, texts[language]), language, options.espeak_windows)
+    sources: list[tuple[Callable[[random.Random], str], str, int, Split]] = [
+        (partial(recombined_texts, texts[language]), language, options.espeak_windows, "train")
         for language in options.languages
-        if options.espeak_windows
+        if options.espeak_windows and texts[language]
     ]
-    for language in options.languages if options.fortune_windows else ():
-        if prose := fortune_texts(language):
-            sources.append((partial(fortune_passage, prose), language, options.fortune_windows))
-    for make_text, language, count in sources:
-        for text, audio in spoken_windows(make_text, language, count, rng, options.max_seconds):
-            yield Window(language, "train", "espeak", (text,), len(audio) / SAMPLE_RATE), audio
+    for language in options.languages:
+        # Languages with recordings are held out on them; the others on texts never trained on.
+        recorded = options.use_asterisk and language in asterisk.LANGUAGES
+        held_out: list[str] = []
+        for prose, count in (
+            (fortune_texts(language), options.fortune_windows),
+            (catalog_texts(language), options.catalog_windows),
+        ):
+            train, held = (prose, []) if recorded else split_texts(prose, options.heldout_every)
+            held_out += held
+            if count and train:
+                sources.append((partial(fortune_passage, train, language=language), language, count, "train"))
+        if held_out and options.heldout_synthetic_windows:
+            passage = partial(fortune_passage, held_out, language=language)
+            sources.append((passage, language, options.heldout_synthetic_windows, "heldout"))
+    for make_text, language, count, split in sources:
+        draws = heldout_rng if split == "heldout" else rng
+        for text, audio in spoken_windows(make_text, language, count, draws, options.max_seconds):
+            yield Window(language, split, "espeak", (text,), len(audio) / SAMPLE_RATE), audio
 
 
 def prompt_forms(windows: Sequence[Window], seed: int, training_forms: int = 2) -> list[list[tuple[Task, bool]]]:

@@ -7,7 +7,7 @@ import signal
 import sys
 from pathlib import Path
 
-from specwhisper_backend.tritonserver import TritonServer
+from specwhisper_serve.tritonserver import TritonServer
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -1,7 +1,7 @@
 """Real human speech with transcripts: Debian's Asterisk voice prompts (en, es, fr).
 
 They are what tests, draft training and benchmarks use here: 8 kHz WAVs of one voice per language,
-each with a line of transcript in the package docs. Clips are short (median ~1.4 s), so long-form
+each with a line of transcript in the package docs. Clips are short (a second or two), so long-form
 audio is made by concatenating them.
 
 Debian also packages other voices reading the same prompts (Colombian Spanish, a second French
@@ -24,14 +24,14 @@ import numpy as np
 import soundfile as sf
 import soxr
 
-from specwhisper_backend.cache import cached_dir
+from specwhisper_backend.features import SAMPLE_RATE
+from specwhisper_export.cache import cached_dir
 
 log = logging.getLogger(__name__)
 
 SOUNDS_ROOT = Path("/usr/share/asterisk/sounds")
 DOCS_ROOT = Path("/usr/share/doc")
 LANGUAGES = ("en", "es", "fr")
-SAMPLE_RATE = 16_000
 LONG_FORM_PAUSE = 0.3  # seconds of silence between joined prompts
 # A second voice per language: (Debian package, its language folder). Raw GSM 6.10 at 8 kHz.
 OTHER_VOICES = {"es": ("asterisk-prompt-es-co", "es"), "fr": ("asterisk-prompt-fr-armelle", "fr")}

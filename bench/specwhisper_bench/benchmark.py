@@ -23,12 +23,14 @@ import torch
 from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 
 from specwhisper_backend.drafting import DraftPolicy
+from specwhisper_backend.features import SAMPLE_RATE
 from specwhisper_backend.runtime import ExportedModel, execution_providers
 from specwhisper_backend.stats import DecodeStats
 from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
-from specwhisper_export import asterisk
+from specwhisper_export.cli import add_assistant_arguments, resolve_assistant
 from specwhisper_export.presets import load_whisper, resolve_checkpoint
 from specwhisper_export.repository import ExportRequest, export_artefacts
+from specwhisper_training import asterisk
 
 
 @dataclass
@@ -71,7 +73,7 @@ def run_transformers(
     run = Run(tokens=[])
     for audio in audios:
         started = time.perf_counter()
-        features = processor.feature_extractor(audio, sampling_rate=16_000, return_tensors="pt").input_features
+        features = processor.feature_extractor(audio, sampling_rate=SAMPLE_RATE, return_tensors="pt").input_features
         kwargs = {"assistant_model": assistant} if assistant is not None else {}
         with torch.no_grad():
             sequence = model.generate(features, language=language, task="transcribe", **kwargs)[0].tolist()
@@ -112,14 +114,13 @@ def compare(plain: Run, fast: Run) -> dict:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specwhisper-bench", description=__doc__)
     parser.add_argument("--main", default="base")
-    parser.add_argument("--assistant", help="draft checkpoint (decoder-only) or preset")
+    add_assistant_arguments(parser, optional=False)
     parser.add_argument(
         "--export", type=Path, help="time this export's graphs (specwhisper-export's artefacts) as they are"
     )
     parser.add_argument(
         "--device", choices=["cpu", "gpu"], default="cpu", help="where ONNX Runtime runs the graphs (gpu: CUDA)"
     )
-    parser.add_argument("--assistant-int8", action="store_true", help="the draft decoder(s) with int8 weights")
     parser.add_argument("--versus", help="a second draft to run on the same audio, in the same run")
     parser.add_argument(
         "--confidence",
@@ -132,6 +133,11 @@ def main(argv: list[str] | None = None) -> int:
         type=float,
         help="the second run's --confidence (default: the same); without --versus, the same draft runs twice",
     )
+    parser.add_argument(
+        "--no-cost-cap",
+        action="store_true",
+        help="draft as the lengths say, never capped by the measured step costs (to time the draft, not the policy)",
+    )
     parser.add_argument("--languages", nargs="+", default=["en", "es"])
     parser.add_argument("--clips", type=int, default=10, help="short clips per language")
     parser.add_argument("--long-seconds", type=float, default=120, help="long-form audio per language (0: none)")
@@ -140,26 +146,30 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args(argv)
 
-    if args.export is None and args.assistant is None:
-        parser.error("give --assistant (a draft to export with --main) or --export (an export to time)")
-    if args.export is not None and args.versus:
-        parser.error("--versus exports a second draft: give --assistant, not --export")
-    if not args.no_transformers and (args.assistant is None or args.device != "cpu"):
-        parser.error("the transformers rows run on the CPU with --assistant's checkpoint; else --no-transformers")
+    if args.export is not None and (args.versus or args.assistant):
+        parser.error("--export times an export as it is: --assistant and --versus export drafts")
+    assistant, int8 = (None, False) if args.export is not None else resolve_assistant(args)
+    if args.export is None and assistant is None:
+        parser.error(f"no draft ships for {args.main!r}: give --assistant (a draft to export) or --export")
+    if not args.no_transformers and (assistant is None or args.device != "cpu"):
+        parser.error("the transformers rows run on the CPU with the draft's checkpoint; else --no-transformers")
     torch.set_num_threads(args.threads)
     try:
-        policy = DraftPolicy(confidence=args.confidence)
-        versus_policy = policy if args.versus_confidence is None else DraftPolicy(confidence=args.versus_confidence)
+        cost_aware = not args.no_cost_cap
+        policy = DraftPolicy(confidence=args.confidence, cost_aware=cost_aware)
+        versus_policy = policy
+        if args.versus_confidence is not None:
+            versus_policy = DraftPolicy(confidence=args.versus_confidence, cost_aware=cost_aware)
         providers = execution_providers(args.device)
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
 
-    assistant_ckpt = None if args.assistant is None else resolve_checkpoint(args.assistant)
+    assistant_ckpt = None if assistant is None else resolve_checkpoint(assistant)
 
     def exported(assistant_checkpoint: str | None) -> ExportedModel:
         if args.export is not None:
             return ExportedModel(args.export, args.threads, providers)
-        request = ExportRequest(args.main, assistant_checkpoint, assistant_int8=args.assistant_int8)
+        request = ExportRequest(args.main, assistant_checkpoint, assistant_int8=int8)
         return ExportedModel(export_artefacts(request), args.threads, providers)
 
     main_model = exported(assistant_ckpt)
@@ -178,7 +188,7 @@ def main(argv: list[str] | None = None) -> int:
     for language in args.languages:
         short = [asterisk.load_audio(p.path) for p in asterisk.select(language, args.clips, min_seconds=2.0)]
         engine.transcribe(short[0], TranscribeOptions(language=language))  # warm-up
-        key = f"{language} short ({len(short)} clips, {sum(map(len, short)) / 16_000:.0f} s)"
+        key = f"{language} short ({len(short)} clips, {sum(map(len, short)) / SAMPLE_RATE:.0f} s)"
         results[key] = engine_rows(engine, versus, short, language, timestamps=False)
         if assistant is not None:
             greedy = run_transformers(model, processor, None, short, language)
@@ -189,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.long_seconds > 0:
             audio = [asterisk.long_form(language, args.long_seconds, skip=100)]
-            key = f"{language} long-form ({len(audio[0]) / 16_000:.0f} s, timestamps)"
+            key = f"{language} long-form ({len(audio[0]) / SAMPLE_RATE:.0f} s, timestamps)"
             results[key] = engine_rows(engine, versus, audio, language, timestamps=True)
         print(json.dumps({k: v for k, v in results.items() if k.startswith(language)}, indent=2), flush=True)
     if args.json:

@@ -1,0 +1,182 @@
+"""How many tokens the rows of a batch draft in a step: as many as pay, given what a step costs.
+
+A step is a few draft passes over the drafting rows, then one main pass over every row, padded to
+the longest row's tokens. How long that main pass takes depends on the rows and the tokens per row:
+on a CPU it is nearly flat in the tokens at one row and close to proportional to rows x tokens at
+sixteen (compute-bound); on a GPU it stays launch-bound far longer. So the right draft length falls
+as the batch grows, to none at all when verifying drafts costs more than they save.
+
+The policy decides from measurements, not assumptions. :class:`StepCosts` holds the measured time of
+a main pass for a grid of rows and tokens per row, and of a draft pass for a grid of rows, taken when
+an instance loads (:func:`measure_step_costs`), then scaled by how the steps actually served compare
+with it, so that a machine under other load is seen as such. Each row brings its own draft length
+(:class:`~specwhisper_backend.drafting.RowDraft`) and its acceptance estimate ``a``: drafting ``k``
+tokens then yields ``(1 - a^(k+1)) / (1 - a)`` tokens on average (the accepted drafts and the main
+model's own token). For every cap ``c`` on the drafts (0 is plain decoding), :func:`choose_cap`
+predicts the tokens a step yields over its cost, and takes the cap with the highest rate. Plain
+decoding is always a candidate, and a cap must promise ``MARGIN`` more tokens per second than it: the
+prediction leaves out the host work each drafted token costs (filtering, acceptance) and the first
+draft pass of a round, which feeds the tokens accepted since, so a close call goes to plain decoding.
+
+Estimates only move when rows draft, so after ``PROBE_EVERY`` steps in a row without drafts the next
+step drafts one token a row: a probe that keeps the acceptance estimates and the draft's measured
+cost current, at a fraction of one step's cost.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import statistics
+import tempfile
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from specwhisper_backend.decoder_session import DecoderSession
+
+# How fast measured steps move the scale: a step is a sample of the machine's current load.
+SCALE_MEMORY = 0.95
+PROBE_EVERY = 16
+MARGIN = 1.1
+
+
+@dataclass
+class StepCosts:
+    """Seconds of a main pass by (rows, tokens per row) and of a draft pass by rows, measured on a grid
+    and interpolated between its points; scaled online by the steps actually run."""
+
+    rows: tuple[int, ...]  # increasing, from 1
+    tokens: tuple[int, ...]  # increasing, from 1
+    main_seconds: np.ndarray  # [len(rows), len(tokens)]
+    draft_seconds: np.ndarray  # [len(rows)]
+    main_scale: float = 1.0
+    draft_scale: float = 1.0
+
+    def main(self, rows: int, tokens: int) -> float:
+        """A main pass over ``rows`` rows of ``tokens`` tokens each (padding included)."""
+        by_rows = [np.interp(tokens, self.tokens, line) for line in self.main_seconds]
+        return float(np.interp(rows, self.rows, by_rows)) * _beyond(rows, self.rows) * self.main_scale
+
+    def draft(self, rows: int) -> float:
+        """A draft pass over ``rows`` rows of one token each."""
+        return float(np.interp(rows, self.rows, self.draft_seconds)) * _beyond(rows, self.rows) * self.draft_scale
+
+    def describe(self) -> str:
+        """The measured grid, in milliseconds, for the log."""
+        main = "; ".join(
+            f"{rows} rows: " + " ".join(f"{ms:.1f}" for ms in line * 1e3)
+            for rows, line in zip(self.rows, self.main_seconds, strict=True)
+        )
+        draft = " ".join(f"{ms:.1f}" for ms in self.draft_seconds * 1e3)
+        return f"main pass ms by tokens per row {list(self.tokens)}: {main}; draft pass ms by rows: {draft}"
+
+    def observe(
+        self, rows: int, tokens: int, main_seconds: float, draft_rows: int, draft_passes: int, draft_seconds: float
+    ) -> None:
+        """Fold a served step into the scales: its main pass, and its draft passes of one token a row
+        over ``draft_rows`` rows, if any (not a round's first pass, which also catches up on the
+        accepted tokens: counted as a draft pass, it would make drafting look dearer each time it
+        resumes after plain steps, and it would seldom resume)."""
+        expected = self.main(rows, tokens) / self.main_scale
+        self.main_scale = SCALE_MEMORY * self.main_scale + (1 - SCALE_MEMORY) * main_seconds / expected
+        if draft_passes:
+            expected = draft_passes * self.draft(draft_rows) / self.draft_scale
+            self.draft_scale = SCALE_MEMORY * self.draft_scale + (1 - SCALE_MEMORY) * draft_seconds / expected
+
+
+def _beyond(rows: int, grid: Sequence[int]) -> float:
+    """Past the grid's last row count, cost grows in proportion to the rows."""
+    return max(1.0, rows / grid[-1])
+
+
+def expected_tokens(acceptance: np.ndarray, drafts: np.ndarray) -> np.ndarray:
+    """Tokens a round yields on average: accepted drafts plus the main model's own token, when each
+    draft is accepted with chance ``acceptance`` given the previous one was."""
+    acceptance = np.minimum(acceptance, 1 - 1e-9)
+    return (1 - acceptance ** (drafts + 1)) / (1 - acceptance)
+
+
+def choose_cap(
+    costs: StepCosts,
+    rows: int,
+    min_tokens: int,
+    acceptance: Sequence[float],
+    lengths: Sequence[int],
+    draft_rows: int,
+) -> int:
+    """The cap on this step's drafts with the most tokens per second.
+
+    ``rows`` take part in the main pass, at least ``min_tokens`` tokens each (a row filling in its
+    prompt may bring more than one); the rows that may draft have these ``acceptance`` estimates and
+    draft ``lengths``; the draft session holds ``draft_rows`` rows, each draft pass runs over all.
+    """
+    if not len(lengths):
+        return 0
+    acceptance, lengths = np.asarray(acceptance, dtype=np.float64), np.asarray(lengths)
+    others = rows - len(lengths)  # rows that do not draft yield one token a step
+    best_cap, best_rate = 0, -1.0
+    for cap in range(int(lengths.max()) + 1):
+        drafts = np.minimum(lengths, cap)
+        longest = int(drafts.max())
+        tokens = expected_tokens(acceptance, drafts).sum() + others
+        seconds = costs.main(rows, max(min_tokens, longest + 1)) + longest * costs.draft(draft_rows)
+        rate = tokens / seconds if cap == 0 else tokens / seconds / MARGIN
+        if rate > best_rate:
+            best_cap, best_rate = cap, rate
+    return best_cap
+
+
+def measure_step_costs(
+    main: DecoderSession,
+    draft: DecoderSession | None,
+    states: np.ndarray,
+    draft_states: np.ndarray | None,
+    rows: Sequence[int],
+    tokens: Sequence[int],
+    context: int = 48,
+    repeats: int = 3,
+) -> StepCosts:
+    """Time main passes over ``rows`` x ``tokens`` and draft passes over ``rows``, after ``context``
+    tokens of text, on sessions of their own (their rows are replaced). ``states`` / ``draft_states``
+    ``[1, frames, d]`` stand in for every row's encoder output."""
+    main_seconds = np.zeros((len(rows), len(tokens)))
+    draft_seconds = np.zeros(len(rows))
+    for i, count in enumerate(rows):
+        main.start(np.repeat(states, count, axis=0))
+        main.forward(np.ones((count, context), dtype=np.int64))
+        kept = main.lengths.copy()
+        for j, width in enumerate(tokens):
+            main_seconds[i, j] = _median_seconds(main, kept, np.ones((count, width), dtype=np.int64), repeats)
+        if draft is not None and draft_states is not None:
+            draft.start(np.repeat(draft_states, count, axis=0))
+            draft.forward(np.ones((count, context), dtype=np.int64))
+            draft_seconds[i] = _median_seconds(draft, draft.lengths.copy(), np.ones((count, 1), np.int64), repeats)
+    return StepCosts(tuple(rows), tuple(tokens), main_seconds, draft_seconds)
+
+
+@contextlib.contextmanager
+def measuring_alone(lock_file: Path | None = None) -> Iterator[None]:
+    """Within, no other process on this machine that asks the same is measuring: model instances
+    load together, and one instance's timings taken while the others load would be theirs too (a
+    small draft's pass suffers most from cores that are busy elsewhere)."""
+    path = lock_file or Path(tempfile.gettempdir()) / "specwhisper-measuring.lock"
+    with path.open("a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _median_seconds(session: DecoderSession, kept: np.ndarray, feed: np.ndarray, repeats: int) -> float:
+    times = []
+    for _ in range(repeats + 1):  # the first run of a shape warms it up
+        started = time.perf_counter()
+        session.forward(feed)
+        times.append(time.perf_counter() - started)
+        session.truncate(kept)
+    return statistics.median(times[1:])

@@ -1,0 +1,1 @@
+"""Measure the product: engine benchmarks, the side-by-side report, the load sweep and the demo."""

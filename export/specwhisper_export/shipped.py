@@ -1,0 +1,104 @@
+"""Drafts that ship with the project, so that a main model is speculative without training first.
+
+A trained draft (``specwhisper-train-draft``) keeps the main model's token embeddings and output
+projection frozen: what training changed is its few decoder layers, their norms and its position
+embeddings. Only those are shipped, in fp16 (``drafts/<main>.safetensors``), with the ids its head
+scores and a record of how it was trained and what it achieved held out (``drafts/<main>.json``).
+On first use the full checkpoint is rebuilt from them and the main model's own weights, checked,
+and cached; it is then a checkpoint like any other for ``specwhisper-export --assistant``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import WhisperForCausalLM
+
+from specwhisper_export.cache import cached_dir, checkpoint_identity, input_key
+from specwhisper_export.cut import cut_decoder_only
+from specwhisper_export.presets import load_whisper, resolve_checkpoint
+from specwhisper_export.repository import DRAFT_VOCAB_FILE
+
+DRAFTS_DIR = Path(__file__).parent / "drafts"
+# Tensors a draft shares with its main model, frozen in training: never shipped, taken from the main.
+SHARED = ("model.decoder.embed_tokens.weight", "proj_out.weight")
+TOKEN_IDS = "token_ids"  # the ids the head scores, stored beside the weights (int32)
+
+
+def shipped_files(main: str) -> tuple[Path, Path]:
+    """The weights and the record of ``main``'s shipped draft (which may not exist)."""
+    return DRAFTS_DIR / f"{main}.safetensors", DRAFTS_DIR / f"{main}.json"
+
+
+def has_shipped_draft(main: str) -> bool:
+    return all(path.is_file() for path in shipped_files(main))
+
+
+def shipped_record(main: str) -> dict:
+    """How the shipped draft was trained and what it measured held out (see specwhisper_training.pack)."""
+    return json.loads(shipped_files(main)[1].read_text())
+
+
+def pack_draft(checkpoint: Path, main: str, record: dict) -> tuple[Path, Path]:
+    """Write ``main``'s shipped draft from a trained draft checkpoint; returns the two files.
+
+    Refuses a draft whose embeddings or output projection differ from the main model's, since those
+    are not shipped and would be rebuilt from the main model.
+    """
+    draft = WhisperForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    main_model, _ = load_whisper(main)
+    state = draft.state_dict()
+    embeddings = main_model.model.decoder.embed_tokens.weight
+    for name in SHARED:
+        if not torch.equal(state[name], embeddings):
+            raise ValueError(f"{checkpoint}: {name} is not the main model's; this draft cannot ship as a delta")
+    token_ids = json.loads((Path(checkpoint) / DRAFT_VOCAB_FILE).read_text())["token_ids"]
+    tensors = {name: value.to(torch.float16).contiguous() for name, value in state.items() if name not in SHARED}
+    tensors[TOKEN_IDS] = torch.as_tensor(token_ids, dtype=torch.int32)
+    weights, record_file = shipped_files(main)
+    weights.parent.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, str(weights))
+    layers = draft.config.decoder_layers
+    record_file.write_text(json.dumps({"main": main, "decoder_layers": layers, **record}, indent=1) + "\n")
+    return weights, record_file
+
+
+def shipped_draft(main: str) -> Path:
+    """``main``'s shipped draft as a checkpoint directory, rebuilt once and cached."""
+    if not has_shipped_draft(main):
+        raise FileNotFoundError(f"no draft ships for {main!r} in {DRAFTS_DIR}: train one (specwhisper-train-draft)")
+    weights, _ = shipped_files(main)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
+    key = input_key("shipped-draft", checkpoint_identity(resolve_checkpoint(main)), digest)
+    return cached_dir("drafts", key, lambda tmp: _unpack(main, tmp))
+
+
+def _unpack(main: str, out: Path) -> None:
+    weights, _ = shipped_files(main)
+    record = shipped_record(main)
+    tensors = load_file(str(weights))
+    token_ids = tensors.pop(TOKEN_IDS).to(torch.int64)
+    main_model, processor = load_whisper(main)
+    # The layers are placeholders here (their weights all come from the shipped file): the cut gives
+    # the draft's configuration and the main model's shared tensors.
+    draft = cut_decoder_only(main_model, tuple(range(record["decoder_layers"])))
+    draft.config.tie_word_embeddings = False
+    draft.proj_out = torch.nn.Linear(draft.config.d_model, draft.config.vocab_size, bias=False)
+    draft.proj_out.weight = torch.nn.Parameter(main_model.model.decoder.embed_tokens.weight.detach().clone())
+    expected = {name for name in draft.state_dict() if name not in SHARED}
+    if set(tensors) != expected:
+        raise ValueError(f"{weights}: tensors {sorted(set(tensors) ^ expected)} do not fit a draft of {main!r}")
+    draft.load_state_dict({name: value.to(torch.float32) for name, value in tensors.items()}, strict=False)
+    draft.save_pretrained(out)
+    processor.save_pretrained(out)
+    (out / DRAFT_VOCAB_FILE).write_text(json.dumps({"token_ids": np.asarray(token_ids).tolist()}))
+
+
+def default_assistant(main: str) -> str | None:
+    """What ``main`` drafts with unless told otherwise: its shipped draft, if one ships."""
+    return str(shipped_draft(main)) if has_shipped_draft(main) else None

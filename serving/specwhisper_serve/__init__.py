@@ -1,0 +1,1 @@
+"""Start the real ``tritonserver`` on an exported model repository (outside Triton; not the engine)."""

@@ -1,0 +1,48 @@
+"""The draft that ships with the project: it loads, the export drafts with it by default, and it
+reproduces, on held-out recordings, the figures recorded when it was packed."""
+
+from __future__ import annotations
+
+import filecmp
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import WhisperForCausalLM
+
+from specwhisper_backend.facts import ModelFacts
+from specwhisper_export import cli as export_cli
+from specwhisper_export.repository import DRAFT_VOCAB_FILE, ExportRequest, export_artefacts
+from specwhisper_export.shipped import SHARED, has_shipped_draft, shipped_record
+from specwhisper_training.pack import served_figures
+
+pytestmark = pytest.mark.slow
+
+
+def test_base_ships_a_draft_that_loads_with_the_main_models_shared_weights(trained_draft, base):
+    assert has_shipped_draft("base")
+    draft = WhisperForCausalLM.from_pretrained(trained_draft, dtype=torch.float32)
+    main, _ = base
+    assert draft.config.decoder_layers == shipped_record("base")["decoder_layers"] == 2
+    for name in SHARED:
+        assert torch.equal(draft.state_dict()[name], main.model.decoder.embed_tokens.weight)
+    ids = json.loads((Path(trained_draft) / DRAFT_VOCAB_FILE).read_text())
+    assert len(ids["token_ids"]) == shipped_record("base")["training"]["vocabulary"]
+
+
+def test_the_export_drafts_with_it_by_default(trained_draft, tmp_path):
+    assert export_cli.main(["--main", "base", "--out", str(tmp_path), "--no-stream"]) == 0
+    served = tmp_path / "specwhisper" / "1"
+    expected = export_artefacts(ExportRequest(main="base", assistant=trained_draft, assistant_int8=True))
+    facts = ModelFacts.load(served)
+    assert facts.assistant is not None and facts.assistant.logit_ids_file
+    assert filecmp.cmp(served / facts.assistant.decoder_file, expected / facts.assistant.decoder_file, shallow=False)
+
+
+def test_it_reproduces_its_recorded_heldout_figures(trained_draft):
+    recorded = shipped_record("base")["heldout"]["languages"]
+    measured = served_figures("base", trained_draft, tuple(recorded))
+    for language, figures in recorded.items():
+        assert measured[language]["acceptance"] == pytest.approx(figures["acceptance"], abs=0.03), language
+        assert measured[language]["tokens_per_main_pass"] == pytest.approx(figures["tokens_per_main_pass"], abs=0.1)

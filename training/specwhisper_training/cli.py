@@ -1,0 +1,179 @@
+"""``specwhisper-train-draft``: train a draft for a main Whisper model, then report on held-out audio."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from dataclasses import replace
+from pathlib import Path
+
+from specwhisper_export.shipped import DRAFTS_DIR
+from specwhisper_training.evaluate import evaluate_draft
+from specwhisper_training.options import DRAFT_PRESETS, MULTILINGUAL_CORPUS, DraftTrainingOptions
+from specwhisper_training.pack import pack
+from specwhisper_training.train import TRAINING_FILE, draft_checkpoint, train_draft
+
+
+def build_parser() -> argparse.ArgumentParser:
+    defaults = DRAFT_PRESETS["base"]  # the preset's settings, for any main model
+    corpus = defaults.corpus  # corpus options left out take this corpus's, or with --multilingual that one's
+    parser = argparse.ArgumentParser(
+        prog="specwhisper-train-draft",
+        description="Train a decoder-only draft (trimmed vocabulary) aligned with a main Whisper model, on CPU.",
+    )
+    parser.add_argument("--main", default="base", help="preset, checkpoint directory or Hugging Face id")
+    parser.add_argument("--audio", nargs="*", default=[], help="extra audio files or folders (no transcripts needed)")
+    parser.add_argument(
+        "--multilingual",
+        action="store_true",
+        help="the multilingual corpus: Whisper's twenty largest languages (docs/draft-training.md)",
+    )
+    parser.add_argument(
+        "--languages",
+        nargs="*",
+        help=f"languages of the built-in speech (default: {' '.join(corpus.languages)}, or with --multilingual "
+        "Whisper's twenty largest)",
+    )
+    parser.add_argument("--out", type=Path, help="checkpoint directory to write (default: the cached draft)")
+    parser.add_argument("--layers", type=int, nargs="+", default=list(defaults.layers))
+    parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument("--train-windows", type=int, default=None, help="per language")
+    parser.add_argument("--voice-windows", type=int, default=None, help="per language with a second Asterisk voice")
+    parser.add_argument("--espeak-windows", type=int, default=None, help="per language")
+    parser.add_argument("--fortune-windows", type=int, default=None, help="per language with fortunes installed")
+    parser.add_argument("--heldout-windows", type=int, default=None, help="per language")
+    parser.add_argument("--catalog-windows", type=int, default=None, help="per language: translated program messages")
+    parser.add_argument(
+        "--heldout-synthetic-windows",
+        type=int,
+        default=None,
+        help="per language without recordings: held-out texts spoken by espeak-ng",
+    )
+    parser.add_argument(
+        "--training-forms",
+        type=int,
+        default=None,
+        help="prompt forms (task, timestamps) each training window is decoded in, 1-4",
+    )
+    parser.add_argument("--max-files", type=int, default=corpus.max_files, help="per language and split; 0: all")
+    parser.add_argument("--vocab-rank-floor", type=int, default=defaults.vocab_rank_floor)
+    parser.add_argument(
+        "--vocab-teacher-top-k",
+        type=int,
+        default=defaults.vocab_teacher_top_k,
+        help="also cover the main model's k likeliest ids at every training position",
+    )
+    parser.add_argument(
+        "--vocab-prose-min-count",
+        type=int,
+        default=defaults.vocab_prose_min_count,
+        help="also cover every id Debian's fortune prose uses this often (0: none)",
+    )
+    parser.add_argument(
+        "--ema-decay",
+        type=float,
+        default=defaults.ema_decay,
+        help="keep a moving average of the weights after warm-up (0: the last weights)",
+    )
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    parser.add_argument(
+        "--engine-windows",
+        type=int,
+        default=10,
+        help="held-out windows per language decoded through the engine for the report (0: teacher-forced figures only)",
+    )
+    parser.add_argument("--no-report", action="store_true", help="skip the held-out report (and the ONNX export)")
+    parser.add_argument(
+        "--checkpoint", type=Path, help="a draft trained before (with its draft_training.json): report or pack it"
+    )
+    parser.add_argument(
+        "--pack",
+        action="store_true",
+        help=f"ship the draft with the project: write {DRAFTS_DIR}/<main>.{{safetensors,json}}",
+    )
+    return parser
+
+
+def options_from(args: argparse.Namespace) -> DraftTrainingOptions:
+    base = MULTILINGUAL_CORPUS if args.multilingual else DRAFT_PRESETS["base"].corpus
+    given = {
+        name: getattr(args, name)
+        for name in (
+            "train_windows",
+            "voice_windows",
+            "espeak_windows",
+            "fortune_windows",
+            "catalog_windows",
+            "heldout_windows",
+            "heldout_synthetic_windows",
+            "training_forms",
+        )
+        if getattr(args, name) is not None
+    }
+    corpus = replace(
+        base,
+        **given,
+        languages=base.languages if args.languages is None else tuple(args.languages),
+        audio=tuple(str(Path(a).resolve()) for a in args.audio),
+        max_files=args.max_files,
+        seed=args.seed,
+    )
+    return DraftTrainingOptions(
+        corpus=corpus,
+        layers=tuple(args.layers),
+        steps=args.steps,
+        warmup_steps=min(DraftTrainingOptions.warmup_steps, args.steps),
+        vocab_rank_floor=args.vocab_rank_floor,
+        vocab_teacher_top_k=args.vocab_teacher_top_k,
+        vocab_prose_min_count=args.vocab_prose_min_count,
+        ema_decay=args.ema_decay,
+        seed=args.seed,
+    )
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.WARNING, format="%(message)s")
+    args = build_parser().parse_args(argv)
+    try:
+        options = options_from(args)
+    except ValueError as error:
+        print(f"specwhisper-train-draft: error: {error}", file=sys.stderr)
+        return 2
+    started = time.perf_counter()
+    if args.checkpoint is not None:
+        checkpoint = args.checkpoint
+        if not (checkpoint / TRAINING_FILE).is_file():
+            print(f"specwhisper-train-draft: error: {checkpoint} has no {TRAINING_FILE}", file=sys.stderr)
+            return 2
+    elif args.out is None:
+        checkpoint = draft_checkpoint(args.main, options)
+    else:
+        checkpoint = args.out
+        if checkpoint.exists() and any(checkpoint.iterdir()):
+            print(f"specwhisper-train-draft: error: {checkpoint} is not empty", file=sys.stderr)
+            return 2
+        checkpoint.mkdir(parents=True, exist_ok=True)
+        train_draft(args.main, options, checkpoint)
+    record = json.loads((checkpoint / TRAINING_FILE).read_text())
+    print(f"draft checkpoint: {checkpoint}")
+    print(
+        f"{len(options.layers)} layers {list(options.layers)}, vocabulary {record['vocabulary']} ids, "
+        f"trained in {record['seconds_total']:.0f} s (data {record['seconds_data']:.0f} s), "
+        f"final loss {record['final_loss']:.3f}"
+    )
+    if not args.no_report:
+        report = evaluate_draft(args.main, checkpoint, options.corpus, engine_windows=args.engine_windows)
+        print(report.format())
+    if args.pack:
+        weights, record_file = pack(args.main, checkpoint, record)
+        print(f"shipped draft: {weights} ({weights.stat().st_size / 1e6:.1f} MB), {record_file}:")
+        print(json.dumps(json.loads(record_file.read_text())["heldout"], indent=1))
+    print(f"done in {time.perf_counter() - started:.0f} s")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

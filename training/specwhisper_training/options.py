@@ -1,0 +1,82 @@
+"""How a draft is built and trained, and the named presets."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from specwhisper_backend.drafting import DraftPolicy
+from specwhisper_training.data import MULTILINGUAL, CorpusOptions
+
+
+@dataclass(frozen=True)
+class DraftTrainingOptions:
+    """How a draft is built and trained; the defaults are the ``base`` preset's (docs/draft-training.md)."""
+
+    corpus: CorpusOptions = field(default_factory=CorpusOptions)
+    # Main decoder layers the draft starts from (2 is the useful floor). A third agrees more often but
+    # costs more per draft step, and served it was no faster (docs/experiments.md).
+    layers: tuple[int, ...] = (0, 5)
+    # Ids below this (GPT-2 style merge ranks: the most frequent merges) are always kept; 0: none.
+    vocab_rank_floor: int = 0
+    # Also keep the main model's k likeliest alternatives at every training position: a better lexicon
+    # than merge rank (held-out coverage by k: docs/experiments.md).
+    vocab_teacher_top_k: int = 16
+    # And every id that Debian's fortune-cookie prose (the corpus languages that have it) uses at least
+    # this often (0: none): common words the training audio lacks ("compatible", "debugging",
+    # "provider" were missed).
+    vocab_prose_min_count: int = 5
+    # The draft reads each window's audio and this many encoder frames after it, as it is served
+    # (DraftPolicy.frames_after_audio).
+    frames_after_audio: int = DraftPolicy().frames_after_audio
+    steps: int = 600
+    batch_windows: int = 4  # windows per step, each with all its targets (prompt forms)
+    learning_rate: float = 5e-4
+    warmup_steps: int = 30
+    weight_decay: float = 0.01
+    ce_weight: float = 1.0  # cross-entropy on the main model's greedy token
+    kd_weight: float = 1.0  # cross-entropy against the main model's distribution over the head's ids
+    # Squared distance to the main model's final hidden state, relative to its mean square: the target
+    # that lifted held-out agreement most; why weight 12, docs/experiments.md.
+    hidden_weight: float = 12.0
+    # The draft kept is an exponential moving average of the weights after warm-up (0: the last weights):
+    # the training split is memorised, and the average generalises better (docs/experiments.md).
+    ema_decay: float = 0.99
+    threads: int = 2
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.layers or any(i < 0 for i in self.layers):
+            raise ValueError(f"layers must name main decoder layers, got {self.layers}")
+        if min(self.vocab_rank_floor, self.vocab_teacher_top_k, self.vocab_prose_min_count) < 0:
+            raise ValueError("vocab_rank_floor, vocab_teacher_top_k and vocab_prose_min_count must be >= 0")
+        if self.frames_after_audio < 0:
+            raise ValueError("frames_after_audio must be >= 0")
+        if self.steps < 1 or self.batch_windows < 1 or self.threads < 1:
+            raise ValueError("steps, batch_windows and threads must be >= 1")
+        if not 0 <= self.warmup_steps <= self.steps:
+            raise ValueError("warmup_steps must be within 0..steps")
+        if not 0 <= self.ema_decay < 1:
+            raise ValueError("ema_decay must be in [0, 1)")
+        if self.learning_rate <= 0 or self.weight_decay < 0:
+            raise ValueError("learning_rate must be > 0 and weight_decay >= 0")
+        weights = (self.ce_weight, self.kd_weight, self.hidden_weight)
+        if min(weights) < 0 or sum(weights) == 0:
+            raise ValueError("ce_weight, kd_weight and hidden_weight must be >= 0, not all 0")
+
+
+# Named main models whose draft builds on first use (see draft_checkpoint).
+# The multilingual corpus (``specwhisper-train-draft --multilingual``, docs/draft-training.md): real
+# speech in English, Spanish and French, and espeak-ng reading text in all of Whisper's twenty
+# largest languages. Not the preset yet: its draft was slower than the preset's on en/es/fr and
+# gained only in some of the others (docs/experiments.md, 2026-12-01).
+MULTILINGUAL_CORPUS = CorpusOptions(
+    languages=MULTILINGUAL,
+    train_windows=40,
+    voice_windows=20,
+    espeak_windows=10,
+    fortune_windows=16,
+    catalog_windows=12,
+    heldout_windows=20,
+    heldout_synthetic_windows=4,
+)
+DRAFT_PRESETS: dict[str, DraftTrainingOptions] = {"base": DraftTrainingOptions()}
