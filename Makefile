@@ -9,7 +9,7 @@ demo: setup
 
 test: setup
 	.venv/bin/ruff check .
-	.venv/bin/python -m pytest -ra
+	.venv/bin/python -m pytest -ra --durations=25
 
 # Everything that needs no real weights (the engine on a toy export, model.py, requests, graphs).
 test-fast: setup

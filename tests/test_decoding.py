@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specwhisper_backend.decoding import BatchDecoder, Window, keep_tokens
-from specwhisper_backend.drafting import DraftPolicy, Drafts, Proposal, RowDraft, propose, tempered, timed_propose
+from specwhisper_backend.drafting import DraftPolicy, Proposal, RowDraft, propose, timed_propose
 from specwhisper_backend.facts import DecoderFacts, ModelFacts, SpecialTokens
 from specwhisper_backend.load_policy import StepCosts, choose_cap, expected_tokens
 from specwhisper_backend.logit_filters import (
@@ -21,7 +21,7 @@ from specwhisper_backend.logit_filters import (
     filtered,
     select,
 )
-from specwhisper_backend.sampling import PositionNoise, choose
+from specwhisper_backend.sampling import PositionNoise, choose, log_normalizer, tempered
 from specwhisper_backend.stats import DecodeStats
 
 VOCAB, EOT = 64, 30  # ids 40+ play the timestamps in TestTimestampRules, as in Whisper after <|endoftext|>
@@ -220,12 +220,21 @@ def _peaked(*tops: int) -> np.ndarray:
 
 def test_greedy_keeps_the_agreeing_drafts_then_the_main_models_choice():
     scores = _peaked(5, 6, 7, 8)
-    assert keep_tokens(scores, [1], Drafts([5, 6, 7]), [], 0.0, None)[0] == [5, 6, 7, 8]
-    assert keep_tokens(scores, [1], Drafts([5, 9, 7]), [], 0.0, None)[0] == [5, 6]
-    assert keep_tokens(scores, [1], Drafts([4]), [], 0.0, None)[0] == [5]
-    kept, logprobs = keep_tokens(scores[:1], [1], Drafts([]), [SuppressTokens([5])], 0.0, None)
+    assert keep_tokens(scores, [1], [5, 6, 7], [], 0.0, None)[0] == [5, 6, 7, 8]
+    assert keep_tokens(scores, [1], [5, 9, 7], [], 0.0, None)[0] == [5, 6]
+    assert keep_tokens(scores, [1], [4], [], 0.0, None)[0] == [5]
+    kept, logprobs = keep_tokens(scores[:1], [1], [], [SuppressTokens([5])], 0.0, None)
     assert kept != [5], "filters apply before the choice"
     assert logprobs[0] == pytest.approx(-np.log(VOCAB - 1)), "log-probability under the filters"
+
+
+def test_the_log_normalizer_is_logsumexp_over_filtered_scores():
+    """Large logits, and ids a filter removed (-inf), as a verified position has them."""
+    from scipy.special import logsumexp
+
+    scores = (np.random.default_rng(0).standard_normal(51865) * 8 + 40).astype(np.float32)
+    scores[:100] = -np.inf
+    assert log_normalizer(scores) == pytest.approx(float(logsumexp(scores.astype(np.float64))), abs=1e-5)
 
 
 @pytest.mark.parametrize("drafts_per_round", [1, 3])
@@ -244,9 +253,9 @@ def test_sampled_rounds_draw_from_the_main_models_distribution(drafts_per_round)
         noise = PositionNoise((seed,), vocab)
         tokens: list[int] = []
         while len(tokens) < 2:
-            proposed = Drafts([])
+            proposed: list[int] = []
             for _ in range(drafts_per_round):
-                proposed.tokens.append(choose(draft, temperature, noise, len(tokens) + len(proposed.tokens)))
+                proposed.append(choose(draft, temperature, noise, len(tokens) + len(proposed)))
             scores = np.tile(main, (drafts_per_round + 1, 1))
             kept, _ = keep_tokens(scores, tokens, proposed, [], temperature, noise)
             tokens += kept
@@ -367,7 +376,7 @@ def _proposals(sharpness: float, confidence: float, filters=()) -> list[int]:
     session = ScriptedSession(sharpness=sharpness)
     session.start(window(1, 40, "en", 0, None).states)
     (drafts,) = propose(session, [Proposal(0, [1, 2], 6, list(filters))], EOT, confidence)
-    return drafts.tokens
+    return drafts
 
 
 def test_an_unsure_draft_ends_its_round():
@@ -393,7 +402,7 @@ def test_only_one_token_draft_passes_teach_the_draft_cost():
     session = ScriptedSession(sharpness=10)
     session.start(window(1, 40, "en", 0, None).states)
     (drafts,), timing = timed_propose(session, [Proposal(0, [1, 2, 3, 4], 3, [])], EOT, 0.0)
-    assert len(drafts.tokens) == 3 and (timing.passes, timing.step_passes) == (3, 2)
+    assert len(drafts) == 3 and (timing.passes, timing.step_passes) == (3, 2)
     assert timing.step_seconds <= timing.seconds
     session.start(window(1, 40, "en", 0, None).states)
     (drafts,), timing = timed_propose(session, [Proposal(0, [1, 2, 3, 4, 5, 6], 1, [])], EOT, 0.0)
@@ -472,3 +481,81 @@ class TestTimestampRules:
         self._rules().apply(logits, [*self.prompt, 42, 7, 45, 45])
         allowed = np.flatnonzero(np.isfinite(logits))
         assert all(t < self.begin for t in allowed)
+
+
+class Clock:
+    """A stand-in for ``time.perf_counter`` that only scripted passes move."""
+
+    def __init__(self) -> None:
+        self.now = 0.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+class TimedSession(ScriptedSession):
+    """A scripted session whose passes take ``seconds`` on ``clock`` (plus ``busy`` while set)."""
+
+    def __init__(self, clock: Clock, seconds: float, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.clock, self.seconds, self.busy = clock, seconds, 0.0
+
+    def forward(self, tokens: np.ndarray, counts=None) -> np.ndarray:
+        self.clock.now += self.seconds * tokens.shape[0] + self.busy
+        return super().forward(tokens, counts)
+
+
+def test_step_costs_keep_each_points_fastest_time(monkeypatch):
+    """Other work slowing some passes while an instance measures must not bend the grid: here the
+    draft's passes of the first sweep run on a busy machine."""
+    import time
+
+    from specwhisper_backend.load_policy import measure_step_costs
+
+    clock = Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    main, draft = TimedSession(clock, 1.0), TimedSession(clock, 0.1)
+    draft.busy = 5.0
+    states = np.zeros((1, 1500, 4), np.float32)
+    real_start = draft.start
+
+    def start_then_calm(*args, **kwargs):
+        real_start(*args, **kwargs)
+        if draft.busy and len(draft.rows) == 2:  # the first sweep's last row count: calm from here on
+            draft.busy = 0.0
+
+    draft.start = start_then_calm
+    costs = measure_step_costs(main, draft, states, states, rows=(1, 2), tokens=(1, 3), rounds=2)
+    assert costs.main_seconds.tolist() == [[1.0, 1.0], [2.0, 2.0]]
+    assert costs.draft_seconds.tolist() == pytest.approx([0.1, 0.2])
+
+
+@pytest.mark.parametrize("probe_teaches", [True, False])
+def test_a_draft_measured_too_dear_drafts_again_once_probes_time_it(monkeypatch, probe_teaches):
+    """An instance that timed its draft passes while the machine was busy (here as 8 times what they
+    cost) starts plain; its probes' one-token draft passes show what drafting costs, and it drafts.
+    With one-token probes (nothing to teach the cost) it would stay plain for good."""
+    import time
+
+    from specwhisper_backend import decoding
+
+    clock = Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    if not probe_teaches:
+        monkeypatch.setattr(decoding, "PROBE_DRAFTS", 1)
+    policy = DraftPolicy(start=5, maximum=8)
+    costs = flat_costs(0.0, draft=0.8)  # a main pass costs 1; a draft pass 0.1 in truth
+    mistakes = frozenset((seed, at) for seed in range(40) for at in range(0, 448, 3))  # accepts about 2 in 3
+    draft = TimedSession(clock, 0.1, mistakes=mistakes, sharpness=10)
+    decoder = BatchDecoder(facts(), TimedSession(clock, 1.0), draft, policy, costs)
+    later = DecodeStats()
+    for seed in range(40):  # requests one after another on the instance; the last 10 are counted
+        (tokens,) = run(decoder, [(0, w := window(seed, 400, "en", 0, RowDraft(policy)))]).values()
+        assert tokens == greedy_alone(seed, 400, prompt_for("en", 0), rules(3), 448)
+        if seed >= 30:
+            later.add(w.stats)
+    probes_only = later.main_passes / decoding.PROBE_EVERY * decoding.PROBE_DRAFTS
+    if probe_teaches:
+        assert later.tokens_drafted > 3 * probes_only
+    else:
+        assert later.tokens_drafted <= probes_only + 10

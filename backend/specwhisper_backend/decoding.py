@@ -38,18 +38,16 @@ import numpy as np
 from specwhisper_backend.decoder_session import DecoderSession
 from specwhisper_backend.drafting import (
     DraftPolicy,
-    Drafts,
     Proposal,
     ProposalTiming,
     RowDraft,
     attended_frames,
-    tempered,
     timed_propose,
 )
 from specwhisper_backend.facts import ModelFacts
-from specwhisper_backend.load_policy import PROBE_EVERY, StepCosts, choose_cap
+from specwhisper_backend.load_policy import PROBE_DRAFTS, PROBE_EVERY, StepCosts, choose_cap
 from specwhisper_backend.logit_filters import LogitFilter, filtered
-from specwhisper_backend.sampling import PositionNoise, choose
+from specwhisper_backend.sampling import PositionNoise, choose, log_normalizer, tempered
 from specwhisper_backend.stats import DecodeStats
 
 # Prompt tokens a row feeds per step: a long prompt (previous text) is spread over a few steps
@@ -183,7 +181,7 @@ class BatchDecoder:
         started = time.perf_counter()
         feeds = [self._fed_before_drafts(row) for row in self.rows]
         drafts, timing = self._propose(feeds)
-        feeds = [feed + drafted.tokens for feed, drafted in zip(feeds, drafts, strict=True)]
+        feeds = [feed + drafted for feed, drafted in zip(feeds, drafts, strict=True)]
         width = max(len(feed) for feed in feeds)
         batch = np.zeros((len(self.rows), width), dtype=np.int64)
         for index, feed in enumerate(feeds):
@@ -228,9 +226,9 @@ class BatchDecoder:
             return row.tokens[fed : min(row.prompt_length - 1, fed + PREFILL_CHUNK)]
         return [row.tokens[-1]]
 
-    def _propose(self, feeds: list[list[int]]) -> tuple[list[Drafts], ProposalTiming]:
+    def _propose(self, feeds: list[list[int]]) -> tuple[list[list[int]], ProposalTiming]:
         """This step's drafts for every row (none for rows that do not draft now)."""
-        none = [Drafts([]) for _ in self.rows]
+        none: list[list[int]] = [[] for _ in self.rows]
         candidates = [
             (i, row) for i, row in enumerate(self.rows) if row.phase is Phase.DECODE and row.draft_slot is not None
         ]
@@ -246,7 +244,7 @@ class BatchDecoder:
             cap = choose_cap(self.costs, len(self.rows), min_tokens, acceptance, lengths, len(self.drafting))
             self._undrafted_steps = self._undrafted_steps + 1 if cap == 0 else 0
             if self._undrafted_steps > PROBE_EVERY:
-                cap, self._undrafted_steps = 1, 0
+                cap, self._undrafted_steps = PROBE_DRAFTS, 0
         self.last_cap = cap
         proposals, owners = [], []
         for (index, row), length in zip(candidates, lengths, strict=True):
@@ -284,10 +282,9 @@ class BatchDecoder:
             return None
         return float(tempered(scores.astype(np.float64), 1.0)[no_speech])
 
-    def _decode(self, row: Row, scores: np.ndarray, drafted: Drafts) -> bool:
+    def _decode(self, row: Row, scores: np.ndarray, drafts: list[int]) -> bool:
         """Keep a round's tokens (the main model's choices, or samples); True when the row's text ended."""
-        drafts = drafted.tokens
-        kept, logprobs = keep_tokens(scores, row.tokens, drafted, row.filters, row.window.temperature, row.window.noise)
+        kept, logprobs = keep_tokens(scores, row.tokens, drafts, row.filters, row.window.temperature, row.window.noise)
         accepted = len(kept) - 1
         stats = row.window.stats
         stats.add_round(drafted=len(drafts), accepted=accepted)
@@ -327,7 +324,7 @@ class BatchDecoder:
 def keep_tokens(
     scores: np.ndarray,
     tokens: list[int],
-    drafted: Drafts,
+    drafts: list[int],
     filters: Sequence[LogitFilter],
     temperature: float,
     noise: PositionNoise | None,
@@ -339,16 +336,13 @@ def keep_tokens(
     taken; drafts are kept while they equal it, and its choice at the first disagreement (or after
     the last draft) is kept too.
     """
-    drafts = drafted.tokens
     kept: list[int] = []
     logprobs: list[float] = []
     for i in range(len(drafts) + 1):
         position = filtered(scores[i], tokens + drafts[:i], filters)
-        with np.errstate(divide="ignore", under="ignore"):
-            log_norm = float(np.logaddexp.reduce(position.astype(np.float64)))
         token = choose(position, temperature, noise, len(tokens) + i)
         kept.append(token)
-        logprobs.append(float(position[token]) - log_norm)
+        logprobs.append(float(position[token]) - log_normalizer(position))
         if i == len(drafts) or token != drafts[i]:
             break
     return kept, logprobs

@@ -111,21 +111,6 @@ class Proposal:
     noise: PositionNoise | None = None
 
 
-@dataclass
-class Drafts:
-    tokens: list[int]
-
-
-def tempered(scores: np.ndarray, temperature: float) -> np.ndarray:
-    """``softmax(scores / temperature)``; filtered-out ids (-inf) get probability 0."""
-    with np.errstate(over="ignore"):
-        scaled = scores.astype(np.float64) / temperature
-    scaled -= scaled.max()
-    with np.errstate(under="ignore"):
-        probs = np.exp(scaled)
-    return probs / probs.sum()
-
-
 def unsure(scores: np.ndarray, token: int, confidence: float) -> bool:
     """Whether the draft's probability for ``token`` (the argmax of ``scores``) is below ``confidence``:
     ``1 / sum(exp(scores - scores[token])) < confidence``, with no division."""
@@ -141,7 +126,7 @@ def propose(
     eot: int,
     confidence: float,
     pass_seconds: list[float] | None = None,
-) -> list[Drafts]:
+) -> list[list[int]]:
     """Drafts for every proposal, in batched draft steps (greedy, or sampled at the proposal's
     temperature); returns each one's drafts.
 
@@ -161,20 +146,20 @@ def propose(
         counts[proposal.slot] = len(tokens)
     logits = _timed_forward(session, feed, counts, pass_seconds)
     last = {p.slot: logits[p.slot, len(f) - 1] for p, f in zip(proposals, fresh, strict=True)}
-    drafts = [Drafts([]) for _ in proposals]
+    drafts: list[list[int]] = [[] for _ in proposals]
     going = list(range(len(proposals)))
     while going:
         feed, counts = np.zeros((rows, 1), dtype=np.int64), np.zeros(rows, dtype=np.int64)
         still = []
         for index in going:
             proposal, mine = proposals[index], drafts[index]
-            scores = filtered(last[proposal.slot], [*proposal.tokens, *mine.tokens], proposal.filters)
+            scores = filtered(last[proposal.slot], [*proposal.tokens, *mine], proposal.filters)
             temperature = proposal.temperature
-            token = choose(scores, temperature, proposal.noise, len(proposal.tokens) + len(mine.tokens))
+            token = choose(scores, temperature, proposal.noise, len(proposal.tokens) + len(mine))
             with np.errstate(over="ignore"):
                 doubtful = unsure(scores / temperature if temperature else scores, token, confidence)
-            mine.tokens.append(token)
-            if token != eot and len(mine.tokens) < proposal.count and not doubtful:
+            mine.append(token)
+            if token != eot and len(mine) < proposal.count and not doubtful:
                 feed[proposal.slot, 0], counts[proposal.slot] = token, 1
                 still.append(index)
         going = still
@@ -206,7 +191,7 @@ class ProposalTiming:
 
 def timed_propose(
     session: DecoderSession, proposals: Sequence[Proposal], eot: int, confidence: float
-) -> tuple[list[Drafts], ProposalTiming]:
+) -> tuple[list[list[int]], ProposalTiming]:
     """:func:`propose`, with what it took."""
     started = time.perf_counter()
     passes: list[float] = []

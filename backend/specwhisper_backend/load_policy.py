@@ -19,15 +19,15 @@ prediction leaves out the host work each drafted token costs (filtering, accepta
 draft pass of a round, which feeds the tokens accepted since, so a close call goes to plain decoding.
 
 Estimates only move when rows draft, so after ``PROBE_EVERY`` steps in a row without drafts the next
-step drafts one token a row: a probe that keeps the acceptance estimates and the draft's measured
-cost current, at a fraction of one step's cost.
+step drafts ``PROBE_DRAFTS`` tokens a row: a probe that keeps the acceptance estimates and the
+draft's measured cost current (its second pass is one token a row, which is what teaches the draft's
+cost), at a fraction of one step's cost.
 """
 
 from __future__ import annotations
 
 import contextlib
 import fcntl
-import statistics
 import tempfile
 import time
 from collections.abc import Iterator, Sequence
@@ -41,6 +41,7 @@ from specwhisper_backend.decoder_session import DecoderSession
 # How fast measured steps move the scale: a step is a sample of the machine's current load.
 SCALE_MEMORY = 0.95
 PROBE_EVERY = 16
+PROBE_DRAFTS = 2
 MARGIN = 1.1
 
 
@@ -138,23 +139,33 @@ def measure_step_costs(
     rows: Sequence[int],
     tokens: Sequence[int],
     context: int = 48,
-    repeats: int = 3,
+    rounds: int = 5,
 ) -> StepCosts:
     """Time main passes over ``rows`` x ``tokens`` and draft passes over ``rows``, after ``context``
     tokens of text, on sessions of their own (their rows are replaced). ``states`` / ``draft_states``
-    ``[1, frames, d]`` stand in for every row's encoder output."""
-    main_seconds = np.zeros((len(rows), len(tokens)))
-    draft_seconds = np.zeros(len(rows))
-    for i, count in enumerate(rows):
-        main.start(np.repeat(states, count, axis=0))
-        main.forward(np.ones((count, context), dtype=np.int64))
-        kept = main.lengths.copy()
-        for j, width in enumerate(tokens):
-            main_seconds[i, j] = _median_seconds(main, kept, np.ones((count, width), dtype=np.int64), repeats)
-        if draft is not None and draft_states is not None:
-            draft.start(np.repeat(draft_states, count, axis=0))
-            draft.forward(np.ones((count, context), dtype=np.int64))
-            draft_seconds[i] = _median_seconds(draft, draft.lengths.copy(), np.ones((count, 1), np.int64), repeats)
+    ``[1, frames, d]`` stand in for every row's encoder output.
+
+    The grid is timed in ``rounds`` interleaved sweeps, main and draft side by side, and each point
+    keeps its fastest time: the policy reads the grid's shape (what more tokens or rows cost, what a
+    draft pass costs beside a main pass), while the served steps set its level. Other work on the
+    machine (other instances creating their sessions while this one loads) only ever slows a pass,
+    and a point timed once or twice during it would bend the shape for good: a draft pass that looked
+    dear kept an instance from ever drafting."""
+    main_seconds = np.full((len(rows), len(tokens)), np.inf)
+    draft_seconds = np.full(len(rows), np.inf if draft is not None and draft_states is not None else 0.0)
+    for _ in range(rounds):
+        for i, count in enumerate(rows):
+            main.start(np.repeat(states, count, axis=0))
+            main.forward(np.ones((count, context), dtype=np.int64))
+            kept = main.lengths.copy()
+            for j, width in enumerate(tokens):
+                seconds = _seconds(main, kept, np.ones((count, width), dtype=np.int64))
+                main_seconds[i, j] = min(main_seconds[i, j], seconds)
+            if draft is not None and draft_states is not None:
+                draft.start(np.repeat(draft_states, count, axis=0))
+                draft.forward(np.ones((count, context), dtype=np.int64))
+                seconds = _seconds(draft, draft.lengths.copy(), np.ones((count, 1), dtype=np.int64))
+                draft_seconds[i] = min(draft_seconds[i], seconds)
     return StepCosts(tuple(rows), tuple(tokens), main_seconds, draft_seconds)
 
 
@@ -172,11 +183,10 @@ def measuring_alone(lock_file: Path | None = None) -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
-def _median_seconds(session: DecoderSession, kept: np.ndarray, feed: np.ndarray, repeats: int) -> float:
-    times = []
-    for _ in range(repeats + 1):  # the first run of a shape warms it up
-        started = time.perf_counter()
-        session.forward(feed)
-        times.append(time.perf_counter() - started)
-        session.truncate(kept)
-    return statistics.median(times[1:])
+def _seconds(session: DecoderSession, kept: np.ndarray, feed: np.ndarray) -> float:
+    """One pass over ``feed`` after ``kept``, timed; the session is rolled back to ``kept``."""
+    started = time.perf_counter()
+    session.forward(feed)
+    seconds = time.perf_counter() - started
+    session.truncate(kept)
+    return seconds

@@ -197,7 +197,7 @@ class RequestDecode:
             self.retrying = True
             self.stats.fallback_decodes += 1
             return []
-        self._window_states = self._encoded[0]
+        states = self._encoded[0]  # the main encoder's output, for word timestamps
         self.attempt, self.retrying, self._encoded = 0, False, None
         self.stats.temperatures.append(result.temperature)
         window_frames = min(features.N_FRAMES, self.content_frames - self.seek)
@@ -218,7 +218,6 @@ class RequestDecode:
         }
         produced = [replace(segment, **judged) for segment in produced]
         if options.word_timestamps and produced:
-            states = self._window_states
             audio_frames = features.encoder_frames(window_frames, states.shape[1])
             produced, self.last_speech = self.transcriber.aligner.add_words(
                 produced, states, self.language, options.task, audio_frames, offset, self.last_speech
