@@ -80,7 +80,11 @@ def test_real_recordings_same_text_speculative_or_not(client, language):
         plain = client.transcribe(prompt.path, language=language, speculative=False)
         assert fast.text and fast.text == plain.text
         assert [s.tokens for s in fast.segments] == [s.tokens for s in plain.segments]
-        assert fast.stats["tokens_drafted"] > 0 and plain.stats["tokens_drafted"] == 0
+        # Each speculative request decodes with a draft row: its rounds drafted, or the load-aware
+        # cap kept them plain (at one ONNX Runtime thread a draft pass is dear, and a short clip may
+        # end before a probe); the long stream below always drafts.
+        assert fast.stats["tokens_drafted"] + fast.stats["undrafted_rounds"] > 0
+        assert plain.stats["tokens_drafted"] == plain.stats["undrafted_rounds"] == 0
 
 
 def test_pcm_input_and_detected_language(client):
@@ -105,6 +109,8 @@ def test_stream_long_file_segment_by_segment(client):
     assert arrivals[-1] - arrivals[0] > 1.0, "segments should arrive over time, not all at the end"
     whole = client.transcribe(data, language="en", timestamps=True)
     assert [s.tokens for s in segments] == [s.tokens for s in whole.segments]
+    # Hundreds of steps: probes draft at the least, whatever the cap decides.
+    assert end.stats["tokens_drafted"] > 0 and whole.stats["tokens_drafted"] > 0
 
 
 def test_product_metrics_on_metrics_port(server, client):
