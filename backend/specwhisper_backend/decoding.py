@@ -280,7 +280,7 @@ class BatchDecoder:
         no_speech = self.facts.tokens.no_speech
         if no_speech is None:
             return None
-        return float(tempered(scores.astype(np.float64), 1.0)[no_speech])
+        return float(tempered(scores, 1.0)[no_speech])
 
     def _decode(self, row: Row, scores: np.ndarray, drafts: list[int]) -> bool:
         """Keep a round's tokens (the main model's choices, or samples); True when the row's text ended."""
