@@ -79,8 +79,8 @@ def tiny_en_export():
 
 @pytest.fixture(scope="session")
 def english_clips() -> list[tuple[asterisk.Prompt, np.ndarray]]:
-    """20 real English recordings of 2-30 s with their transcripts, at 16 kHz."""
-    return clips("en", 20)
+    """10 real English recordings of 2-30 s with their transcripts, at 16 kHz."""
+    return clips("en", 10)
 
 
 @pytest.fixture(scope="session")

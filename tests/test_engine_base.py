@@ -86,14 +86,14 @@ def _both(engine: Transcriber, audio: np.ndarray, **options) -> tuple[Transcript
 @pytest.mark.parametrize("engine_name", ["decoder_only", "full_assistant"])
 def test_short_form_identity(engine_name, language, timestamps, request):
     engine = request.getfixturevalue(engine_name)
-    for _, audio in clips(language, 3):
+    for _, audio in clips(language, 2):
         plain, fast = _both(engine, audio, language=language, timestamps=timestamps)
         assert plain.text
         assert fast.stats.tokens_drafted > 0
 
 
 def test_short_form_equals_transformers_generate(decoder_only, english_clips, hf_greedy_base):
-    """With transformers' own features and decoding as the reference, on 20 real recordings."""
+    """With transformers' own features and decoding as the reference, on 10 real recordings."""
     mismatches = []
     for prompt, audio in english_clips:
         result = decoder_only.transcribe(audio, TranscribeOptions(language="en", speculative=True))
@@ -106,25 +106,26 @@ def test_short_form_equals_transformers_generate(decoder_only, english_clips, hf
 @pytest.mark.parametrize("language", ["en", "es"])
 @pytest.mark.parametrize("timestamps", [False, True])
 def test_long_form_identity(decoder_only, language, timestamps):
-    audio = long_form(language, 100)
+    audio = long_form(language, 65)
     plain, _ = _both(decoder_only, audio, language=language, timestamps=timestamps)
-    assert plain.stats.windows >= 4
+    assert plain.stats.windows >= 3
     if timestamps:
         starts = [segment.start for segment in plain.segments]
         assert starts == sorted(starts) and plain.segments[-1].end <= len(audio) / SAMPLE_RATE + 1
         assert len(plain.segments) > plain.stats.windows, "timestamps should split windows into segments"
 
 
-@pytest.mark.parametrize("language", ["en", "es"])
-def test_device_resident_caches_give_the_same_tokens(decoder_only, device_cache, language):
+def test_device_resident_caches_give_the_same_tokens(decoder_only, device_cache):
     """Caches kept in device buffers and updated by the kv_writer graph decode exactly like NumPy
-    caches, with drafts rejected and windows restarted (long-form, timestamps)."""
-    audio = long_form(language, 65)
+    caches, with drafts rejected and windows restarted (long-form, timestamps). The graphs' tests
+    check the same on the toy export, row by row; this is the whole engine on real weights."""
+    audio = long_form("es", 40)
     for speculative in (False, True):
-        options = TranscribeOptions(language=language, timestamps=True, speculative=speculative)
+        options = TranscribeOptions(language="es", timestamps=True, speculative=speculative)
         on_device = device_cache.transcribe(audio, options)
         assert _tokens(on_device) == _tokens(decoder_only.transcribe(audio, options))
-        assert on_device.stats.tokens_drafted > 0 or not speculative
+        assert on_device.stats.windows >= 2
+        assert on_device.stats.tokens_drafted > on_device.stats.tokens_accepted or not speculative
 
 
 @pytest.mark.parametrize("language", ["en", "es", "fr"])
@@ -132,7 +133,7 @@ def test_trained_draft_identity_and_acceptance(trained, language):
     """The product's default assistant: identical tokens, and a real share of drafts accepted."""
     for _, audio in clips(language, 3):
         _both(trained, audio, language=language)
-    _, fast = _both(trained, long_form(language, 65, skip=60), language=language, timestamps=True)
+    _, fast = _both(trained, long_form(language, 45, skip=60), language=language, timestamps=True)
     print(f"trained draft, {language} long-form: {fast.stats.to_dict()}")
     assert fast.stats.acceptance_rate > 0.3
     assert fast.stats.tokens_per_main_pass > 1.5
@@ -186,7 +187,7 @@ def test_translate_identity(full_assistant, language):
     for _, audio in clips(language, 3, min_seconds=3.0):
         plain, _ = _both(full_assistant, audio, language=language, task="translate")
         assert plain.text.isascii(), f"translation should be English: {plain.text!r}"
-    _both(full_assistant, long_form(language, 65, skip=40), language=language, task="translate", timestamps=True)
+    _both(full_assistant, long_form(language, 40, skip=40), language=language, task="translate", timestamps=True)
 
 
 def test_language_detection(decoder_only):
@@ -197,10 +198,10 @@ def test_language_detection(decoder_only):
 
 
 def test_prompts_and_previous_text(decoder_only):
-    audio = long_form("en", 70, skip=100)
+    audio = long_form("en", 50, skip=100)
     _both(decoder_only, audio, language="en", initial_prompt="Asterisk voicemail menu.")
     plain, _ = _both(decoder_only, audio, language="en", condition_on_previous_text=True, timestamps=True)
-    assert plain.stats.windows >= 3
+    assert plain.stats.windows >= 2
 
 
 def test_encoded_files_decode_like_pcm(decoder_only):
@@ -245,7 +246,7 @@ def test_requests_batched_in_flight_get_their_own_plain_greedy_tokens(trained_dr
         requests += [
             (short, TranscribeOptions(language=language)),
             (other, TranscribeOptions(timestamps=True, speculative=language != "fr")),  # detected
-            (long_form(language, 45, skip=40), TranscribeOptions(language=language, timestamps=True)),
+            (long_form(language, 35, skip=40), TranscribeOptions(language=language, timestamps=True)),
         ]
     requests.append((clips("es", 1, min_seconds=4.0)[0][1], TranscribeOptions(language="es", task="translate")))
     expected = [engine.transcribe(audio, replace(options, speculative=False)) for audio, options in requests]
@@ -272,7 +273,7 @@ def test_a_window_that_falls_back_passes_its_thresholds_both_ways(decoder_only, 
     (or too unlikely) are decoded again at higher temperatures; each keeps a decode that passes the
     thresholds, or the last temperature's. Sampling is seeded per text position, so the speculative
     transcript, fallbacks included, is the plain one token for token."""
-    audio = long_form(language, 100)
+    audio = long_form(language, 40)  # the first window falls back, in both languages
     options = {"language": language, "timestamps": timestamps}
     greedy = decoder_only.transcribe(audio, TranscribeOptions(temperatures=(0.0,), **options))
     results = [decoder_only.transcribe(audio, TranscribeOptions(speculative=s, **options)) for s in (False, True)]

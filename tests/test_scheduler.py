@@ -4,7 +4,9 @@ request leaves; a fault ends only the requests in the failing step."""
 
 from __future__ import annotations
 
+import json
 import random
+import shutil
 import threading
 import time
 from dataclasses import replace
@@ -12,11 +14,14 @@ from dataclasses import replace
 import numpy as np
 import pytest
 
+from specwhisper_backend import transcriber as transcriber_module
 from specwhisper_backend.drafting import DraftPolicy
 from specwhisper_backend.errors import RequestCancelled
+from specwhisper_backend.load_policy import server_costs_file
 from specwhisper_backend.runtime import ExportedModel
 from specwhisper_backend.scheduler import Overloaded, Scheduler, SchedulerOptions, Unloading
 from specwhisper_backend.transcriber import Segment, TranscribeOptions, Transcriber
+from specwhisper_export.repository import link_tree
 from tests.collect import Collect
 from tests.toy_model import toy_speech
 
@@ -159,3 +164,37 @@ def test_bad_options_are_refused_at_submission(toy):
     with pytest.raises(ValueError, match="feature frame"):
         scheduler.submit(np.ones(10, np.float32), TranscribeOptions(), Collect())
     scheduler.stop()
+
+
+def test_instances_of_one_server_share_the_step_costs_the_first_measured(toy_export, tmp_path, monkeypatch):
+    """The first instance measures; the next ones with the same file read its grid; another grid is
+    measured and kept beside it; a file that cannot be read is measured over."""
+    measured = []
+    measure = transcriber_module.measure_step_costs
+    monkeypatch.setattr(transcriber_module, "measure_step_costs", lambda *a: measured.append(a[4]) or measure(*a))
+    shared = tmp_path / "costs.json"
+
+    def instance() -> Transcriber:
+        return Transcriber(ExportedModel(toy_export, intra_op_threads=1), DraftPolicy(), shared)
+
+    first, second = instance(), instance()
+    assert second.step_costs(2).to_dict() == first.step_costs(2).to_dict()
+    assert measured == [[1, 2]]
+    second.step_costs(4)
+    assert measured == [[1, 2], [1, 2, 4]] and len(json.loads(shared.read_text())) == 2
+    assert instance().step_costs(4).to_dict() == second.step_costs(4).to_dict() and len(measured) == 2
+    shared.write_text("{")
+    instance().step_costs(2)
+    assert len(measured) == 3
+
+
+def test_a_servers_costs_file_is_named_by_its_graphs_files_and_settings(toy_export, tmp_path):
+    """The plain and streaming models hard-link one export: they share; a copy of the graphs, or
+    other threads or devices, measure their own."""
+    linked, copied = tmp_path / "linked", tmp_path / "copied"
+    link_tree(toy_export, linked)
+    shutil.copytree(toy_export, copied)
+    name = server_costs_file(toy_export, 1, ["CPUExecutionProvider"])
+    assert server_costs_file(linked, 1, ["CPUExecutionProvider"]) == name
+    assert server_costs_file(copied, 1, ["CPUExecutionProvider"]) != name
+    assert server_costs_file(toy_export, 2, ["CPUExecutionProvider"]) != name

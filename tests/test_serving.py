@@ -30,8 +30,8 @@ pytestmark = pytest.mark.slow
 MAX_AUDIO_SECONDS = 300
 DRAFT_CONFIDENCE = 0.45  # not the default: the test below checks that the model was configured with it
 MAX_BATCH_ROWS = 4  # likewise
-# The load check runs this long (seconds) after a 20 s warm-up; raise it for a soak, e.g. SPECWHISPER_LOAD_SECONDS=180.
-LOAD_SECONDS = float(os.environ.get("SPECWHISPER_LOAD_SECONDS", "40"))
+# The load check runs this long (seconds) after a 10 s warm-up; raise it for a soak, e.g. SPECWHISPER_LOAD_SECONDS=180.
+LOAD_SECONDS = float(os.environ.get("SPECWHISPER_LOAD_SECONDS", "20"))
 
 
 @pytest.fixture(scope="module")
@@ -66,11 +66,15 @@ def _wav_bytes(audio: np.ndarray, rate: int = SAMPLE_RATE) -> bytes:
 
 
 def test_model_config_sets_the_drafting_policy(server, client):
-    """``draft_confidence`` in config.pbtxt reaches every instance's drafting policy (each logs it)."""
-    policies = [line for line in server.log_file.read_text().splitlines() if "DraftPolicy(" in line]
+    """``draft_confidence`` in config.pbtxt reaches every instance's drafting policy (each logs it), and
+    the instances of the two models, which share one export, share one measurement of step costs."""
+    log = server.log_file.read_text().splitlines()
+    policies = [line for line in log if "DraftPolicy(" in line]
     assert len(policies) == 2 * 2, "two instances of each of the two models (plain and streaming)"
     assert all(f"confidence={DRAFT_CONFIDENCE}" in line for line in policies)
     assert all(f"SchedulerOptions(max_rows={MAX_BATCH_ROWS}," in line for line in policies)
+    grids = {line.split("measured step costs: ")[1] for line in log if "measured step costs: " in line}
+    assert len(grids) == 1, "the first instance measures its step costs, the other three read them"
 
 
 @pytest.mark.parametrize("language", ["en", "es", "fr"])
@@ -95,7 +99,7 @@ def test_pcm_input_and_detected_language(client):
 
 
 def test_stream_long_file_segment_by_segment(client):
-    audio = long_form("en", 130)
+    audio = long_form("en", 80)
     data = _wav_bytes(audio)
     arrivals, segments, end = [], [], None
     for item in client.stream(data, language="en", timestamps=True):
@@ -104,7 +108,7 @@ def test_stream_long_file_segment_by_segment(client):
             end = item
         else:
             segments.append(item)
-    assert end is not None and end.language == "en" and end.stats["windows"] >= 4
+    assert end is not None and end.language == "en" and end.stats["windows"] >= 3
     assert len(segments) > 5
     assert arrivals[-1] - arrivals[0] > 1.0, "segments should arrive over time, not all at the end"
     whole = client.transcribe(data, language="en", timestamps=True)
@@ -249,7 +253,7 @@ def test_cli_writes_subtitles_and_json(server, tmp_path):
 
 def test_cli_streams_long_files(server, tmp_path):
     long_file = tmp_path / "long.wav"
-    sf.write(long_file, long_form("en", 75), SAMPLE_RATE)
+    sf.write(long_file, long_form("en", 45), SAMPLE_RATE)
     assert (
         cli_main(
             ["transcribe", str(long_file), "--url", server.grpc_url, "--format", "srt", "--output-dir", str(tmp_path)]
@@ -311,7 +315,7 @@ def test_concurrent_clients_are_batched_and_get_their_own_plain_tokens(server, c
         path: [s.tokens for s in client.transcribe(path, language="en", speculative=False).segments] for path in files
     }
     for speculative in (True, False):  # every instance warm at this load, in both modes, first
-        _load(server, files, expected, speculative, seconds=10)
+        _load(server, files, expected, speculative, seconds=5)
     steps, rows = _metric(server, "specwhisper_batch_steps_total"), _metric(server, "specwhisper_batch_rows_total")
     before = server_rss_mb(server)
     report = {}

@@ -28,9 +28,12 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import hashlib
+import json
+import os
 import tempfile
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -65,6 +68,24 @@ class StepCosts:
     def draft(self, rows: int) -> float:
         """A draft pass over ``rows`` rows of one token each."""
         return float(np.interp(rows, self.rows, self.draft_seconds)) * _beyond(rows, self.rows) * self.draft_scale
+
+    def to_dict(self) -> dict:
+        """The measured grid (not the online scales, which are each instance's own)."""
+        return {
+            "rows": list(self.rows),
+            "tokens": list(self.tokens),
+            "main_seconds": self.main_seconds.tolist(),
+            "draft_seconds": self.draft_seconds.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, grid: dict) -> StepCosts:
+        return cls(
+            tuple(grid["rows"]),
+            tuple(grid["tokens"]),
+            np.asarray(grid["main_seconds"], dtype=np.float64),
+            np.asarray(grid["draft_seconds"], dtype=np.float64),
+        )
 
     def describe(self) -> str:
         """The measured grid, in milliseconds, for the log."""
@@ -181,6 +202,43 @@ def measuring_alone(lock_file: Path | None = None) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def server_costs_file(model_directory: Path, *settings: object) -> Path:
+    """Where the instances of one server that run the same graphs with the same ``settings`` (threads,
+    device) share the step costs the first of them measured (:func:`shared_step_costs`). Instances on
+    one machine have the same costs, and a measurement holds up the instances that load after it.
+    Graphs are the same when they are the same files: the plain and the streaming model hard-link one
+    export. The server's process id and start time are part of the name, so a restarted server
+    measures afresh (a Python-backend instance runs in a child process of the server)."""
+    files = [(path.name, path.stat()) for path in model_directory.rglob("*.onnx")]
+    graphs = sorted((name, stat.st_dev, stat.st_ino, stat.st_mtime_ns) for name, stat in files)
+    server = os.getppid()
+    try:
+        started = Path(f"/proc/{server}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        started = ""
+    digest = hashlib.sha256(repr((server, started, graphs, settings)).encode()).hexdigest()[:16]
+    return Path(tempfile.gettempdir()) / f"specwhisper-step-costs-{digest}.json"
+
+
+def shared_step_costs(file: Path | None, key: str, measure: Callable[[], StepCosts]) -> StepCosts:
+    """The grid saved under ``key`` in ``file`` by an earlier instance, or ``measure()``'s, saved there
+    for the next (``file`` None: always measured). Callers hold :func:`measuring_alone`, which also
+    orders the instances' reads and writes; a file that cannot be read is measured over."""
+    saved: dict = {}
+    if file is not None and file.is_file():
+        try:
+            saved = json.loads(file.read_text())
+            return StepCosts.from_dict(saved[key])
+        except (ValueError, KeyError, TypeError):
+            saved = saved if isinstance(saved, dict) else {}
+    costs = measure()
+    if file is not None:
+        partial = file.with_suffix(f".{os.getpid()}.tmp")
+        partial.write_text(json.dumps(saved | {key: costs.to_dict()}))
+        partial.replace(file)
+    return costs
 
 
 def _seconds(session: DecoderSession, kept: np.ndarray, feed: np.ndarray) -> float:

@@ -20,6 +20,7 @@ import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import Literal
 
 import numpy as np
@@ -28,7 +29,7 @@ from specwhisper_backend import features
 from specwhisper_backend.decoding import BatchDecoder, Window, WindowResult
 from specwhisper_backend.drafting import DraftPolicy, RowDraft
 from specwhisper_backend.errors import AudioError, OptionError, RequestCancelled
-from specwhisper_backend.load_policy import StepCosts, measure_step_costs
+from specwhisper_backend.load_policy import StepCosts, measure_step_costs, shared_step_costs
 from specwhisper_backend.logit_filters import (
     ApplyTimestampRules,
     LogitFilter,
@@ -261,8 +262,13 @@ class Transcriber:
     """One exported model. :meth:`transcribe` and :meth:`segments` decode one request at a time on the
     model's sessions; the scheduler decodes many at once on the same sessions (one user at a time)."""
 
-    def __init__(self, model: ExportedModel, draft_policy: DraftPolicy | None = None) -> None:
+    def __init__(
+        self, model: ExportedModel, draft_policy: DraftPolicy | None = None, shared_costs: Path | None = None
+    ) -> None:
+        """``shared_costs``: a file through which the instances of one server share their measured step
+        costs (:func:`~specwhisper_backend.load_policy.server_costs_file`); None: this one measures."""
         self.model = model
+        self.shared_costs = shared_costs
         self.facts = model.facts
         self.text = WhisperText(model.directory / "processor" / "tokenizer.json", model.facts)
         self.mel_filters = np.load(model.directory / features.MEL_FILTERS_FILE)
@@ -346,7 +352,11 @@ class Transcriber:
             states = np.zeros((1, frames, main.encoder_width), dtype=np.float32)
             draft_states = None if draft is None else np.zeros((1, frames, draft.encoder_width), np.float32)
             tokens = tuple(t for t in MEASURED_TOKENS if t <= self.draft_policy.maximum + 1)
-            self._costs[max_rows] = measure_step_costs(main, draft, states, draft_states, rows, tokens)
+            self._costs[max_rows] = shared_step_costs(
+                self.shared_costs,
+                f"rows {rows}, tokens {tokens}",
+                lambda: measure_step_costs(main, draft, states, draft_states, rows, tokens),
+            )
         return self._costs[max_rows]
 
     def batch_decoder(self, costs: StepCosts | None) -> BatchDecoder:

@@ -150,8 +150,8 @@ def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, f
         # The main model's graphs do not depend on the assistant: those of its own export are linked.
         # Trying several drafts for one main model (or a draft's report) then exports the draft alone.
         alone = export_artefacts(ExportRequest(main=request.main, precision=request.precision))
-        _link_tree(alone / "main", out / "main")
-        _link_tree(alone, out, [backend_facts.KV_WRITER_FILE])
+        link_tree(alone / "main", out / "main")
+        link_tree(alone, out, [backend_facts.KV_WRITER_FILE])
         assistant = assistant.to(dtype)
         (out / "assistant").mkdir()
         full = form == "full"
@@ -253,7 +253,7 @@ def _quantize_assistant(artefacts: Path, out: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     decoder = backend_facts.ModelFacts.load(artefacts).assistant.decoder_file
-    _link_tree(artefacts, out)
+    link_tree(artefacts, out)
     # The quantiser refuses hard-linked external data (the cache links it into repositories), and
     # writes helper files beside its input: it reads a private copy.
     work = out / "quantize-input"
@@ -265,7 +265,7 @@ def _quantize_assistant(artefacts: Path, out: Path) -> None:
     shutil.rmtree(work)
 
 
-def _link_tree(source: Path, target: Path, names: Sequence[str] = ()) -> None:
+def link_tree(source: Path, target: Path, names: Sequence[str] = ()) -> None:
     """Hard-link (or copy, across file systems) ``source`` into ``target``, or only the files
     ``names`` directly in it: ONNX files are large."""
     for path in (source / name for name in names) if names else source.rglob("*"):
@@ -304,7 +304,7 @@ def write_repository(
             for entry in version.iterdir():  # keep a model.py that is this very source file
                 if entry.resolve() != MODEL_PY:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
-        _link_tree(artefacts, version)
+        link_tree(artefacts, version)
         if (version / "model.py").resolve() != MODEL_PY:
             shutil.copy2(MODEL_PY, version / "model.py")
         (model_dir / "config.pbtxt").write_text(render_config(name, serving, decoupled=decoupled))

@@ -23,7 +23,7 @@ import triton_python_backend_utils as pb_utils
 from specwhisper_backend.drafting import DraftPolicy
 from specwhisper_backend.errors import RequestCancelled, RequestError
 from specwhisper_backend.features import SAMPLE_RATE
-from specwhisper_backend.load_policy import measuring_alone
+from specwhisper_backend.load_policy import measuring_alone, server_costs_file
 from specwhisper_backend.metrics import ServingMetrics
 from specwhisper_backend.runtime import ExportedModel, execution_providers
 from specwhisper_backend.scheduler import Overloaded, Scheduler, SchedulerOptions, Unloading
@@ -88,7 +88,9 @@ class TritonPythonModel:
         except (ValueError, RuntimeError) as error:
             raise pb_utils.TritonModelException(f"bad model parameter: {error}") from error
         directory = Path(args["model_repository"]) / args["model_version"]
-        transcriber = Transcriber(ExportedModel(directory, intra_op_threads=threads, providers=providers), policy)
+        model = ExportedModel(directory, intra_op_threads=threads, providers=providers)
+        shared_costs = server_costs_file(directory, threads, providers)  # measured by this server's first instance
+        transcriber = Transcriber(model, policy, shared_costs)
         self.decoupled = pb_utils.using_decoupled_model_transaction_policy(config)
         self.metrics = ServingMetrics(pb_utils, args["model_name"])
         with measuring_alone():  # the instances of this machine warm up and time their steps in turn
