@@ -9,11 +9,11 @@ import pytest
 
 from specwhisper_export.cut import cached_cut
 from specwhisper_export.presets import load_whisper
-from specwhisper_export.repository import ExportRequest, export_artefacts
+from specwhisper_export.repository import ExportRequest, export_artefacts, link_tree
 from specwhisper_export.shipped import shipped_draft
 from specwhisper_training import asterisk
 from tests.support import clips, hf_greedy
-from tests.toy_model import write_toy_export
+from tests.toy_model import cached_export, write_toy_export
 
 # Layers of base (6 encoder, 6 decoder) kept by the test assistants: correctness must hold
 # whatever they propose, so they need not be good drafts.
@@ -93,5 +93,8 @@ def hf_greedy_base(base, english_clips) -> dict[str, list[int]]:
 @pytest.fixture(scope="session")
 def toy_export(tmp_path_factory) -> Path:
     """A toy Whisper (random weights, Whisper's token layout) and a draft that mostly agrees with it,
-    exported through the real graphs: the engine end to end without real weights."""
-    return write_toy_export(tmp_path_factory.mktemp("toy") / "1")
+    exported through the real graphs: the engine end to end without real weights. Laid out as a
+    model version directory (``toy/1``), linked from the cache."""
+    version = tmp_path_factory.mktemp("toy") / "1"
+    link_tree(cached_export(write_toy_export, "toy export"), version)
+    return version

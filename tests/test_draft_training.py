@@ -65,6 +65,7 @@ def test_the_command_trains_the_preset_or_the_multilingual_corpus_with_overrides
     assert fewer.languages == ("de", "it") and fewer.catalog_windows == 3 and fewer.fortune_windows == 16
 
 
+@pytest.mark.slow  # every catalog of the system: hundreds of thousands of messages
 def test_program_messages_give_clean_sentences_in_every_language():
     """The gettext catalogs of the system's programs: text in each of Whisper's twenty largest
     languages, without format codes or menu markers."""

@@ -119,7 +119,7 @@ def test_device_resident_caches_give_the_same_tokens(decoder_only, device_cache)
     """Caches kept in device buffers and updated by the kv_writer graph decode exactly like NumPy
     caches, with drafts rejected and windows restarted (long-form, timestamps). The graphs' tests
     check the same on the toy export, row by row; this is the whole engine on real weights."""
-    audio = long_form("es", 40)
+    audio = long_form("es", 32)
     for speculative in (False, True):
         options = TranscribeOptions(language="es", timestamps=True, speculative=speculative)
         on_device = device_cache.transcribe(audio, options)

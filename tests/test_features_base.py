@@ -35,7 +35,7 @@ def faster():
 
 def test_word_timestamps_agree_with_faster_whispers(engine, faster):
     starts, ends, same = [], [], 0
-    prompts = [p for language in ("en", "es") for p in asterisk.select(language, 3, min_seconds=3.0, max_seconds=12.0)]
+    prompts = [p for language in ("en", "es") for p in asterisk.select(language, 2, min_seconds=3.0, max_seconds=12.0)]
     for prompt in prompts:
         audio = asterisk.load_audio(prompt.path)
         for speculative in (True, False):

@@ -19,22 +19,34 @@ from specwhisper_backend.decoder_session import DecoderSession, DeviceCache
 from specwhisper_backend.facts import KV_WRITER_FILE, DecoderFacts
 from specwhisper_backend.runtime import execution_providers
 from specwhisper_export import onnx_export
-from tests.toy_model import tiny_config
+from tests.toy_model import cached_export, tiny_config
 
 LAYERS, HEADS, WIDTH, VOCAB = 3, 4, 64, 300
 
 
+KEPT = [299, 2, 17, 5]  # a trimmed head's ids, unsorted: its columns follow the saved ids, not their order
+
+
 @pytest.fixture(scope="module")
-def tiny_random(tmp_path_factory):
+def tiny_random():
+    """A small random Whisper and its graphs (the decoder also with a head trimmed to ``KEPT``)."""
     torch.manual_seed(0)
     config = tiny_config(vocab_size=VOCAB, decoder_start_token_id=1, pad_token_id=0, eos_token_id=2, bos_token_id=2)
     model = WhisperForConditionalGeneration(config).eval()
-    folder = tmp_path_factory.mktemp("graphs")
-    onnx_export.export_encoder(model, folder / onnx_export.ENCODER_FILE)
-    onnx_export.export_cross_kv(model, WIDTH, folder / onnx_export.CROSS_KV_FILE)
-    onnx_export.export_decoder(model, folder / onnx_export.DECODER_FILE)
-    onnx_export.export_kv_writer(folder / KV_WRITER_FILE, "float32")
-    return model, folder
+
+    def export(folder):
+        onnx_export.export_encoder(model, folder / onnx_export.ENCODER_FILE)
+        onnx_export.export_cross_kv(model, WIDTH, folder / onnx_export.CROSS_KV_FILE)
+        onnx_export.export_decoder(model, folder / onnx_export.DECODER_FILE)
+        onnx_export.export_kv_writer(folder / KV_WRITER_FILE, "float32")
+        trimmed = folder / "trimmed"
+        trimmed.mkdir()
+        onnx_export.export_decoder(model, trimmed / onnx_export.DECODER_FILE, token_ids=KEPT)
+        # The cross K/V graph and its weights file, and the device caches' writer, beside it.
+        for graph_file in [*folder.glob(onnx_export.CROSS_KV_FILE + "*"), folder / KV_WRITER_FILE]:
+            shutil.copy(graph_file, trimmed)
+
+    return model, cached_export(export, "graphs' tiny random", VOCAB, KEPT)
 
 
 CUDA = "CUDAExecutionProvider" in ort.get_available_providers()
@@ -236,15 +248,15 @@ def test_truncate_cannot_grow(tiny_random):
         decoder.truncate(np.array([3]))
 
 
-def test_fp16_export_matches_fp32(tiny_random, tmp_path):
+def test_fp16_export_matches_fp32(tiny_random):
     """fp16 graphs (for GPU deployments) keep float32 interfaces and stay close to fp32."""
     model, _ = tiny_random
     half = WhisperForConditionalGeneration(model.config).eval()
     half.load_state_dict(model.state_dict())
     half = half.half()
-    onnx_export.export_encoder(half, tmp_path / onnx_export.ENCODER_FILE)
+    folder = cached_export(lambda out: onnx_export.export_encoder(half, out / onnx_export.ENCODER_FILE), "fp16", VOCAB)
     providers = execution_providers("gpu" if CUDA else "cpu")
-    session = ort.InferenceSession(str(tmp_path / onnx_export.ENCODER_FILE), providers=providers)
+    session = ort.InferenceSession(str(folder / onnx_export.ENCODER_FILE), providers=providers)
     assert session.get_inputs()[0].type == "tensor(float)"
     features = torch.randn(1, 80, 3000)
     try:
@@ -257,22 +269,18 @@ def test_fp16_export_matches_fp32(tiny_random, tmp_path):
 
 
 @CACHE_DEVICES
-def test_trimmed_head_scores_only_its_vocabulary(tiny_random, tmp_path, cache_device):
+def test_trimmed_head_scores_only_its_vocabulary(tiny_random, cache_device):
     """A draft head over a vocabulary subset: the graph returns those ids' logits only (no scatter
     to 51865 columns in the graph); the session places them by id, the lowest value elsewhere."""
     model, folder = tiny_random
-    kept = [299, 2, 17, 5]  # unsorted: the head's columns follow the saved ids, not the argument
-    onnx_export.export_decoder(model, tmp_path / onnx_export.DECODER_FILE, token_ids=kept)
-    # The cross K/V graph and its weights file, and the device caches' writer.
-    for graph_file in [*folder.glob(onnx_export.CROSS_KV_FILE + "*"), folder / KV_WRITER_FILE]:
-        shutil.copy(graph_file, tmp_path)
+    trimmed, kept = folder / "trimmed", KEPT
     states = torch.randn(1, 1500, WIDTH)
     ids = torch.randint(3, 300, (1, 6))
     with torch.no_grad():
         reference = model(encoder_outputs=(states,), decoder_input_ids=ids).logits.numpy()
-    graph = ort.InferenceSession(str(tmp_path / onnx_export.DECODER_FILE))
+    graph = ort.InferenceSession(str(trimmed / onnx_export.DECODER_FILE))
     assert graph.get_outputs()[0].name == "logits" and "ScatterND" not in {
-        n.op_type for n in onnx.load(tmp_path / onnx_export.DECODER_FILE, load_external_data=False).graph.node
+        n.op_type for n in onnx.load(trimmed / onnx_export.DECODER_FILE, load_external_data=False).graph.node
     }
     with pytest.raises(ValueError, match="vocab_size"):
         DecoderSession(
@@ -284,10 +292,10 @@ def test_trimmed_head_scores_only_its_vocabulary(tiny_random, tmp_path, cache_de
                 onnx_export.DECODER_FILE,
                 logit_ids_file=onnx_export.LOGIT_IDS_FILE,
             ),
-            tmp_path,
+            trimmed,
             max_length=448,
         )
-    decoder = _decoder(tmp_path, cache_device=cache_device, logit_ids_file=onnx_export.LOGIT_IDS_FILE)
+    decoder = _decoder(trimmed, cache_device=cache_device, logit_ids_file=onnx_export.LOGIT_IDS_FILE)
     decoder.start(states.numpy())
     ours = decoder.forward(ids.numpy())
     assert ours.shape == reference.shape

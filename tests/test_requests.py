@@ -164,7 +164,7 @@ file_bytes = st.one_of(
 ).map(lambda data: {"AUDIO_BYTES": np.frombuffer(bytes(data), np.uint8)})
 
 
-@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(inputs=st.one_of(pcm, file_bytes), speculative=st.booleans())
 def test_any_audio_ends_in_a_transcript_or_a_request_error(toy_engine, inputs, speculative):
     inputs = {**inputs, "SPECULATIVE": np.array([speculative])}

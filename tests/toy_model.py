@@ -8,6 +8,8 @@ same random words however they are decoded, which is what the identity tests che
 from __future__ import annotations
 
 import copy
+import hashlib
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -19,6 +21,7 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 from specwhisper_backend.facts import FACTS_FILE, KV_WRITER_FILE, DecoderFacts, ModelFacts, SpecialTokens
 from specwhisper_backend.features import MEL_FILTERS_FILE, SAMPLE_RATE
 from specwhisper_export import onnx_export, repository
+from specwhisper_export.cache import cached_dir, input_key
 from specwhisper_export.cut import cut_decoder_only
 
 WORDS = 100  # text ids 0..99 are the words "w0".."w99"
@@ -168,6 +171,14 @@ def write_toy_export(out: Path, draft_noise: float | None = 0.03, seed: int = 0)
     facts = _facts(None if draft_noise is None else LAYERS)
     (out / FACTS_FILE).write_text(facts.to_json())
     return out
+
+
+def cached_export(build: Callable[[Path], object], *key: object) -> Path:
+    """The folder ``build(folder)`` exports into, kept in the artefact cache between test sessions:
+    ONNX export takes most of a run of the fast tests. Keyed by the code that writes the graphs,
+    this file (the toy models), torch's version and ``key`` (what else the build depends on)."""
+    parts = (repository.code_version(), hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), torch.__version__)
+    return cached_dir("test-exports", input_key(*parts, *key), lambda folder: build(folder))
 
 
 def toy_speech(seconds: float, seed: int = 0) -> np.ndarray:

@@ -66,7 +66,8 @@ class ExportRequest:
             raise ValueError("an int8 assistant needs an assistant and an fp32 export")
 
 
-def _code_version() -> str:
+def code_version() -> str:
+    """A digest of the code that writes the graphs: a change to it re-exports every cached export."""
     digest = hashlib.sha256()
     for module in _EXPORT_SOURCES:
         digest.update(Path(module.__file__).read_bytes())
@@ -232,7 +233,7 @@ def export_artefacts(request: ExportRequest) -> Path:
     if assistant_ckpt is not None:
         form = resolve_form(AutoConfig.from_pretrained(main_ckpt), assistant_ckpt, request.assistant_form)
     key = input_key(
-        _code_version(),
+        code_version(),
         checkpoint_identity(main_ckpt),
         checkpoint_identity(assistant_ckpt) if assistant_ckpt else None,
         form,
