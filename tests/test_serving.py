@@ -30,7 +30,7 @@ pytestmark = pytest.mark.slow
 MAX_AUDIO_SECONDS = 300
 DRAFT_CONFIDENCE = 0.45  # not the default: the test below checks that the model was configured with it
 MAX_BATCH_ROWS = 4  # likewise
-# The load check runs this long (seconds) after an 8 s warm-up; raise it for a soak, e.g. SPECWHISPER_LOAD_SECONDS=180.
+# The load check runs this long (seconds) after a 5 s warm-up; raise it for a soak, e.g. SPECWHISPER_LOAD_SECONDS=180.
 LOAD_SECONDS = float(os.environ.get("SPECWHISPER_LOAD_SECONDS", "16"))
 
 
@@ -314,8 +314,8 @@ def test_concurrent_clients_are_batched_and_get_their_own_plain_tokens(server, c
     expected = {
         path: [s.tokens for s in client.transcribe(path, language="en", speculative=False).segments] for path in files
     }
-    for speculative in (True, False):  # every instance warm at this load, in both modes, first
-        _load(server, files, expected, speculative, seconds=4)
+    # Every instance warm at this load first (the plain decodes above, then speculative ones).
+    _load(server, files, expected, speculative=True, seconds=5)
     steps, rows = _metric(server, "specwhisper_batch_steps_total"), _metric(server, "specwhisper_batch_rows_total")
     before = server_rss_mb(server)
     report = {}
