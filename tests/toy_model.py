@@ -20,7 +20,7 @@ from transformers import WhisperConfig, WhisperForConditionalGeneration
 
 from specwhisper_backend.facts import FACTS_FILE, KV_WRITER_FILE, DecoderFacts, ModelFacts, SpecialTokens
 from specwhisper_backend.features import MEL_FILTERS_FILE, SAMPLE_RATE
-from specwhisper_export import onnx_export, repository
+from specwhisper_export import cut, onnx_export, repository
 from specwhisper_export.cache import cached_dir, input_key
 from specwhisper_export.cut import cut_decoder_only
 
@@ -176,9 +176,10 @@ def write_toy_export(out: Path, draft_noise: float | None = 0.03, seed: int = 0)
 def cached_export(build: Callable[[Path], object], *key: object) -> Path:
     """The folder ``build(folder)`` exports into, kept in the artefact cache between test sessions:
     ONNX export takes most of a run of the fast tests. Keyed by the code that writes the graphs,
-    this file (the toy models), torch's version and ``key`` (what else the build depends on)."""
-    parts = (repository.code_version(), hashlib.sha256(Path(__file__).read_bytes()).hexdigest(), torch.__version__)
-    return cached_dir("test-exports", input_key(*parts, *key), lambda folder: build(folder))
+    this file (the toy models), the draft cut the toy's draft is made with, torch's version and
+    ``key`` (what else the build depends on)."""
+    sources = [hashlib.sha256(Path(module).read_bytes()).hexdigest() for module in (__file__, cut.__file__)]
+    return cached_dir("test-exports", input_key(repository.code_version(), *sources, torch.__version__, *key), build)
 
 
 def toy_speech(seconds: float, seed: int = 0) -> np.ndarray:
