@@ -2,23 +2,56 @@
 
 from __future__ import annotations
 
+import signal
+import subprocess
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from specwhisper_export.cut import cached_cut
+from specwhisper_export.cache import cache_root
 from specwhisper_export.presets import load_whisper
-from specwhisper_export.repository import ExportRequest, export_artefacts, link_tree
-from specwhisper_export.shipped import shipped_draft
+from specwhisper_export.repository import link_tree
 from specwhisper_training import asterisk
+from tests import exports
 from tests.support import clips, hf_greedy
 from tests.toy_model import cached_export, write_toy_export
 
-# Layers of base (6 encoder, 6 decoder) kept by the test assistants: correctness must hold
-# whatever they propose, so they need not be good drafts.
-CUT_DECODER_LAYERS = (0, 5)
-CUT_ENCODER_LAYERS = (0, 5)
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The tests that need no real weights first: meanwhile the prefetch exports the real ones."""
+    items.sort(key=lambda item: item.get_closest_marker("slow") is not None)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    if session.config.option.collectonly or hasattr(session.config, "workerinput"):
+        return
+    wanted = exports.fixtures_in_order_of_use([item.fixturenames for item in session.items])
+    if wanted:
+        log = cache_root() / "test-prefetch.log"
+        log.parent.mkdir(parents=True, exist_ok=True)
+        session.config.stash[_PREFETCH] = (exports.start_prefetch(wanted, log), log)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """An unfinished prefetch (the tests that wanted its exports were deselected or failed first) is
+    interrupted, so that the cache removes its half-built entry; one that failed is reported."""
+    if _PREFETCH not in session.config.stash:
+        return
+    process, log = session.config.stash[_PREFETCH]
+    if process.poll() is None:
+        process.send_signal(signal.SIGINT)
+        try:
+            process.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    elif process.returncode != 0:
+        reporter = session.config.pluginmanager.get_plugin("terminalreporter")
+        if reporter is not None:
+            reporter.write_line(f"the export prefetch failed (the fixtures built what they needed): see {log}")
+
+
+_PREFETCH = pytest.StashKey[tuple[subprocess.Popen, Path]]()
 
 
 @pytest.fixture(scope="session")
@@ -33,18 +66,18 @@ def tiny_en():
 
 @pytest.fixture(scope="session")
 def decoder_only_cut() -> str:
-    return str(cached_cut("base", "decoder_only", CUT_DECODER_LAYERS))
+    return exports.decoder_only_cut()
 
 
 @pytest.fixture(scope="session")
 def full_cut() -> str:
-    return str(cached_cut("base", "full", CUT_DECODER_LAYERS, CUT_ENCODER_LAYERS))
+    return exports.full_cut()
 
 
 @pytest.fixture(scope="session")
 def trained_draft() -> str:
     """base's trained draft as it ships with the project: the product's default assistant."""
-    return str(shipped_draft("base"))
+    return exports.trained_draft()
 
 
 @pytest.fixture(scope="session")
@@ -54,27 +87,26 @@ def serving_assistant(trained_draft) -> str:
 
 
 @pytest.fixture(scope="session")
-def base_export(decoder_only_cut):
+def base_export() -> Path:
     """base with a decoder-only assistant cut from its own layers."""
-    return export_artefacts(ExportRequest(main="base", assistant=decoder_only_cut))
+    return exports.export("base_export")
 
 
 @pytest.fixture(scope="session")
-def base_export_full_assistant(full_cut):
+def base_export_full_assistant() -> Path:
     """base with a full-model assistant (own encoder) cut from its own layers."""
-    return export_artefacts(ExportRequest(main="base", assistant=full_cut))
+    return exports.export("base_export_full_assistant")
 
 
 @pytest.fixture(scope="session")
-def agreeing_export():
+def agreeing_export() -> Path:
     """base with a draft that is base's own decoder: it always agrees (up to float rounding)."""
-    every_layer = tuple(range(6))
-    return export_artefacts(ExportRequest(main="base", assistant=str(cached_cut("base", "decoder_only", every_layer))))
+    return exports.export("agreeing_export")
 
 
 @pytest.fixture(scope="session")
-def tiny_en_export():
-    return export_artefacts(ExportRequest(main="tiny.en"))
+def tiny_en_export() -> Path:
+    return exports.export("tiny_en_export")
 
 
 @pytest.fixture(scope="session")

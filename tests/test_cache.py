@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import time
 
 import pytest
@@ -71,3 +73,35 @@ def test_entries_used_within_a_day_are_never_pruned():
     held = [_entry(f"held{i}", 3600 + i) for i in range(cache.KEEP_PER_KIND + 3)]
     cache.cached_dir("kind", "one-more", lambda tmp: None)
     assert all((p / "file").is_file() for p in held)
+
+
+def test_two_processes_wanting_one_entry_build_it_once(tmp_path):
+    """The test session and its export prefetch (or two jobs) ask for the same entry at once: the
+    second waits for the first's build instead of building it again."""
+    script = (
+        "import sys, time\n"
+        "from pathlib import Path\n"
+        "from specwhisper_export import cache\n"
+        "def build(tmp):\n"
+        "    with open(sys.argv[1], 'a') as log:\n"
+        "        log.write('built\\n')\n"
+        "    time.sleep(1.0)\n"
+        "    (tmp / 'file').write_text('x')\n"
+        "print(cache.cached_dir('kind', 'key', build))\n"
+    )
+    log = tmp_path / "builds.log"
+    jobs = [
+        subprocess.Popen([sys.executable, "-c", script, str(log)], stdout=subprocess.PIPE, text=True) for _ in range(2)
+    ]
+    outputs = [job.communicate(timeout=60)[0].strip() for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0]
+    assert log.read_text() == "built\n"
+    assert outputs[0] == outputs[1] == str(cache.cache_root() / "kind" / "key")
+
+
+def test_a_killed_builds_leftovers_are_removed_by_the_next_build():
+    leftover = cache.cache_root() / "kind" / "key.tmp-999999"
+    leftover.mkdir(parents=True)
+    (leftover / "half").write_text("x")
+    cache.cached_dir("kind", "key", lambda tmp: (tmp / "file").write_text("x"))
+    assert [p.name for p in (cache.cache_root() / "kind").iterdir()] == ["key"]

@@ -66,7 +66,7 @@ class ExportedModel:
         self.facts = ModelFacts.load(self.directory)
         self._options = session_options(intra_op_threads)
         self._providers = providers or ["CPUExecutionProvider"]
-        self._cache_device = cache_device
+        self.cache_device = cache_device
 
         def open_session(relative: str) -> ort.InferenceSession:
             return ort.InferenceSession(str(self.directory / relative), self._options, providers=self._providers)
@@ -89,7 +89,7 @@ class ExportedModel:
             self.facts.n_text_ctx,
             self._options,
             self._providers,
-            self._cache_device,
+            self.cache_device,
             self.facts.vocab_size,
         )
 

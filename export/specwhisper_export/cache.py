@@ -15,6 +15,8 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from filelock import FileLock
+
 CACHE_ENV = "SPECWHISPER_CACHE"
 # Entries kept per kind: older ones (built by older code or for inputs no longer asked for) go,
 # once unused for a day. A process holds the paths it was given (a test session, a bench, a training
@@ -41,15 +43,32 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     """Return `<root>/<kind>/<key>`, calling `build(tmp_dir)` first if it is not there yet.
 
     The build writes into a temporary sibling that is renamed into place only when it
-    finished, so an interrupted build never leaves a half-written entry that looks complete. When
-    another process finished the same entry first (two jobs on one machine), its copy is kept.
+    finished, so an interrupted build never leaves a half-written entry that looks complete. Two
+    processes that want the same entry (the test session and its export prefetch, two jobs on one
+    machine) build it once: the second waits on the entry's lock and then reads the first's. Where
+    locks do not hold (some network file systems), the copy renamed into place first is kept.
     """
     final = cache_root() / kind / key
     if final.is_dir():
         os.utime(final)  # marks it used, so pruning removes the least recently used entries
         return final
-    tmp = final.with_name(f"{key}.tmp-{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
+    locks = cache_root() / ".locks"
+    locks.mkdir(parents=True, exist_ok=True)
+    with FileLock(locks / f"{kind}-{key}.lock"):
+        if final.is_dir():  # built by the process that held the lock
+            os.utime(final)
+            return final
+        _build_into(final, build)
+    _prune(final.parent, keep=final)
+    return final
+
+
+def _build_into(final: Path, build: Callable[[Path], None]) -> None:
+    # Under the entry's lock no one else builds it: what temporary copies remain are from builds
+    # that were killed.
+    for stale in final.parent.glob(f"{final.name}.tmp-*"):
+        shutil.rmtree(stale, ignore_errors=True)
+    tmp = final.with_name(f"{final.name}.tmp-{os.getpid()}")
     tmp.mkdir(parents=True)
     try:
         build(tmp)
@@ -62,8 +81,6 @@ def cached_dir(kind: str, key: str, build: Callable[[Path], None]) -> Path:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    _prune(final.parent, keep=final)
-    return final
 
 
 def _prune(kind_dir: Path, keep: Path) -> None:
