@@ -99,9 +99,9 @@ def base_export_full_assistant() -> Path:
 
 
 @pytest.fixture(scope="session")
-def agreeing_export() -> Path:
-    """base with a draft that is base's own decoder: it always agrees (up to float rounding)."""
-    return exports.export("agreeing_export")
+def agreeing_export(base_export, tmp_path_factory) -> Path:
+    """base with a draft that is base's own decoder, graph files and all: it always agrees."""
+    return exports.with_main_decoder_as_draft(base_export, tmp_path_factory.mktemp("agreeing"))
 
 
 @pytest.fixture(scope="session")

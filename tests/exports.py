@@ -14,10 +14,12 @@ from __future__ import annotations
 import subprocess
 import sys
 from collections.abc import Callable
+from dataclasses import replace
 from pathlib import Path
 
+from specwhisper_backend.facts import FACTS_FILE, ModelFacts
 from specwhisper_export.cut import cached_cut
-from specwhisper_export.repository import ExportRequest, export_artefacts
+from specwhisper_export.repository import ExportRequest, export_artefacts, link_tree
 from specwhisper_export.shipped import shipped_draft
 
 # Layers of base (6 encoder, 6 decoder) kept by the test assistants: correctness must hold
@@ -34,11 +36,6 @@ def full_cut() -> str:
     return str(cached_cut("base", "full", CUT_DECODER_LAYERS, CUT_ENCODER_LAYERS))
 
 
-def agreeing_cut() -> str:
-    """base's whole decoder as a draft: it always agrees (up to float rounding)."""
-    return str(cached_cut("base", "decoder_only", tuple(range(6))))
-
-
 def trained_draft() -> str:
     """base's trained draft as it ships with the project: the product's default assistant."""
     return str(shipped_draft("base"))
@@ -52,7 +49,6 @@ REQUESTS: dict[str, Callable[[], list[ExportRequest]]] = {
         ExportRequest(main="base", assistant=trained_draft()),
     ],
     "base_export_full_assistant": lambda: [ExportRequest(main="base", assistant=full_cut())],
-    "agreeing_export": lambda: [ExportRequest(main="base", assistant=agreeing_cut())],
     "tiny_en_export": lambda: [ExportRequest(main="tiny.en")],
 }
 
@@ -60,6 +56,17 @@ REQUESTS: dict[str, Callable[[], list[ExportRequest]]] = {
 def export(fixture: str) -> Path:
     """The fixture's export, built now unless cached (or being built by the prefetch: then awaited)."""
     return export_artefacts(REQUESTS[fixture]()[0])
+
+
+def with_main_decoder_as_draft(export: Path, directory: Path) -> Path:
+    """``export`` linked into ``directory`` with its draft replaced by the main model's own decoder
+    graphs (a session of their own): a draft that always agrees, with nothing to export."""
+    link_tree(export, directory)
+    facts = ModelFacts.load(directory)
+    facts = replace(facts, assistant=replace(facts.main, encoder_file=None, alignment_file=None))
+    (directory / FACTS_FILE).unlink()  # a hard link into the cache: written anew, not through
+    (directory / FACTS_FILE).write_text(facts.to_json())
+    return directory
 
 
 def fixtures_in_order_of_use(fixture_names_per_test: list[list[str]]) -> list[str]:

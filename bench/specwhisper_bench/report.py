@@ -64,7 +64,7 @@ class ReportOptions:
     threads: int = 2
 
     def smoke(self) -> ReportOptions:
-        return replace(self, clips=2, long_seconds=20.0, sweep=(1, 2), sweep_seconds=3.0)
+        return replace(self, clips=1, long_seconds=10.0, sweep=(1, 2), sweep_seconds=1.5)
 
 
 @dataclass(frozen=True)
@@ -524,7 +524,7 @@ def parse(argv: list[str] | None) -> ReportOptions:
     parser.add_argument("--sweep", type=int, nargs="+", default=list(defaults.sweep), help="client counts")
     parser.add_argument("--sweep-seconds", type=float, default=defaults.sweep_seconds, help="per count and mode")
     parser.add_argument("--threads", type=int, default=defaults.threads, help="CPU threads of every system")
-    parser.add_argument("--smoke", action="store_true", help="2 clips, 20 s long-form, sweep 1 2 for 3 s")
+    parser.add_argument("--smoke", action="store_true", help="1 clip, 10 s long-form, sweep 1 2 for 1.5 s")
     args = parser.parse_args(argv)
     assistant, int8 = resolve_assistant(args)
     if assistant is None:
