@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import copy
 import hashlib
+import inspect
 from collections.abc import Callable
 from pathlib import Path
 
@@ -176,9 +177,10 @@ def write_toy_export(out: Path, draft_noise: float | None = 0.03, seed: int = 0)
 def cached_export(build: Callable[[Path], object], *key: object) -> Path:
     """The folder ``build(folder)`` exports into, kept in the artefact cache between test sessions:
     ONNX export takes most of a run of the fast tests. Keyed by the code that writes the graphs,
-    this file (the toy models), the draft cut the toy's draft is made with, torch's version and
-    ``key`` (what else the build depends on)."""
-    sources = [hashlib.sha256(Path(module).read_bytes()).hexdigest() for module in (__file__, cut.__file__)]
+    this file (the toy models), the draft cut the toy's draft is made with, the file that defines
+    ``build`` (a test module's own model settings and graph list), torch's version and ``key``."""
+    modules = (__file__, cut.__file__, inspect.getsourcefile(build))
+    sources = [hashlib.sha256(Path(module).read_bytes()).hexdigest() for module in modules]
     return cached_dir("test-exports", input_key(repository.code_version(), *sources, torch.__version__, *key), build)
 
 
