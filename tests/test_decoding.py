@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 from specwhisper_backend.decoding import BatchDecoder, Window, keep_tokens
 from specwhisper_backend.drafting import DraftPolicy, Proposal, RowDraft, propose, timed_propose
 from specwhisper_backend.facts import DecoderFacts, ModelFacts, SpecialTokens
-from specwhisper_backend.load_policy import StepCosts, choose_cap, expected_tokens
+from specwhisper_backend.load_policy import PROBE_EVERY, PROBE_EVERY_MAX, Probes, StepCosts, choose_cap, expected_tokens
 from specwhisper_backend.logit_filters import (
     ApplyTimestampRules,
     LogitFilter,
@@ -106,16 +106,16 @@ class ScriptedSession:
             logits[(int(logits.argmax()) + 1) % VOCAB] = 1000.0
         return logits
 
-    def forward(self, tokens: np.ndarray, counts=None) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, counts=None, last_only: bool = False) -> np.ndarray:
         assert tokens.shape[0] == self.batch_size
-        counts = np.full(len(tokens), tokens.shape[1]) if counts is None else counts
+        counts = np.full(len(tokens), tokens.shape[1]) if counts is None else np.asarray(counts)
         self.passes += 1
         out = np.zeros((*tokens.shape, VOCAB), dtype=np.float32)
         for row, count in enumerate(counts):
             for position in range(count):
                 self.history[row].append(int(tokens[row, position]))
                 out[row, position] = self.logits(row)
-        return out
+        return out[np.arange(len(out)), np.maximum(counts - 1, 0)] if last_only else out
 
     def truncate(self, lengths) -> None:
         for row, length in enumerate(lengths):
@@ -191,7 +191,7 @@ def flat_costs(main_per_token: float = 0.0, draft: float = 0.1) -> StepCosts:
     """Costs to script a machine: a main pass costs 1 plus ``main_per_token`` per row and token."""
     rows, tokens = (1, 2, 4, 8, 16), (1, 2, 3, 5, 9, 17)
     main = np.asarray([[1.0 + main_per_token * r * t for t in tokens] for r in rows])
-    return StepCosts(rows, tokens, main, np.asarray([draft] * len(rows)))
+    return StepCosts(rows, tokens, main, np.full(main.shape, draft))
 
 
 def run(decoder: BatchDecoder, arrivals: list[tuple[int, Window]]) -> dict[int, list[int]]:
@@ -350,6 +350,9 @@ def test_the_draft_reads_the_audio_and_a_margin_and_the_batch_its_longest_row():
     second.audio_frames = 1490
     decoder.join(first, 0)
     decoder.join(second, 1)
+    assert draft.frames == [], "a row takes a draft row when it first drafts"
+    decoder.step()  # the prompts
+    decoder.step()
     assert draft.frames == [450, 1500]
     with pytest.raises(ValueError, match="frames_after_audio"):
         DraftPolicy(frames_after_audio=-1)
@@ -429,11 +432,55 @@ def test_the_cap_follows_the_cost_of_verification():
     assert choose_cap(flat_costs(0.0), 4, 1, [], [], 0) == 0
 
 
+def test_a_draft_far_behind_counts_its_catching_up():
+    """The first draft pass feeds what the rows decoded since the draft last ran: cheap one step after
+    the last drafts, dear after a long stretch of plain steps (or for a row new to the draft)."""
+    costs = flat_costs(0.05)
+    costs.draft_seconds = np.asarray([[0.1 * t for t in costs.tokens] for _ in costs.rows])
+    assert choose_cap(costs, 4, 1, [0.8] * 4, [6] * 4, 4, catch_up=1) > 0
+    assert choose_cap(costs, 4, 1, [0.8] * 4, [6] * 4, 4, catch_up=40) == 0
+    grid = costs.to_dict()
+    assert StepCosts.from_dict(grid).draft(4, 40) == pytest.approx(costs.draft(4, 40))
+    with pytest.raises(ValueError, match="shape"):  # a grid saved by another version: measured anew
+        StepCosts.from_dict(grid | {"draft_seconds": grid["draft_seconds"][0]})
+
+
 def test_a_prefilling_row_makes_drafting_cheap():
     """When a row brings its prompt to the pass anyway, the other rows' drafts ride along for free."""
     costs = flat_costs(0.3)
     assert choose_cap(costs, 4, 1, [0.7] * 3, [6] * 3, 3) == 0
     assert choose_cap(costs, 4, 7, [0.7] * 3, [6] * 3, 3) == 6
+
+
+def test_where_no_acceptance_could_pay_a_speculative_batch_decodes_as_plain_with_no_probes():
+    """Eight rows on a machine where a second token a row costs nearly a second pass (a CPU with many
+    rows): drafting could not pay even if every draft were right, so the draft never runs at all,
+    not even to probe, and every row's tokens are its plain greedy tokens."""
+    policy = DraftPolicy()
+    main, draft = ScriptedSession(), ScriptedSession()
+    decoder = BatchDecoder(facts(), main, draft, policy, flat_costs(0.5))
+    arrivals = [(0, window(seed, 120, "en", 0, RowDraft(policy))) for seed in range(8)]
+    results = run(decoder, arrivals)
+    for seed in range(8):
+        assert results[seed] == greedy_alone(seed, 120, prompt_for("en", 0), rules(3), 448)
+    assert draft.passes == 0 and main.passes > 100
+
+
+def test_probes_the_policy_does_not_follow_grow_rare():
+    probes = Probes()
+    gaps, waited = [], 0
+    for _ in range(2000):
+        waited += 1
+        if probes.cap(0, lambda: True):
+            gaps.append(waited)
+            waited = 0
+    expected = [min(PROBE_EVERY * 2**i, PROBE_EVERY_MAX) + 1 for i in range(len(gaps))]
+    assert gaps == expected and gaps[-1] == PROBE_EVERY_MAX + 1
+    assert probes.cap(3, lambda: True) == 3, "the policy's own choice is kept"
+    for _ in range(PROBE_EVERY):
+        assert probes.cap(0, lambda: True) == 0
+    assert probes.cap(0, lambda: True) > 0, "after the policy drafted, probes come at the start's pace"
+    assert probes.cap(0, lambda: False) == 0 and all(probes.cap(0, lambda: False) == 0 for _ in range(1000))
 
 
 def test_costs_follow_the_machine():
@@ -501,9 +548,9 @@ class TimedSession(ScriptedSession):
         super().__init__(**kwargs)
         self.clock, self.seconds, self.busy, self.busy_passes = clock, seconds, busy, busy_passes
 
-    def forward(self, tokens: np.ndarray, counts=None) -> np.ndarray:
+    def forward(self, tokens: np.ndarray, counts=None, last_only: bool = False) -> np.ndarray:
         self.clock.now += self.seconds * tokens.shape[0] + (self.busy if self.passes < self.busy_passes else 0.0)
-        return super().forward(tokens, counts)
+        return super().forward(tokens, counts, last_only)
 
 
 def test_step_costs_keep_each_points_fastest_time(monkeypatch):
@@ -516,28 +563,29 @@ def test_step_costs_keep_each_points_fastest_time(monkeypatch):
     clock = Clock()
     monkeypatch.setattr(time, "perf_counter", clock)
     main = TimedSession(clock, 1.0)
-    draft = TimedSession(clock, 0.1, busy=5.0, busy_passes=4)  # each row count: a context pass, a timed one
+    draft = TimedSession(clock, 0.1, busy=5.0, busy_passes=4)  # each row count: a context pass, two timed
     states = np.zeros((1, 1500, 4), np.float32)
     costs = measure_step_costs(main, draft, states, states, rows=(1, 2), tokens=(1, 3), rounds=2)
     assert costs.main_seconds.tolist() == [pytest.approx([1.0, 1.0]), pytest.approx([2.0, 2.0])]
-    assert costs.draft_seconds.tolist() == pytest.approx([0.1, 0.2])
+    assert costs.draft_seconds.tolist() == [pytest.approx([0.1, 0.1]), pytest.approx([0.2, 0.2])]
 
 
 @pytest.mark.parametrize("probe_teaches", [True, False])
 def test_a_draft_measured_too_dear_drafts_again_once_probes_time_it(monkeypatch, probe_teaches):
-    """An instance that timed its draft passes while the machine was busy (here as 8 times what they
+    """An instance that timed its draft passes while the machine was busy (here as 6 times what they
     cost) starts plain; its probes' one-token draft passes show what drafting costs, and it drafts.
-    With one-token probes (nothing to teach the cost) it would stay plain for good."""
+    With one-token probes (nothing to teach the cost) it would stay plain for good. (A draft timed
+    so dear that drafting could not pay even at the hopeful acceptance is not probed at all.)"""
     import time
 
-    from specwhisper_backend import decoding
+    from specwhisper_backend import load_policy
 
     clock = Clock()
     monkeypatch.setattr(time, "perf_counter", clock)
     if not probe_teaches:
-        monkeypatch.setattr(decoding, "PROBE_DRAFTS", 1)
+        monkeypatch.setattr(load_policy, "PROBE_DRAFTS", 1)
     policy = DraftPolicy(start=5, maximum=8)
-    costs = flat_costs(0.0, draft=0.8)  # a main pass costs 1; a draft pass 0.1 in truth
+    costs = flat_costs(0.0, draft=0.6)  # a main pass costs 1; a draft pass 0.1 in truth
     mistakes = frozenset((seed, at) for seed in range(40) for at in range(0, 448, 3))  # accepts about 2 in 3
     draft = TimedSession(clock, 0.1, mistakes=mistakes, sharpness=10)
     decoder = BatchDecoder(facts(), TimedSession(clock, 1.0), draft, policy, costs)
@@ -547,7 +595,7 @@ def test_a_draft_measured_too_dear_drafts_again_once_probes_time_it(monkeypatch,
         assert tokens == greedy_alone(seed, 400, prompt_for("en", 0), rules(3), 448)
         if seed >= 30:
             later.add(w.stats)
-    probes_only = later.main_passes / decoding.PROBE_EVERY * decoding.PROBE_DRAFTS
+    probes_only = later.main_passes / load_policy.PROBE_EVERY * load_policy.PROBE_DRAFTS
     if probe_teaches:
         assert later.tokens_drafted > 3 * probes_only
     else:

@@ -129,6 +129,14 @@ def test_rows_at_different_lengths_with_rollback(tiny_random, cache_device):
     np.testing.assert_allclose(third[0], reference[0, 7:80], atol=1e-4)
     np.testing.assert_allclose(third[1, :71], reference[1, 9:80], atol=1e-4)
 
+    # A draft catching up reads only each row's last real token: rows fed 3 and 1 of 3 tokens.
+    decoder.truncate(np.array([74, 77]))
+    catch_up = np.zeros((2, 3), dtype=np.int64)
+    catch_up[0], catch_up[1, 0] = ids[0, 74:77], ids[1, 77]
+    last = decoder.forward(catch_up, counts=np.array([3, 1]), last_only=True)
+    assert last.shape == (2, reference.shape[-1])
+    np.testing.assert_allclose(last, reference[[0, 1], [76, 77]], atol=1e-4)
+
 
 @CACHE_DEVICES
 def test_kept_rows_go_on_with_their_own_caches(tiny_random, cache_device):

@@ -319,11 +319,14 @@ class DecoderSession:
         self.cache.add_rows(encoder_hidden_states, frames)
         self.lengths = np.concatenate([self.lengths, np.zeros(encoder_hidden_states.shape[0], dtype=np.int64)])
 
-    def forward(self, tokens: np.ndarray, counts: np.ndarray | None = None) -> np.ndarray:
-        """Feed ``tokens [B, S]`` after each row's current length and return their logits ``[B, S, V]``.
+    def forward(self, tokens: np.ndarray, counts: np.ndarray | None = None, last_only: bool = False) -> np.ndarray:
+        """Feed ``tokens [B, S]`` after each row's current length and return their logits ``[B, S, V]``,
+        or with ``last_only`` each row's last real token's ``[B, V]`` (a row with none: meaningless).
 
         ``counts[b]`` says how many of row ``b``'s ``S`` tokens are real (the rest is padding, whose
-        logits are meaningless and whose K/V are not kept); by default all of them.
+        logits are meaningless and whose K/V are not kept); by default all of them. ``last_only`` is
+        for a draft catching up on many tokens: only the last one's scores are read, and a subset
+        head's scores are spread over the full vocabulary for those alone.
         """
         batch, new_len = tokens.shape
         if batch != self.batch_size:
@@ -344,6 +347,8 @@ class DecoderSession:
         logits = self.cache.step(feed, self.lengths, counts)
         self.lengths = ends
         self.passes += 1
+        if last_only:
+            logits = logits[np.arange(batch), np.maximum(counts - 1, 0)]
         return logits if self._logit_ids is None else self._full_vocabulary(logits)
 
     def _full_vocabulary(self, logits: np.ndarray) -> np.ndarray:

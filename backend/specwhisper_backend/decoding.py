@@ -45,7 +45,7 @@ from specwhisper_backend.drafting import (
     timed_propose,
 )
 from specwhisper_backend.facts import ModelFacts
-from specwhisper_backend.load_policy import PROBE_DRAFTS, PROBE_EVERY, StepCosts, choose_cap
+from specwhisper_backend.load_policy import Probes, StepCosts, choose_cap, worth_probing
 from specwhisper_backend.logit_filters import LogitFilter, filtered
 from specwhisper_backend.sampling import PositionNoise, choose, log_normalizer, tempered
 from specwhisper_backend.stats import DecodeStats
@@ -101,7 +101,7 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     prompt_length: int = 0
     filters: list[LogitFilter] = field(default_factory=list)
-    draft_slot: int | None = None  # its row in the draft session, if it drafts
+    draft_slot: int | None = None  # its row in the draft session, once it has drafted
     sot_index: int = 0  # where <|startoftranscript|> is in the prompt
     sum_logprob: float = 0.0
     no_speech_prob: float | None = None
@@ -135,7 +135,7 @@ class BatchDecoder:
         self.rows: list[Row] = []
         self.drafting: list[Row] = []  # rows of the draft session, in its order
         self.last_cap: int | None = None  # the cap the last step's drafts had (None: nobody could draft)
-        self._undrafted_steps = 0  # steps in a row whose rows could have drafted and did not
+        self._probes = Probes()
 
     def join(self, window: Window, owner: object) -> None:
         """A new row for ``window``; it takes part from the next step on."""
@@ -143,16 +143,19 @@ class BatchDecoder:
         row = Row(window, owner, phase, window.language)
         if window.language is not None:
             row.begin(window.language, self.facts.tokens.sot)
+        if window.drafting is not None and self.draft is None:
+            raise ValueError("this model has no draft decoder: decode plainly")
         self.main.add_rows(window.states)
-        if window.drafting is not None:
-            if self.draft is None:
-                raise ValueError("this model has no draft decoder: decode plainly")
-            states = window.draft_states
-            frames = attended_frames(window.audio_frames, self.policy.frames_after_audio, states.shape[1])
-            self.draft.add_rows(states, frames)
-            row.draft_slot = len(self.drafting)
-            self.drafting.append(row)
         self.rows.append(row)
+
+    def _join_draft(self, row: Row) -> None:
+        """``row`` takes a row of the draft session, the first time it drafts: its cross K/V cost about
+        a draft step per layer, which a row the policy keeps plain (a busy batch) never pays."""
+        states = row.window.draft_states
+        frames = attended_frames(row.window.audio_frames, self.policy.frames_after_audio, states.shape[1])
+        self.draft.add_rows(states, frames)
+        row.draft_slot = len(self.drafting)
+        self.drafting.append(row)
 
     def leave(self, rows: Sequence[Row]) -> None:
         """Drop ``rows`` (finished or withdrawn); the last rows move into their slots."""
@@ -230,7 +233,7 @@ class BatchDecoder:
         """This step's drafts for every row (none for rows that do not draft now)."""
         none: list[list[int]] = [[] for _ in self.rows]
         candidates = [
-            (i, row) for i, row in enumerate(self.rows) if row.phase is Phase.DECODE and row.draft_slot is not None
+            (i, row) for i, row in enumerate(self.rows) if row.phase is Phase.DECODE and row.window.drafting is not None
         ]
         self.last_cap = None
         if not candidates or self.draft is None:
@@ -241,14 +244,16 @@ class BatchDecoder:
         if self.policy.cost_aware:
             acceptance = [row.window.drafting.acceptance for _, row in candidates]
             min_tokens = max(len(feed) for feed in feeds)
-            cap = choose_cap(self.costs, len(self.rows), min_tokens, acceptance, lengths, len(self.drafting))
-            self._undrafted_steps = self._undrafted_steps + 1 if cap == 0 else 0
-            if self._undrafted_steps > PROBE_EVERY:
-                cap, self._undrafted_steps = PROBE_DRAFTS, 0
+            draft_rows = len(self.drafting) + sum(row.draft_slot is None for _, row in candidates)
+            step = (self.costs, len(self.rows), min_tokens, acceptance, lengths, draft_rows)
+            catch_up = max(len(row.tokens) - self._draft_length(row) for _, row in candidates)
+            cap = self._probes.cap(choose_cap(*step, catch_up), lambda: worth_probing(*step))
         self.last_cap = cap
         proposals, owners = [], []
         for (index, row), length in zip(candidates, lengths, strict=True):
             if min(length, cap) > 0:
+                if row.draft_slot is None:
+                    self._join_draft(row)
                 window = row.window
                 proposals.append(
                     Proposal(
@@ -264,6 +269,10 @@ class BatchDecoder:
             stats.assistant_passes += timing.passes
             stats.seconds_draft += timing.seconds / len(owners)
         return none, timing
+
+    def _draft_length(self, row: Row) -> int:
+        """The tokens of ``row``'s text in the draft's cache (none before it first drafts)."""
+        return 0 if row.draft_slot is None else int(self.draft.lengths[row.draft_slot])
 
     def _detect(self, row: Row, scores: np.ndarray) -> None:
         """The main model's likeliest language after <|startoftranscript|>; the row then starts over."""
@@ -288,7 +297,7 @@ class BatchDecoder:
         accepted = len(kept) - 1
         stats = row.window.stats
         stats.add_round(drafted=len(drafts), accepted=accepted)
-        stats.undrafted_rounds += row.draft_slot is not None and not drafts
+        stats.undrafted_rounds += row.window.drafting is not None and not drafts
         slot = self.rows.index(row)
         lengths = self.main.lengths.copy()
         lengths[slot] -= len(drafts) - accepted  # keep the pending token and the accepted drafts

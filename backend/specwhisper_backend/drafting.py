@@ -145,7 +145,7 @@ def propose(
         feed[proposal.slot, : len(tokens)] = tokens
         counts[proposal.slot] = len(tokens)
     logits = _timed_forward(session, feed, counts, pass_seconds)
-    last = {p.slot: logits[p.slot, len(f) - 1] for p, f in zip(proposals, fresh, strict=True)}
+    last = {p.slot: logits[p.slot] for p in proposals}
     drafts: list[list[int]] = [[] for _ in proposals]
     going = list(range(len(proposals)))
     while going:
@@ -165,13 +165,13 @@ def propose(
         going = still
         if going:
             logits = _timed_forward(session, feed, counts, pass_seconds)
-            last = {proposals[i].slot: logits[proposals[i].slot, 0] for i in going}
+            last = {proposals[i].slot: logits[proposals[i].slot] for i in going}
     return drafts
 
 
 def _timed_forward(session: DecoderSession, feed: np.ndarray, counts: np.ndarray, seconds: list[float] | None):
     started = time.perf_counter()
-    logits = session.forward(feed, counts)
+    logits = session.forward(feed, counts, last_only=True)
     if seconds is not None:
         seconds.append(time.perf_counter() - started)
     return logits

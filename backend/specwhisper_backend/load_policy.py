@@ -13,15 +13,25 @@ with it, so that a machine under other load is seen as such. Each row brings its
 (:class:`~specwhisper_backend.drafting.RowDraft`) and its acceptance estimate ``a``: drafting ``k``
 tokens then yields ``(1 - a^(k+1)) / (1 - a)`` tokens on average (the accepted drafts and the main
 model's own token). For every cap ``c`` on the drafts (0 is plain decoding), :func:`choose_cap`
-predicts the tokens a step yields over its cost, and takes the cap with the highest rate. Plain
-decoding is always a candidate, and a cap must promise ``MARGIN`` more tokens per second than it: the
-prediction leaves out the host work each drafted token costs (filtering, acceptance) and the first
-draft pass of a round, which feeds the tokens accepted since, so a close call goes to plain decoding.
+predicts the tokens a step yields over its cost, and takes the cap with the highest rate. The cost
+counts the step's first draft pass as what it is: a pass that feeds every drafting row what it
+decoded since the draft last ran (one or two tokens while the rows draft every step, all of them
+after a stretch of plain steps, and the whole text for a row that has not drafted in its window).
+Plain decoding is always a candidate, and a cap must promise ``MARGIN`` more tokens per second than
+it: the prediction leaves out the host work each drafted token costs (filtering, acceptance), so a
+close call goes to plain decoding.
 
 Estimates only move when rows draft, so after ``PROBE_EVERY`` steps in a row without drafts the next
-step drafts ``PROBE_DRAFTS`` tokens a row: a probe that keeps the acceptance estimates and the
-draft's measured cost current (its second pass is one token a row, which is what teaches the draft's
-cost), at a fraction of one step's cost.
+step drafts ``PROBE_DRAFTS`` tokens a row (:class:`Probes`): a probe that keeps the acceptance
+estimates and the draft's measured cost current (its second pass is one token a row, which is what
+teaches the draft's cost). A probe is not cheap: its first draft pass feeds every drafting row all
+it decoded since the draft last ran, and its main pass pads every row to the probe's width. So a
+probe is only made where it could change the answer: where drafting would pay if the rows accepted
+drafts as often as a draft does at best (``HOPEFUL_ACCEPTANCE``), at the measured costs. On a CPU
+with many rows, verifying even one draft a row costs nearly a second step, and no acceptance makes
+drafting pay: there the batch decodes as plain decoding does, with no probes. And a probe after
+which the policy still keeps the batch plain doubles the wait before the next (up to
+``PROBE_EVERY_MAX`` steps), so rows whose drafts are seldom right stop paying for probes.
 """
 
 from __future__ import annotations
@@ -44,30 +54,39 @@ from specwhisper_backend.decoder_session import DecoderSession
 # How fast measured steps move the scale: a step is a sample of the machine's current load.
 SCALE_MEMORY = 0.95
 PROBE_EVERY = 16
+PROBE_EVERY_MAX = 256
 PROBE_DRAFTS = 2
 MARGIN = 1.1
+# About the best a trained draft's acceptance gets on clean speech (docs/experiments.md): a probe is
+# made only where drafting would pay at this acceptance.
+HOPEFUL_ACCEPTANCE = 0.9
 
 
 @dataclass
 class StepCosts:
-    """Seconds of a main pass by (rows, tokens per row) and of a draft pass by rows, measured on a grid
-    and interpolated between its points; scaled online by the steps actually run."""
+    """Seconds of a main pass and of a draft pass by (rows, tokens per row), measured on a grid and
+    interpolated between its points (in proportion beyond its last); scaled online by the steps
+    actually run. A draft pass of many tokens a row is a draft catching up on what its rows decoded
+    while it did not run."""
 
     rows: tuple[int, ...]  # increasing, from 1
     tokens: tuple[int, ...]  # increasing, from 1
     main_seconds: np.ndarray  # [len(rows), len(tokens)]
-    draft_seconds: np.ndarray  # [len(rows)]
+    draft_seconds: np.ndarray  # [len(rows), len(tokens)]
     main_scale: float = 1.0
     draft_scale: float = 1.0
 
     def main(self, rows: int, tokens: int) -> float:
         """A main pass over ``rows`` rows of ``tokens`` tokens each (padding included)."""
-        by_rows = [np.interp(tokens, self.tokens, line) for line in self.main_seconds]
-        return float(np.interp(rows, self.rows, by_rows)) * _beyond(rows, self.rows) * self.main_scale
+        return self._interpolated(self.main_seconds, rows, tokens) * self.main_scale
 
-    def draft(self, rows: int) -> float:
-        """A draft pass over ``rows`` rows of one token each."""
-        return float(np.interp(rows, self.rows, self.draft_seconds)) * _beyond(rows, self.rows) * self.draft_scale
+    def draft(self, rows: int, tokens: int = 1) -> float:
+        """A draft pass over ``rows`` rows of ``tokens`` tokens each (padding included)."""
+        return self._interpolated(self.draft_seconds, rows, tokens) * self.draft_scale
+
+    def _interpolated(self, grid: np.ndarray, rows: int, tokens: int) -> float:
+        by_rows = [np.interp(tokens, self.tokens, line) for line in grid]
+        return float(np.interp(rows, self.rows, by_rows)) * _beyond(rows, self.rows) * _beyond(tokens, self.tokens)
 
     def to_dict(self) -> dict:
         """The measured grid (not the online scales, which are each instance's own)."""
@@ -80,12 +99,17 @@ class StepCosts:
 
     @classmethod
     def from_dict(cls, grid: dict) -> StepCosts:
-        return cls(
+        """The grid of :meth:`to_dict`; ValueError if it is not one (another version's)."""
+        costs = cls(
             tuple(grid["rows"]),
             tuple(grid["tokens"]),
             np.asarray(grid["main_seconds"], dtype=np.float64),
             np.asarray(grid["draft_seconds"], dtype=np.float64),
         )
+        shape = (len(costs.rows), len(costs.tokens))
+        if costs.main_seconds.shape != shape or costs.draft_seconds.shape != shape:
+            raise ValueError(f"step costs of another shape than {shape}")
+        return costs
 
     def describe(self) -> str:
         """The measured grid, in milliseconds, for the log."""
@@ -93,8 +117,11 @@ class StepCosts:
             f"{rows} rows: " + " ".join(f"{ms:.1f}" for ms in line * 1e3)
             for rows, line in zip(self.rows, self.main_seconds, strict=True)
         )
-        draft = " ".join(f"{ms:.1f}" for ms in self.draft_seconds * 1e3)
-        return f"main pass ms by tokens per row {list(self.tokens)}: {main}; draft pass ms by rows: {draft}"
+        draft = "; ".join(
+            f"{rows} rows: " + " ".join(f"{ms:.1f}" for ms in line * 1e3)
+            for rows, line in zip(self.rows, self.draft_seconds, strict=True)
+        )
+        return f"ms by tokens per row {list(self.tokens)}: main pass {main}; draft pass {draft}"
 
     def observe(
         self, rows: int, tokens: int, main_seconds: float, draft_rows: int, draft_passes: int, draft_seconds: float
@@ -110,9 +137,9 @@ class StepCosts:
             self.draft_scale = SCALE_MEMORY * self.draft_scale + (1 - SCALE_MEMORY) * draft_seconds / expected
 
 
-def _beyond(rows: int, grid: Sequence[int]) -> float:
-    """Past the grid's last row count, cost grows in proportion to the rows."""
-    return max(1.0, rows / grid[-1])
+def _beyond(count: int, grid: Sequence[int]) -> float:
+    """Past the grid's last point (rows, or tokens), cost grows in proportion."""
+    return max(1.0, count / grid[-1])
 
 
 def expected_tokens(acceptance: np.ndarray, drafts: np.ndarray) -> np.ndarray:
@@ -129,27 +156,72 @@ def choose_cap(
     acceptance: Sequence[float],
     lengths: Sequence[int],
     draft_rows: int,
+    catch_up: int = 1,
 ) -> int:
     """The cap on this step's drafts with the most tokens per second.
 
     ``rows`` take part in the main pass, at least ``min_tokens`` tokens each (a row filling in its
     prompt may bring more than one); the rows that may draft have these ``acceptance`` estimates and
     draft ``lengths``; the draft session holds ``draft_rows`` rows, each draft pass runs over all.
+    The first draft pass feeds each row what it decoded since the draft last ran, ``catch_up``
+    tokens for the row furthest behind (1 when the rows drafted in the last step).
     """
     if not len(lengths):
         return 0
     acceptance, lengths = np.asarray(acceptance, dtype=np.float64), np.asarray(lengths)
     others = rows - len(lengths)  # rows that do not draft yield one token a step
+    first_pass, next_pass = costs.draft(draft_rows, catch_up), costs.draft(draft_rows)
     best_cap, best_rate = 0, -1.0
     for cap in range(int(lengths.max()) + 1):
         drafts = np.minimum(lengths, cap)
         longest = int(drafts.max())
         tokens = expected_tokens(acceptance, drafts).sum() + others
-        seconds = costs.main(rows, max(min_tokens, longest + 1)) + longest * costs.draft(draft_rows)
+        seconds = costs.main(rows, max(min_tokens, longest + 1))
+        if longest:
+            seconds += first_pass + (longest - 1) * next_pass
         rate = tokens / seconds if cap == 0 else tokens / seconds / MARGIN
         if rate > best_rate:
             best_cap, best_rate = cap, rate
     return best_cap
+
+
+def worth_probing(
+    costs: StepCosts,
+    rows: int,
+    min_tokens: int,
+    acceptance: Sequence[float],
+    lengths: Sequence[int],
+    draft_rows: int,
+) -> bool:
+    """Whether drafting would pay in this step (:func:`choose_cap`'s arguments) once the draft has
+    caught up, if every row accepted drafts at least as often as a draft does at best: if not, no
+    probe can show that it does."""
+    hopeful = np.maximum(np.asarray(acceptance, dtype=np.float64), HOPEFUL_ACCEPTANCE)
+    return choose_cap(costs, rows, min_tokens, hopeful, lengths, draft_rows) > 0
+
+
+class Probes:
+    """When a batch that the cap keeps plain drafts anyway, to learn: after ``every`` plain steps in a
+    row, where a probe could change the answer; the wait doubles after each probe the policy does not
+    follow with drafts of its own, and starts over whenever the policy drafts."""
+
+    def __init__(self) -> None:
+        self.every = PROBE_EVERY
+        self.waited = 0  # plain steps since the batch last drafted
+        self._probed = False
+
+    def cap(self, chosen: int, worth: Callable[[], bool]) -> int:
+        """This step's cap: ``chosen`` (the policy's), or a probe's. ``worth()``: :func:`worth_probing`."""
+        if chosen:
+            self.every, self.waited, self._probed = PROBE_EVERY, 0, False
+            return chosen
+        if self._probed:  # and the policy did not follow it with drafts
+            self.every, self._probed = min(2 * self.every, PROBE_EVERY_MAX), False
+        self.waited += 1
+        if self.waited > self.every and worth():
+            self.waited, self._probed = 0, True
+            return PROBE_DRAFTS
+        return 0
 
 
 def measure_step_costs(
@@ -162,7 +234,7 @@ def measure_step_costs(
     context: int = 48,
     rounds: int = 5,
 ) -> StepCosts:
-    """Time main passes over ``rows`` x ``tokens`` and draft passes over ``rows``, after ``context``
+    """Time main and draft passes over ``rows`` x ``tokens``, after ``context``
     tokens of text, on sessions of their own (their rows are replaced). ``states`` / ``draft_states``
     ``[1, frames, d]`` stand in for every row's encoder output.
 
@@ -173,7 +245,8 @@ def measure_step_costs(
     and a point timed once or twice during it would bend the shape for good: a draft pass that looked
     dear kept an instance from ever drafting."""
     main_seconds = np.full((len(rows), len(tokens)), np.inf)
-    draft_seconds = np.full(len(rows), np.inf if draft is not None and draft_states is not None else 0.0)
+    drafting = draft is not None and draft_states is not None
+    draft_seconds = np.full((len(rows), len(tokens)), np.inf if drafting else 0.0)
     for _ in range(rounds):
         for i, count in enumerate(rows):
             main.start(np.repeat(states, count, axis=0))
@@ -182,11 +255,13 @@ def measure_step_costs(
             for j, width in enumerate(tokens):
                 seconds = _seconds(main, kept, np.ones((count, width), dtype=np.int64))
                 main_seconds[i, j] = min(main_seconds[i, j], seconds)
-            if draft is not None and draft_states is not None:
+            if drafting:
                 draft.start(np.repeat(draft_states, count, axis=0))
                 draft.forward(np.ones((count, context), dtype=np.int64))
-                seconds = _seconds(draft, draft.lengths.copy(), np.ones((count, 1), dtype=np.int64))
-                draft_seconds[i] = min(draft_seconds[i], seconds)
+                kept = draft.lengths.copy()
+                for j, width in enumerate(tokens):  # as drafts are proposed: the last token's scores read
+                    seconds = _seconds(draft, kept, np.ones((count, width), dtype=np.int64), last_only=True)
+                    draft_seconds[i, j] = min(draft_seconds[i, j], seconds)
     return StepCosts(tuple(rows), tuple(tokens), main_seconds, draft_seconds)
 
 
@@ -241,10 +316,10 @@ def shared_step_costs(file: Path | None, key: str, measure: Callable[[], StepCos
     return costs
 
 
-def _seconds(session: DecoderSession, kept: np.ndarray, feed: np.ndarray) -> float:
+def _seconds(session: DecoderSession, kept: np.ndarray, feed: np.ndarray, last_only: bool = False) -> float:
     """One pass over ``feed`` after ``kept``, timed; the session is rolled back to ``kept``."""
     started = time.perf_counter()
-    session.forward(feed)
+    session.forward(feed, last_only=last_only)
     seconds = time.perf_counter() - started
     session.truncate(kept)
     return seconds
