@@ -415,6 +415,31 @@ def test_only_one_token_draft_passes_teach_the_draft_cost():
     assert costs.draft_scale == pytest.approx(1.0), "draft passes are costed over the draft session's rows"
 
 
+def test_a_long_catch_up_is_fed_in_chunks_and_drafts_the_same():
+    """A draft far behind (here 100 tokens) catches up in passes of at most CATCH_UP_CHUNK tokens a
+    row, so no pass holds scores for hundreds of positions; what it drafts does not change."""
+    from specwhisper_backend.drafting import CATCH_UP_CHUNK
+
+    text = [SOT, LANGUAGES["en"], 35, *range(60, 157)]
+    widths: list[int] = []
+
+    class Recording(ScriptedSession):
+        def forward(self, tokens, counts=None, last_only=False):
+            widths.append(tokens.shape[1])
+            return super().forward(tokens, counts, last_only)
+
+    behind, caught_up = Recording(), ScriptedSession()
+    for session in (behind, caught_up):
+        session.start(window(3, 300, "en", 0, None).states)
+    caught_up.forward(np.asarray([text[:-1]]))
+    chunks: list[float] = []
+    (far,) = propose(behind, [Proposal(0, text, 4, [])], EOT, 0.0, catch_up_seconds=chunks)
+    (near,) = propose(caught_up, [Proposal(0, text, 4, [])], EOT, 0.0)
+    assert far == near and len(far) == 4
+    assert max(widths) <= CATCH_UP_CHUNK and len(chunks) == len(text) // CATCH_UP_CHUNK
+    assert behind.history == caught_up.history
+
+
 def test_expected_tokens_of_a_round():
     assert expected_tokens(np.array([0.0]), np.array([4]))[0] == pytest.approx(1.0)
     assert expected_tokens(np.array([0.5]), np.array([2]))[0] == pytest.approx(1 + 0.5 + 0.25)
@@ -443,6 +468,22 @@ def test_a_draft_far_behind_counts_its_catching_up():
     assert StepCosts.from_dict(grid).draft(4, 40) == pytest.approx(costs.draft(4, 40))
     with pytest.raises(ValueError, match="shape"):  # a grid saved by another version: measured anew
         StepCosts.from_dict(grid | {"draft_seconds": grid["draft_seconds"][0]})
+
+
+def test_the_host_work_of_every_scored_token_is_counted():
+    """Filters and choices cost host time for every drafted token, twice (drafted, verified): where
+    that is dear beside a pass, drafting does not pay. A decoder learns it from its steps."""
+    costs = flat_costs(0.0, draft=0.02)
+    assert choose_cap(costs, 8, 1, [0.8] * 8, [8] * 8, 8) > 0
+    costs.host_per_token = 0.5
+    assert choose_cap(costs, 8, 1, [0.8] * 8, [8] * 8, 8) == 0
+    policy = DraftPolicy()
+    learning = flat_costs(0.0, draft=0.02)
+    decoder = BatchDecoder(facts(), ScriptedSession(), ScriptedSession(), policy, learning)
+    run(decoder, [(0, window(seed, 60, "en", 0, RowDraft(policy))) for seed in range(2)])
+    assert learning.host_per_token > 0
+    learning.observe_host(1.0, 0)  # a step that scored nothing says nothing
+    assert 0 < learning.host_per_token < 1.0
 
 
 def test_a_prefilling_row_makes_drafting_cheap():

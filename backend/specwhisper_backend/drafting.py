@@ -23,6 +23,9 @@ from specwhisper_backend.decoder_session import DecoderSession
 from specwhisper_backend.logit_filters import LogitFilter, filtered
 from specwhisper_backend.sampling import PositionNoise, choose
 
+# The most tokens a row feeds the draft in one pass while catching up (see propose).
+CATCH_UP_CHUNK = 32
+
 
 @dataclass(frozen=True)
 class DraftPolicy:
@@ -126,18 +129,29 @@ def propose(
     eot: int,
     confidence: float,
     pass_seconds: list[float] | None = None,
+    catch_up_seconds: list[float] | None = None,
 ) -> list[list[int]]:
     """Drafts for every proposal, in batched draft steps (greedy, or sampled at the proposal's
     temperature); returns each one's drafts.
 
     A row drafts until it has ``count`` tokens, ends the text, or is unsure of a token. Rows of the
-    session with no proposal take no part (their lengths do not move). Each pass's seconds are
-    appended to ``pass_seconds`` when given.
+    session with no proposal take no part (their lengths do not move). The tokens a row decoded since
+    the draft last ran are fed first, at most ``CATCH_UP_CHUNK`` a pass before the pass whose scores
+    are read (the graph scores every fed position, so an unbounded pass would hold hundreds of MB of
+    scores at once). Each of those passes' seconds are appended to ``catch_up_seconds``, and the
+    others' (the first that is read and one per drafted token) to ``pass_seconds``, when given.
     """
     if not proposals:
         return []
     rows = session.batch_size
     fresh = [p.tokens[int(session.lengths[p.slot]) :] for p in proposals]
+    while max(len(f) for f in fresh) > CATCH_UP_CHUNK:
+        feed, counts = np.zeros((rows, CATCH_UP_CHUNK), dtype=np.int64), np.zeros(rows, dtype=np.int64)
+        for index, (proposal, tokens) in enumerate(zip(proposals, fresh, strict=True)):
+            if len(tokens) > CATCH_UP_CHUNK:
+                feed[proposal.slot], counts[proposal.slot] = tokens[:CATCH_UP_CHUNK], CATCH_UP_CHUNK
+                fresh[index] = tokens[CATCH_UP_CHUNK:]
+        _timed_forward(session, feed, counts, catch_up_seconds)
     width = max(len(f) for f in fresh)
     feed = np.zeros((rows, width), dtype=np.int64)
     counts = np.zeros(rows, dtype=np.int64)
@@ -187,6 +201,7 @@ class ProposalTiming:
     passes: int
     step_seconds: float
     step_passes: int
+    pass_seconds: float = 0.0  # all passes': the rest of ``seconds`` is host work (filters, choices)
 
 
 def timed_propose(
@@ -195,6 +210,13 @@ def timed_propose(
     """:func:`propose`, with what it took."""
     started = time.perf_counter()
     passes: list[float] = []
-    drafts = propose(session, proposals, eot, confidence, passes)
-    timing = ProposalTiming(time.perf_counter() - started, len(passes), sum(passes[1:]), max(len(passes) - 1, 0))
+    catching_up: list[float] = []
+    drafts = propose(session, proposals, eot, confidence, passes, catching_up)
+    timing = ProposalTiming(
+        time.perf_counter() - started,
+        len(passes) + len(catching_up),
+        sum(passes[1:]),
+        max(len(passes) - 1, 0),
+        sum(passes) + sum(catching_up),
+    )
     return drafts, timing
