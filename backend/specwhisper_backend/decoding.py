@@ -136,9 +136,7 @@ class BatchDecoder:
         self.drafting: list[Row] = []  # rows of the draft session, in its order
         self.last_cap: int | None = None  # the cap the last step's drafts had (None: nobody could draft)
         self._probes = Probes()
-        # Tokens this step's verification scored, and the seconds that took: the host work's cost
-        # per token (a plain step's per-row bookkeeping is not counted: drafting does not add to it).
-        self._scored, self._scoring = 0, 0.0
+        self._scored = 0  # tokens this step's verification scored (for the host work's cost)
 
     def join(self, window: Window, owner: object) -> None:
         """A new row for ``window``; it takes part from the next step on."""
@@ -202,8 +200,9 @@ class BatchDecoder:
                 len(self.rows), width, verify_seconds, draft_rows, timing.step_passes, timing.step_seconds
             )
 
-        share = (time.perf_counter() - started - timing.seconds) / len(self.rows)
-        self._scored, self._scoring = 0, 0.0
+        host_started = time.perf_counter()
+        share = (host_started - started - timing.seconds) / len(self.rows)
+        self._scored = 0
         finished: list[Row] = []
         for row, feed, drafted, scores in zip(self.rows, feeds, drafts, logits, strict=True):
             stats = row.window.stats
@@ -221,7 +220,7 @@ class BatchDecoder:
             elif self._decode(row, scores[: len(feed)], drafted):
                 finished.append(row)
         if self.costs is not None:
-            host = self._scoring + timing.seconds - timing.pass_seconds
+            host = time.perf_counter() - host_started + timing.seconds - timing.pass_seconds
             self.costs.observe_host(host, self._scored + sum(len(drafted) for drafted in drafts))
         results = [(row.owner, self._result(row)) for row in finished]
         if finished:
@@ -254,9 +253,7 @@ class BatchDecoder:
             draft_rows = len(self.drafting) + sum(row.draft_slot is None for _, row in candidates)
             step = (self.costs, len(self.rows), min_tokens, acceptance, lengths, draft_rows)
             catch_up = max(len(row.tokens) - self._draft_length(row) for _, row in candidates)
-            joining = sum(row.draft_slot is None for _, row in candidates)
-            step = (*step, catch_up, joining)
-            cap = self._probes.cap(choose_cap(*step), lambda: worth_probing(*step))
+            cap = self._probes.cap(choose_cap(*step, catch_up), lambda: worth_probing(*step))
         self.last_cap = cap
         proposals, owners = [], []
         for (index, row), length in zip(candidates, lengths, strict=True):
@@ -302,9 +299,7 @@ class BatchDecoder:
 
     def _decode(self, row: Row, scores: np.ndarray, drafts: list[int]) -> bool:
         """Keep a round's tokens (the main model's choices, or samples); True when the row's text ended."""
-        started = time.perf_counter()
         kept, logprobs = keep_tokens(scores, row.tokens, drafts, row.filters, row.window.temperature, row.window.noise)
-        self._scoring += time.perf_counter() - started
         self._scored += len(kept)
         accepted = len(kept) - 1
         stats = row.window.stats

@@ -16,9 +16,7 @@ model's own token). For every cap ``c`` on the drafts (0 is plain decoding), :fu
 predicts the tokens a step yields over its cost, and takes the cap with the highest rate. The cost
 counts the step's first draft pass as what it is: a pass that feeds every drafting row what it
 decoded since the draft last ran (one or two tokens while the rows draft every step, all of them
-after a stretch of plain steps, and the whole text for a row that has not drafted in its window),
-and the draft's cross K/V for rows that have not drafted in their window yet. What starting costs
-is spread over ``PROBE_EVERY`` steps: drafting that starts is assumed to last that long.
+after a stretch of plain steps, and the whole text for a row that has not drafted in its window).
 The host work of scoring a token (filters, the choice; learned from the steps served) is counted
 for every token kept and every token drafted. Plain decoding is always a candidate, and a cap must
 promise ``MARGIN`` more tokens per second than it, so a close call goes to plain decoding.
@@ -27,10 +25,9 @@ Estimates only move when rows draft, so after ``PROBE_EVERY`` steps in a row wit
 step drafts ``PROBE_DRAFTS`` tokens a row (:class:`Probes`): a probe that keeps the acceptance
 estimates and the draft's measured cost current (its second pass is one token a row, which is what
 teaches the draft's cost). A probe is not cheap: its first draft pass feeds every drafting row all
-it decoded since the draft last ran, a row new to the draft computes the draft's cross K/V, and its
-main pass pads every row to the probe's width. So a probe is only made where it could change the
-answer: where drafting would pay, what it costs to start included, if the rows accepted drafts as
-often as a draft does at best (``HOPEFUL_ACCEPTANCE``), at the measured costs. On a CPU
+it decoded since the draft last ran, and its main pass pads every row to the probe's width. So a
+probe is only made where it could change the answer: where drafting would pay if the rows accepted
+drafts as often as a draft does at best (``HOPEFUL_ACCEPTANCE``), at the measured costs. On a CPU
 with many rows, verifying even one draft a row costs nearly a second step, and no acceptance makes
 drafting pay: there the batch decodes as plain decoding does, with no probes. And a probe after
 which the policy still keeps the batch plain doubles the wait before the next (up to
@@ -57,7 +54,7 @@ from specwhisper_backend.decoder_session import DecoderSession
 # How fast measured steps move the scale: a step is a sample of the machine's current load.
 SCALE_MEMORY = 0.95
 PROBE_EVERY = 16
-PROBE_EVERY_MAX = 64
+PROBE_EVERY_MAX = 256
 PROBE_DRAFTS = 2
 MARGIN = 1.1
 # About the best a trained draft's acceptance gets on clean speech (docs/experiments.md): a probe is
@@ -76,7 +73,6 @@ class StepCosts:
     tokens: tuple[int, ...]  # increasing, from 1
     main_seconds: np.ndarray  # [len(rows), len(tokens)]
     draft_seconds: np.ndarray  # [len(rows), len(tokens)]
-    join_seconds: np.ndarray  # [len(rows)]: the draft's cross K/V for that many rows joining it
     main_scale: float = 1.0
     draft_scale: float = 1.0
     # Host seconds per token scored (filters, the choice, a kept token's log-probability; a draft's
@@ -92,12 +88,6 @@ class StepCosts:
         """A draft pass over ``rows`` rows of ``tokens`` tokens each (padding included)."""
         return self._interpolated(self.draft_seconds, rows, tokens) * self.draft_scale
 
-    def join(self, rows: int) -> float:
-        """``rows`` rows taking rows of the draft session (their cross K/V over a whole window)."""
-        if rows <= 0:
-            return 0.0
-        return float(np.interp(rows, self.rows, self.join_seconds)) * _beyond(rows, self.rows) * self.draft_scale
-
     def _interpolated(self, grid: np.ndarray, rows: int, tokens: int) -> float:
         by_rows = [np.interp(tokens, self.tokens, line) for line in grid]
         return float(np.interp(rows, self.rows, by_rows)) * _beyond(rows, self.rows) * _beyond(tokens, self.tokens)
@@ -109,7 +99,6 @@ class StepCosts:
             "tokens": list(self.tokens),
             "main_seconds": self.main_seconds.tolist(),
             "draft_seconds": self.draft_seconds.tolist(),
-            "join_seconds": self.join_seconds.tolist(),
         }
 
     @classmethod
@@ -120,13 +109,10 @@ class StepCosts:
             tuple(grid["tokens"]),
             np.asarray(grid["main_seconds"], dtype=np.float64),
             np.asarray(grid["draft_seconds"], dtype=np.float64),
-            np.asarray(grid["join_seconds"], dtype=np.float64),
         )
         shape = (len(costs.rows), len(costs.tokens))
         if costs.main_seconds.shape != shape or costs.draft_seconds.shape != shape:
             raise ValueError(f"step costs of another shape than {shape}")
-        if costs.join_seconds.shape != shape[:1]:
-            raise ValueError(f"draft join costs of another shape than {shape[:1]}")
         return costs
 
     def describe(self) -> str:
@@ -184,7 +170,6 @@ def choose_cap(
     lengths: Sequence[int],
     draft_rows: int,
     catch_up: int = 1,
-    joining: int = 0,
 ) -> int:
     """The cap on this step's drafts with the most tokens per second.
 
@@ -192,17 +177,13 @@ def choose_cap(
     prompt may bring more than one); the rows that may draft have these ``acceptance`` estimates and
     draft ``lengths``; the draft session holds ``draft_rows`` rows, each draft pass runs over all.
     The first draft pass feeds each row what it decoded since the draft last ran, ``catch_up``
-    tokens for the row furthest behind (1 when the rows drafted in the last step), and ``joining``
-    rows take rows of the draft session first. Those are paid once for the steps that draft after
-    them: a step is charged ``1 / PROBE_EVERY`` of them, as if drafting went on at least as long as
-    the batch waits between probes.
+    tokens for the row furthest behind (1 when the rows drafted in the last step).
     """
     if not len(lengths):
         return 0
     acceptance, lengths = np.asarray(acceptance, dtype=np.float64), np.asarray(lengths)
     others = rows - len(lengths)  # rows that do not draft yield one token a step
-    next_pass = costs.draft(draft_rows)
-    starting = (costs.draft(draft_rows, catch_up) - next_pass + costs.join(joining)) / PROBE_EVERY
+    first_pass, next_pass = costs.draft(draft_rows, catch_up), costs.draft(draft_rows)
     best_cap, best_rate = 0, -1.0
     for cap in range(int(lengths.max()) + 1):
         drafts = np.minimum(lengths, cap)
@@ -210,7 +191,7 @@ def choose_cap(
         tokens = expected_tokens(acceptance, drafts).sum() + others
         seconds = costs.main(rows, max(min_tokens, longest + 1)) + costs.host_per_token * (tokens + drafts.sum())
         if longest:
-            seconds += longest * next_pass + starting
+            seconds += first_pass + (longest - 1) * next_pass
         rate = tokens / seconds if cap == 0 else tokens / seconds / MARGIN
         if rate > best_rate:
             best_cap, best_rate = cap, rate
@@ -224,14 +205,12 @@ def worth_probing(
     acceptance: Sequence[float],
     lengths: Sequence[int],
     draft_rows: int,
-    catch_up: int = 1,
-    joining: int = 0,
 ) -> bool:
-    """Whether drafting would pay in this step (:func:`choose_cap`'s arguments), what it costs to start
-    included, if every row accepted drafts at least as often as a draft does at best: if not, no
+    """Whether drafting would pay in this step (:func:`choose_cap`'s arguments) once the draft has
+    caught up, if every row accepted drafts at least as often as a draft does at best: if not, no
     probe can show that it does."""
     hopeful = np.maximum(np.asarray(acceptance, dtype=np.float64), HOPEFUL_ACCEPTANCE)
-    return choose_cap(costs, rows, min_tokens, hopeful, lengths, draft_rows, catch_up, joining) > 0
+    return choose_cap(costs, rows, min_tokens, hopeful, lengths, draft_rows) > 0
 
 
 class Probes:
@@ -281,7 +260,6 @@ def measure_step_costs(
     main_seconds = np.full((len(rows), len(tokens)), np.inf)
     drafting = draft is not None and draft_states is not None
     draft_seconds = np.full((len(rows), len(tokens)), np.inf if drafting else 0.0)
-    join_seconds = np.full(len(rows), np.inf if drafting else 0.0)
     for _ in range(rounds):
         for i, count in enumerate(rows):
             main.start(np.repeat(states, count, axis=0))
@@ -291,15 +269,13 @@ def measure_step_costs(
                 seconds = _seconds(main, kept, np.ones((count, width), dtype=np.int64))
                 main_seconds[i, j] = min(main_seconds[i, j], seconds)
             if drafting:
-                started = time.perf_counter()
                 draft.start(np.repeat(draft_states, count, axis=0))
-                join_seconds[i] = min(join_seconds[i], time.perf_counter() - started)
                 draft.forward(np.ones((count, context), dtype=np.int64))
                 kept = draft.lengths.copy()
                 for j, width in enumerate(tokens):  # as drafts are proposed: the last token's scores read
                     seconds = _seconds(draft, kept, np.ones((count, width), dtype=np.int64), last_only=True)
                     draft_seconds[i, j] = min(draft_seconds[i, j], seconds)
-    return StepCosts(tuple(rows), tuple(tokens), main_seconds, draft_seconds, join_seconds)
+    return StepCosts(tuple(rows), tuple(tokens), main_seconds, draft_seconds)
 
 
 @contextlib.contextmanager
