@@ -470,22 +470,6 @@ def test_a_draft_far_behind_counts_its_catching_up():
         StepCosts.from_dict(grid | {"draft_seconds": grid["draft_seconds"][0]})
 
 
-def test_the_host_work_of_every_scored_token_is_counted():
-    """Filters and choices cost host time for every drafted token, twice (drafted, verified): where
-    that is dear beside a pass, drafting does not pay. A decoder learns it from its steps."""
-    costs = flat_costs(0.0, draft=0.02)
-    assert choose_cap(costs, 8, 1, [0.8] * 8, [8] * 8, 8) > 0
-    costs.host_per_token = 0.5
-    assert choose_cap(costs, 8, 1, [0.8] * 8, [8] * 8, 8) == 0
-    policy = DraftPolicy()
-    learning = flat_costs(0.0, draft=0.02)
-    decoder = BatchDecoder(facts(), ScriptedSession(), ScriptedSession(), policy, learning)
-    run(decoder, [(0, window(seed, 60, "en", 0, RowDraft(policy))) for seed in range(2)])
-    assert learning.host_per_token > 0
-    learning.observe_host(1.0, 0)  # a step that scored nothing says nothing
-    assert 0 < learning.host_per_token < 1.0
-
-
 def test_a_prefilling_row_makes_drafting_cheap():
     """When a row brings its prompt to the pass anyway, the other rows' drafts ride along for free."""
     costs = flat_costs(0.3)

@@ -136,7 +136,6 @@ class BatchDecoder:
         self.drafting: list[Row] = []  # rows of the draft session, in its order
         self.last_cap: int | None = None  # the cap the last step's drafts had (None: nobody could draft)
         self._probes = Probes()
-        self._scored = 0  # tokens this step's verification scored (for the host work's cost)
 
     def join(self, window: Window, owner: object) -> None:
         """A new row for ``window``; it takes part from the next step on."""
@@ -200,9 +199,7 @@ class BatchDecoder:
                 len(self.rows), width, verify_seconds, draft_rows, timing.step_passes, timing.step_seconds
             )
 
-        host_started = time.perf_counter()
-        share = (host_started - started - timing.seconds) / len(self.rows)
-        self._scored = 0
+        share = (time.perf_counter() - started - timing.seconds) / len(self.rows)
         finished: list[Row] = []
         for row, feed, drafted, scores in zip(self.rows, feeds, drafts, logits, strict=True):
             stats = row.window.stats
@@ -219,9 +216,6 @@ class BatchDecoder:
                     row.phase = Phase.DECODE
             elif self._decode(row, scores[: len(feed)], drafted):
                 finished.append(row)
-        if self.costs is not None:
-            host = time.perf_counter() - host_started + timing.seconds - timing.pass_seconds
-            self.costs.observe_host(host, self._scored + sum(len(drafted) for drafted in drafts))
         results = [(row.owner, self._result(row)) for row in finished]
         if finished:
             self.leave(finished)
@@ -300,7 +294,6 @@ class BatchDecoder:
     def _decode(self, row: Row, scores: np.ndarray, drafts: list[int]) -> bool:
         """Keep a round's tokens (the main model's choices, or samples); True when the row's text ended."""
         kept, logprobs = keep_tokens(scores, row.tokens, drafts, row.filters, row.window.temperature, row.window.noise)
-        self._scored += len(kept)
         accepted = len(kept) - 1
         stats = row.window.stats
         stats.add_round(drafted=len(drafts), accepted=accepted)

@@ -201,7 +201,6 @@ class ProposalTiming:
     passes: int
     step_seconds: float
     step_passes: int
-    pass_seconds: float = 0.0  # all passes': the rest of ``seconds`` is host work (filters, choices)
 
 
 def timed_propose(
@@ -213,10 +212,6 @@ def timed_propose(
     catching_up: list[float] = []
     drafts = propose(session, proposals, eot, confidence, passes, catching_up)
     timing = ProposalTiming(
-        time.perf_counter() - started,
-        len(passes) + len(catching_up),
-        sum(passes[1:]),
-        max(len(passes) - 1, 0),
-        sum(passes) + sum(catching_up),
+        time.perf_counter() - started, len(passes) + len(catching_up), sum(passes[1:]), max(len(passes) - 1, 0)
     )
     return drafts, timing

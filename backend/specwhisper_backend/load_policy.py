@@ -17,9 +17,9 @@ predicts the tokens a step yields over its cost, and takes the cap with the high
 counts the step's first draft pass as what it is: a pass that feeds every drafting row what it
 decoded since the draft last ran (one or two tokens while the rows draft every step, all of them
 after a stretch of plain steps, and the whole text for a row that has not drafted in its window).
-The host work of scoring a token (filters, the choice; learned from the steps served) is counted
-for every token kept and every token drafted. Plain decoding is always a candidate, and a cap must
-promise ``MARGIN`` more tokens per second than it, so a close call goes to plain decoding.
+Plain decoding is always a candidate, and a cap must promise ``MARGIN`` more tokens per second than
+it: the prediction leaves out the host work each drafted token costs (filtering, acceptance), so a
+close call goes to plain decoding.
 
 Estimates only move when rows draft, so after ``PROBE_EVERY`` steps in a row without drafts the next
 step drafts ``PROBE_DRAFTS`` tokens a row (:class:`Probes`): a probe that keeps the acceptance
@@ -54,7 +54,7 @@ from specwhisper_backend.decoder_session import DecoderSession
 # How fast measured steps move the scale: a step is a sample of the machine's current load.
 SCALE_MEMORY = 0.95
 PROBE_EVERY = 16
-PROBE_EVERY_MAX = 256
+PROBE_EVERY_MAX = 64
 PROBE_DRAFTS = 2
 MARGIN = 1.1
 # About the best a trained draft's acceptance gets on clean speech (docs/experiments.md): a probe is
@@ -75,10 +75,6 @@ class StepCosts:
     draft_seconds: np.ndarray  # [len(rows), len(tokens)]
     main_scale: float = 1.0
     draft_scale: float = 1.0
-    # Host seconds per token scored (filters, the choice, a kept token's log-probability; a draft's
-    # unsure test): each drafted token is scored twice, by the draft and in verification. Learned
-    # from the steps served, as it depends on the filters (timestamps) and the machine's load.
-    host_per_token: float = 0.0
 
     def main(self, rows: int, tokens: int) -> float:
         """A main pass over ``rows`` rows of ``tokens`` tokens each (padding included)."""
@@ -140,15 +136,6 @@ class StepCosts:
             expected = draft_passes * self.draft(draft_rows) / self.draft_scale
             self.draft_scale = SCALE_MEMORY * self.draft_scale + (1 - SCALE_MEMORY) * draft_seconds / expected
 
-    def observe_host(self, seconds: float, tokens: int) -> None:
-        """Fold a step's host work, ``seconds`` over ``tokens`` scored, into :attr:`host_per_token`."""
-        if tokens:
-            per_token = seconds / tokens
-            if self.host_per_token == 0.0:
-                self.host_per_token = per_token
-            else:
-                self.host_per_token = SCALE_MEMORY * self.host_per_token + (1 - SCALE_MEMORY) * per_token
-
 
 def _beyond(count: int, grid: Sequence[int]) -> float:
     """Past the grid's last point (rows, or tokens), cost grows in proportion."""
@@ -189,7 +176,7 @@ def choose_cap(
         drafts = np.minimum(lengths, cap)
         longest = int(drafts.max())
         tokens = expected_tokens(acceptance, drafts).sum() + others
-        seconds = costs.main(rows, max(min_tokens, longest + 1)) + costs.host_per_token * (tokens + drafts.sum())
+        seconds = costs.main(rows, max(min_tokens, longest + 1))
         if longest:
             seconds += first_pass + (longest - 1) * next_pass
         rate = tokens / seconds if cap == 0 else tokens / seconds / MARGIN
