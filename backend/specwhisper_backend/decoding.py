@@ -45,7 +45,7 @@ from specwhisper_backend.drafting import (
     timed_propose,
 )
 from specwhisper_backend.facts import ModelFacts
-from specwhisper_backend.load_policy import Probes, StepCosts, choose_cap, worth_probing
+from specwhisper_backend.load_policy import Probes, StepCosts, choose_cap
 from specwhisper_backend.logit_filters import LogitFilter, filtered
 from specwhisper_backend.sampling import PositionNoise, choose, log_normalizer, tempered
 from specwhisper_backend.stats import DecodeStats
@@ -247,7 +247,7 @@ class BatchDecoder:
             draft_rows = len(self.drafting) + sum(row.draft_slot is None for _, row in candidates)
             step = (self.costs, len(self.rows), min_tokens, acceptance, lengths, draft_rows)
             catch_up = max(len(row.tokens) - self._draft_length(row) for _, row in candidates)
-            cap = self._probes.cap(choose_cap(*step, catch_up), lambda: worth_probing(*step))
+            cap = self._probes.cap(choose_cap(*step, catch_up), lambda: choose_cap(*step, hopeful=True) > 0)
         self.last_cap = cap
         proposals, owners = [], []
         for (index, row), length in zip(candidates, lengths, strict=True):

@@ -157,6 +157,7 @@ def choose_cap(
     lengths: Sequence[int],
     draft_rows: int,
     catch_up: int = 1,
+    hopeful: bool = False,
 ) -> int:
     """The cap on this step's drafts with the most tokens per second.
 
@@ -165,10 +166,16 @@ def choose_cap(
     draft ``lengths``; the draft session holds ``draft_rows`` rows, each draft pass runs over all.
     The first draft pass feeds each row what it decoded since the draft last ran, ``catch_up``
     tokens for the row furthest behind (1 when the rows drafted in the last step).
+
+    ``hopeful``: the cap there would be once the draft has caught up, if every row accepted drafts
+    at least as often as a draft does at best (``HOPEFUL_ACCEPTANCE``). Where that is 0, no probe
+    can show that drafting pays (:class:`Probes`).
     """
     if not len(lengths):
         return 0
     acceptance, lengths = np.asarray(acceptance, dtype=np.float64), np.asarray(lengths)
+    if hopeful:
+        acceptance, catch_up = np.maximum(acceptance, HOPEFUL_ACCEPTANCE), 1
     others = rows - len(lengths)  # rows that do not draft yield one token a step
     first_pass, next_pass = costs.draft(draft_rows, catch_up), costs.draft(draft_rows)
     best_cap, best_rate = 0, -1.0
@@ -185,21 +192,6 @@ def choose_cap(
     return best_cap
 
 
-def worth_probing(
-    costs: StepCosts,
-    rows: int,
-    min_tokens: int,
-    acceptance: Sequence[float],
-    lengths: Sequence[int],
-    draft_rows: int,
-) -> bool:
-    """Whether drafting would pay in this step (:func:`choose_cap`'s arguments) once the draft has
-    caught up, if every row accepted drafts at least as often as a draft does at best: if not, no
-    probe can show that it does."""
-    hopeful = np.maximum(np.asarray(acceptance, dtype=np.float64), HOPEFUL_ACCEPTANCE)
-    return choose_cap(costs, rows, min_tokens, hopeful, lengths, draft_rows) > 0
-
-
 class Probes:
     """When a batch that the cap keeps plain drafts anyway, to learn: after ``every`` plain steps in a
     row, where a probe could change the answer; the wait doubles after each probe the policy does not
@@ -211,7 +203,8 @@ class Probes:
         self._probed = False
 
     def cap(self, chosen: int, worth: Callable[[], bool]) -> int:
-        """This step's cap: ``chosen`` (the policy's), or a probe's. ``worth()``: :func:`worth_probing`."""
+        """This step's cap: ``chosen`` (the policy's), or a probe's where ``worth()``: whether drafting
+        could pay here (:func:`choose_cap`, ``hopeful``)."""
         if chosen:
             self.every, self.waited, self._probed = PROBE_EVERY, 0, False
             return chosen
