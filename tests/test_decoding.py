@@ -4,6 +4,8 @@ whenever rows join and leave."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 from hypothesis import given, settings
@@ -459,11 +461,17 @@ def test_the_cap_follows_the_cost_of_verification():
 
 def test_a_draft_far_behind_counts_its_catching_up():
     """The first draft pass feeds what the rows decoded since the draft last ran: cheap one step after
-    the last drafts, dear after a long stretch of plain steps (or for a row new to the draft)."""
-    costs = flat_costs(0.05)
-    costs.draft_seconds = np.asarray([[0.1 * t for t in costs.tokens] for _ in costs.rows])
+    the last drafts, dear after a long stretch of plain steps (or for a row new to the draft). A
+    probe counts a catch-up as paid once for a stretch of drafting: one far behind may be worth it,
+    one as dear as a stretch of drafting could save is not."""
+    grid = flat_costs(0.05)
+    costs = StepCosts(
+        grid.rows, grid.tokens, grid.main_seconds, np.asarray([[0.1 * t for t in grid.tokens] for _ in grid.rows])
+    )
     assert choose_cap(costs, 4, 1, [0.8] * 4, [6] * 4, 4, catch_up=1) > 0
     assert choose_cap(costs, 4, 1, [0.8] * 4, [6] * 4, 4, catch_up=40) == 0
+    assert choose_cap(costs, 4, 1, [0.8] * 4, [6] * 4, 4, catch_up=40, hopeful=True) > 0
+    assert choose_cap(costs, 4, 1, [0.8] * 4, [6] * 4, 4, catch_up=1000, hopeful=True) == 0
     grid = costs.to_dict()
     assert StepCosts.from_dict(grid).draft(4, 40) == pytest.approx(costs.draft(4, 40))
     with pytest.raises(ValueError, match="shape"):  # a grid saved by another version: measured anew
@@ -625,3 +633,85 @@ def test_a_draft_measured_too_dear_drafts_again_once_probes_time_it(monkeypatch,
         assert later.tokens_drafted > 3 * probes_only
     else:
         assert later.tokens_drafted <= probes_only + 10
+
+
+def test_overruns_set_drafting_steps_against_plain_steps_of_their_batch_size():
+    from specwhisper_backend.load_policy import OVERRUN_FORGET, OVERRUN_SAMPLES, Overruns
+
+    overruns = Overruns()
+    for _ in range(OVERRUN_SAMPLES - 1):
+        overruns.observe(8, True, predicted=1.0, wall=3.0)
+    assert overruns.factor(8) == 1.0, "too few drafting steps to tell"
+    overruns.observe(8, True, predicted=1.0, wall=3.0)
+    assert overruns.factor(8) == pytest.approx(3.0), "no plain steps seen: theirs counts as no overrun"
+    for _ in range(OVERRUN_SAMPLES):
+        overruns.observe(9, False, predicted=2.0, wall=3.0)
+    assert overruns.factor(12) == pytest.approx(2.0), "against plain steps' own overrun, 8-15 rows alike"
+    assert overruns.factor(4) == overruns.factor(16) == 1.0, "other batch sizes are told apart"
+    for _ in range(400):  # the machine changed: drafting steps now cost what they were predicted to
+        overruns.observe(8, True, predicted=1.0, wall=1.5)
+    assert overruns.factor(8) == pytest.approx(1.0, abs=0.01)
+    overruns.observe(8, True, predicted=1.0, wall=3.0)
+    for _ in range(OVERRUN_FORGET - 1):
+        overruns.observe(8, False, predicted=2.0, wall=3.0)
+    assert overruns.factor(8) > 1.0
+    overruns.observe(8, False, predicted=2.0, wall=3.0)
+    assert overruns.factor(8) == 1.0, "after a long plain stretch drafting steps are measured again"
+
+
+def scored_positions_cost(monkeypatch, clock: Clock, seconds: float) -> None:
+    """Filtering and choosing a token on the host costs ``seconds`` of ``clock`` a position, for the
+    main model's positions and the draft's alike (work no pass timing sees)."""
+    from specwhisper_backend import decoding, drafting
+
+    def slow(scores, prefix, filters):
+        clock.now += seconds
+        return filtered(scores, prefix, filters)
+
+    monkeypatch.setattr(decoding, "filtered", slow)
+    monkeypatch.setattr(drafting, "filtered", slow)
+
+
+@pytest.mark.parametrize("host_seconds", [0.6, 0.05])
+def test_speculative_rows_are_no_slower_than_plain_ones_when_drafting_costs_more_than_its_passes(
+    monkeypatch, host_seconds
+):
+    """Eight rows on a scripted machine whose passes the grid knows exactly (a pass costs its rows,
+    a draft's a tenth of a main one's, whatever their tokens), and where filtering a scored position
+    costs ``host_seconds`` besides. By its passes alone drafting pays well; at 0.6 a position the host
+    work makes it lose (a drafting step scores about four positions a row, a plain step one), and
+    the batch must find that out and decode about as fast as plain rows do (before the steps'
+    overruns were measured, it kept drafting and was 6 % slower). At 0.05 drafting still pays, and it
+    still drafts. Every row's tokens are its plain greedy tokens either way."""
+    import time
+
+    clock = Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    scored_positions_cost(monkeypatch, clock, host_seconds)
+    policy = DraftPolicy(start=2, maximum=4)
+    rows, tokens = (1, 2, 4, 8, 16), (1, 2, 3, 5, 9, 17)
+    costs = StepCosts(
+        rows, tokens, np.asarray([[r * 1.0] * 6 for r in rows]), np.asarray([[r * 0.1] * 6 for r in rows])
+    )
+    mistakes = frozenset((seed, at) for seed in range(8) for at in range(0, 448, 3))  # accepts about 2 in 3
+    no_end = [SuppressTokens([3, 4, EOT])]  # every row's text runs to the end of the context
+    seconds, drafted = {}, {}
+    for speculative in (False, True):
+        draft = TimedSession(clock, 0.1, mistakes=mistakes, sharpness=10)
+        decoder = BatchDecoder(facts(200), TimedSession(clock, 1.0), draft, policy, costs)
+        windows = [
+            dataclasses.replace(
+                window(seed, 200, "en", 0, RowDraft(policy) if speculative else None), filters=lambda _: no_end
+            )
+            for seed in range(8)
+        ]
+        started = clock.now
+        results = run(decoder, [(0, w) for w in windows])
+        seconds[speculative], drafted[speculative] = clock.now - started, sum(w.stats.tokens_drafted for w in windows)
+        for seed in range(8):
+            assert results[seed] == greedy_alone(seed, 200, prompt_for("en", 0), no_end, 200)
+    if host_seconds > 0.5:
+        assert seconds[True] <= 1.03 * seconds[False], seconds
+    else:
+        assert seconds[True] < 0.8 * seconds[False], seconds
+        assert drafted[True] > 8 * 150

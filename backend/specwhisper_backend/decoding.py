@@ -181,9 +181,9 @@ class BatchDecoder:
 
     def step(self) -> list[tuple[object, WindowResult]]:
         """One batched step for every row; the rows whose text ended leave, their results returned."""
-        started = time.perf_counter()
+        started, rows = time.perf_counter(), len(self.rows)
         feeds = [self._fed_before_drafts(row) for row in self.rows]
-        drafts, timing = self._propose(feeds)
+        drafts, timing, catch_up = self._propose(feeds)
         feeds = [feed + drafted for feed, drafted in zip(feeds, drafts, strict=True)]
         width = max(len(feed) for feed in feeds)
         batch = np.zeros((len(self.rows), width), dtype=np.int64)
@@ -193,11 +193,12 @@ class BatchDecoder:
         verify_started = time.perf_counter()
         logits = self.main.forward(batch, counts)
         verify_seconds = time.perf_counter() - verify_started
+        predicted = 0.0
         if self.costs is not None:
             draft_rows = self.draft.batch_size if self.draft is not None else 0
-            self.costs.observe(
-                len(self.rows), width, verify_seconds, draft_rows, timing.step_passes, timing.step_seconds
-            )
+            draft_passes = timing.step_passes + 1 if catch_up else 0
+            predicted = self.costs.step(rows, width, draft_rows, catch_up, draft_passes)
+            self.costs.observe(rows, width, verify_seconds, draft_rows, timing.step_passes, timing.step_seconds)
 
         share = (time.perf_counter() - started - timing.seconds) / len(self.rows)
         finished: list[Row] = []
@@ -219,6 +220,8 @@ class BatchDecoder:
         results = [(row.owner, self._result(row)) for row in finished]
         if finished:
             self.leave(finished)
+        if self.costs is not None:  # all the step took, against what the grid predicted for it
+            self.costs.overruns.observe(rows, catch_up > 0, predicted, time.perf_counter() - started)
         return results
 
     def _fed_before_drafts(self, row: Row) -> list[int]:
@@ -229,15 +232,16 @@ class BatchDecoder:
             return row.tokens[fed : min(row.prompt_length - 1, fed + PREFILL_CHUNK)]
         return [row.tokens[-1]]
 
-    def _propose(self, feeds: list[list[int]]) -> tuple[list[list[int]], ProposalTiming]:
-        """This step's drafts for every row (none for rows that do not draft now)."""
+    def _propose(self, feeds: list[list[int]]) -> tuple[list[list[int]], ProposalTiming, int]:
+        """This step's drafts for every row (none for rows that do not draft now), and what the first
+        draft pass fed the row furthest behind (0: the draft did not run)."""
         none: list[list[int]] = [[] for _ in self.rows]
         candidates = [
             (i, row) for i, row in enumerate(self.rows) if row.phase is Phase.DECODE and row.window.drafting is not None
         ]
         self.last_cap = None
         if not candidates or self.draft is None:
-            return none, NO_PROPOSAL
+            return none, NO_PROPOSAL, 0
         limit = self.facts.n_text_ctx
         lengths = [min(row.window.drafting.length, limit - len(row.tokens) - 1) for _, row in candidates]
         cap = max(lengths)
@@ -262,13 +266,16 @@ class BatchDecoder:
                 )
                 owners.append(index)
                 row.window.drafting.proposed_after = len(row.tokens)
+        if not proposals:
+            return none, NO_PROPOSAL, 0
+        behind = max(len(self.rows[index].tokens) - self._draft_length(self.rows[index]) for index in owners)
         drafted, timing = timed_propose(self.draft, proposals, self.facts.tokens.eot, self.policy.confidence)
         for index, tokens in zip(owners, drafted, strict=True):
             none[index] = tokens
             stats = self.rows[index].window.stats
             stats.assistant_passes += timing.passes
             stats.seconds_draft += timing.seconds / len(owners)
-        return none, timing
+        return none, timing, behind
 
     def _draft_length(self, row: Row) -> int:
         """The tokens of ``row``'s text in the draft's cache (none before it first drafts)."""

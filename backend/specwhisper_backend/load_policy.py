@@ -17,9 +17,21 @@ predicts the tokens a step yields over its cost, and takes the cap with the high
 counts the step's first draft pass as what it is: a pass that feeds every drafting row what it
 decoded since the draft last ran (one or two tokens while the rows draft every step, all of them
 after a stretch of plain steps, and the whole text for a row that has not drafted in its window).
-Plain decoding is always a candidate, and a cap must promise ``MARGIN`` more tokens per second than
-it: the prediction leaves out the host work each drafted token costs (filtering, acceptance), so a
-close call goes to plain decoding.
+Plain decoding is always a candidate, and a cap must promise more tokens per second than it, by
+``MARGIN`` at least: a close call goes to plain decoding.
+
+The passes are not all a step costs. Each drafted token is also filtered and chosen on the host,
+twice (as a draft, then when it is verified), a row new to the draft computes its cross K/V, and a
+catch-up runs in chunks; none of this is in the grid, and all of it grows with the rows that draft.
+So every step's wall time is set against what the grid predicted for what it ran
+(:class:`Overruns`), apart for steps that drafted and steps that did not, by batch size (1, 2-3, 4-7,
+8-15 rows, ...): how much further drafting steps overrun their prediction than plain steps is the
+part of their cost the grid leaves out, and it is the margin a cap must beat at that batch size,
+where it is above ``MARGIN``. It is measured, so it holds on any machine, and it only weighs
+against drafting where drafting steps have been seen to cost more than they were expected to. The
+probes below are drafting steps too, with their catch-up: where they keep costing more than
+drafting could gain, the margin stops them as well (until ``OVERRUN_FORGET`` plain steps have
+passed, and the margin is measured again).
 
 Estimates only move when rows draft, so after ``PROBE_EVERY`` steps in a row without drafts the next
 step drafts ``PROBE_DRAFTS`` tokens a row (:class:`Probes`): a probe that keeps the acceptance
@@ -44,7 +56,7 @@ import os
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -53,6 +65,13 @@ from specwhisper_backend.decoder_session import DecoderSession
 
 # How fast measured steps move the scale: a step is a sample of the machine's current load.
 SCALE_MEMORY = 0.95
+# Overruns: each step's weight fades by this for every later step of its kind and batch size, and a
+# batch size's overrun counts once it has seen this many steps of each kind.
+OVERRUN_MEMORY = 0.98
+OVERRUN_SAMPLES = 8
+# Plain steps of one batch size after which what its drafting steps overran is forgotten, and
+# probes there (which it had stopped) measure it again: the machine's load may have changed.
+OVERRUN_FORGET = 512
 PROBE_EVERY = 16
 PROBE_EVERY_MAX = 64
 PROBE_DRAFTS = 2
@@ -65,9 +84,9 @@ HOPEFUL_ACCEPTANCE = 0.9
 @dataclass
 class StepCosts:
     """Seconds of a main pass and of a draft pass by (rows, tokens per row), measured on a grid and
-    interpolated between its points (in proportion beyond its last); scaled online by the steps
-    actually run. A draft pass of many tokens a row is a draft catching up on what its rows decoded
-    while it did not run."""
+    interpolated between its points (in proportion beyond its last; the grid is not changed once
+    made, and the points read are kept); scaled online by the steps actually run. A draft pass of
+    many tokens a row is a draft catching up on what its rows decoded while it did not run."""
 
     rows: tuple[int, ...]  # increasing, from 1
     tokens: tuple[int, ...]  # increasing, from 1
@@ -75,18 +94,24 @@ class StepCosts:
     draft_seconds: np.ndarray  # [len(rows), len(tokens)]
     main_scale: float = 1.0
     draft_scale: float = 1.0
+    overruns: Overruns = field(default_factory=lambda: Overruns())
+    _points: dict[tuple[str, int, int], float] = field(default_factory=dict, repr=False, compare=False)
 
     def main(self, rows: int, tokens: int) -> float:
         """A main pass over ``rows`` rows of ``tokens`` tokens each (padding included)."""
-        return self._interpolated(self.main_seconds, rows, tokens) * self.main_scale
+        return self._interpolated("main_seconds", rows, tokens) * self.main_scale
 
     def draft(self, rows: int, tokens: int = 1) -> float:
         """A draft pass over ``rows`` rows of ``tokens`` tokens each (padding included)."""
-        return self._interpolated(self.draft_seconds, rows, tokens) * self.draft_scale
+        return self._interpolated("draft_seconds", rows, tokens) * self.draft_scale
 
-    def _interpolated(self, grid: np.ndarray, rows: int, tokens: int) -> float:
-        by_rows = [np.interp(tokens, self.tokens, line) for line in grid]
-        return float(np.interp(rows, self.rows, by_rows)) * _beyond(rows, self.rows) * _beyond(tokens, self.tokens)
+    def _interpolated(self, grid: str, rows: int, tokens: int) -> float:
+        key = (grid, rows, tokens)  # the policy asks for the same few points every step
+        if key not in self._points:
+            by_rows = [np.interp(tokens, self.tokens, line) for line in getattr(self, grid)]
+            seconds = float(np.interp(rows, self.rows, by_rows))
+            self._points[key] = seconds * _beyond(rows, self.rows) * _beyond(tokens, self.tokens)
+        return self._points[key]
 
     def to_dict(self) -> dict:
         """The measured grid (not the online scales, which are each instance's own)."""
@@ -136,6 +161,50 @@ class StepCosts:
             expected = draft_passes * self.draft(draft_rows) / self.draft_scale
             self.draft_scale = SCALE_MEMORY * self.draft_scale + (1 - SCALE_MEMORY) * draft_seconds / expected
 
+    def step(self, rows: int, tokens: int, draft_rows: int = 0, catch_up: int = 1, draft_passes: int = 0) -> float:
+        """A step: a main pass over ``rows`` x ``tokens``, after ``draft_passes`` draft passes over
+        ``draft_rows`` rows, the first of which feeds ``catch_up`` tokens a row."""
+        seconds = self.main(rows, tokens)
+        if draft_passes:
+            seconds += self.draft(draft_rows, catch_up) + (draft_passes - 1) * self.draft(draft_rows)
+        return seconds
+
+
+class Overruns:
+    """How much longer than predicted (:meth:`StepCosts.step`) steps take, those that drafted and
+    those that did not, by batch size: sums of wall and predicted seconds in which each step fades as
+    later steps of its kind come (``OVERRUN_MEMORY``). A batch size's drafting steps are forgotten
+    after ``OVERRUN_FORGET`` plain steps in a row."""
+
+    def __init__(self) -> None:
+        # bucket -> [wall, predicted, steps] for plain steps, the same for drafting steps, and the
+        # plain steps since the last drafting step
+        self._sums: dict[int, np.ndarray] = {}
+
+    def observe(self, rows: int, drafted: bool, predicted: float, wall: float) -> None:
+        sums = self._sums.setdefault(_bucket(rows), np.zeros(7))
+        kind = slice(3, 6) if drafted else slice(0, 3)
+        sums[kind] = sums[kind] * (OVERRUN_MEMORY, OVERRUN_MEMORY, 1) + (wall, predicted, 1)
+        sums[6] = 0 if drafted else sums[6] + 1
+        if sums[6] >= OVERRUN_FORGET:
+            sums[3:7] = 0
+
+    def factor(self, rows: int) -> float:
+        """How many times further than plain steps the drafting steps of this batch size overran their
+        prediction: 1 until ``OVERRUN_SAMPLES`` drafting steps have been seen; until as many plain
+        steps have, their overrun counts as none (a batch that drafts every step has no plain steps to
+        compare with, and the host work of a plain step is small beside a drafting step's)."""
+        sums = self._sums.get(_bucket(rows))
+        if sums is None or sums[5] < OVERRUN_SAMPLES:
+            return 1.0
+        plain = sums[0] / sums[1] if sums[2] >= OVERRUN_SAMPLES else 1.0
+        return float((sums[3] / sums[4]) / plain)
+
+
+def _bucket(rows: int) -> int:
+    """Batch sizes whose steps are told apart: 1, 2-3, 4-7, 8-15, ..."""
+    return max(rows, 1).bit_length()
+
 
 def _beyond(count: int, grid: Sequence[int]) -> float:
     """Past the grid's last point (rows, or tokens), cost grows in proportion."""
@@ -167,26 +236,29 @@ def choose_cap(
     The first draft pass feeds each row what it decoded since the draft last ran, ``catch_up``
     tokens for the row furthest behind (1 when the rows drafted in the last step).
 
-    ``hopeful``: the cap there would be once the draft has caught up, if every row accepted drafts
-    at least as often as a draft does at best (``HOPEFUL_ACCEPTANCE``). Where that is 0, no probe
-    can show that drafting pays (:class:`Probes`).
+    ``hopeful``: the cap there would be if every row accepted drafts at least as often as a draft
+    does at best (``HOPEFUL_ACCEPTANCE``) and the catch-up were paid once for a stretch of drafting
+    (``PROBE_EVERY`` steps). Where that is 0, no probe can show that drafting pays (:class:`Probes`):
+    a probe pays the whole catch-up, and a batch of many rows far behind its draft would pay it
+    again and again for nothing.
     """
     if not len(lengths):
         return 0
     acceptance, lengths = np.asarray(acceptance, dtype=np.float64), np.asarray(lengths)
+    catching_up = 0.0  # a stretch's catch-up, a step's share (in the first draft pass's cost otherwise)
     if hopeful:
+        catching_up = (costs.draft(draft_rows, catch_up) - costs.draft(draft_rows)) / PROBE_EVERY
         acceptance, catch_up = np.maximum(acceptance, HOPEFUL_ACCEPTANCE), 1
     others = rows - len(lengths)  # rows that do not draft yield one token a step
-    first_pass, next_pass = costs.draft(draft_rows, catch_up), costs.draft(draft_rows)
+    margin = max(MARGIN, costs.overruns.factor(rows))
     best_cap, best_rate = 0, -1.0
     for cap in range(int(lengths.max()) + 1):
         drafts = np.minimum(lengths, cap)
         longest = int(drafts.max())
         tokens = expected_tokens(acceptance, drafts).sum() + others
-        seconds = costs.main(rows, max(min_tokens, longest + 1))
-        if longest:
-            seconds += first_pass + (longest - 1) * next_pass
-        rate = tokens / seconds if cap == 0 else tokens / seconds / MARGIN
+        seconds = costs.step(rows, max(min_tokens, longest + 1), draft_rows, catch_up, longest)
+        seconds += catching_up if longest else 0.0
+        rate = tokens / seconds if cap == 0 else tokens / seconds / margin
         if rate > best_rate:
             best_cap, best_rate = cap, rate
     return best_cap
