@@ -39,7 +39,8 @@ estimates and the draft's measured cost current (its second pass is one token a 
 teaches the draft's cost). A probe is not cheap: its first draft pass feeds every drafting row all
 it decoded since the draft last ran, and its main pass pads every row to the probe's width. So a
 probe is only made where it could change the answer: where drafting would pay if the rows accepted
-drafts as often as a draft does at best (``HOPEFUL_ACCEPTANCE``), at the measured costs. On a CPU
+drafts as often as a draft does at best (``HOPEFUL_ACCEPTANCE``), at the measured costs and margin,
+with the catch-up paid once for a stretch of ``PROBE_EVERY`` drafting steps. On a CPU
 with many rows, verifying even one draft a row costs nearly a second step, and no acceptance makes
 drafting pay: there the batch decodes as plain decoding does, with no probes. And a probe after
 which the policy still keeps the batch plain doubles the wait before the next (up to
