@@ -14,7 +14,16 @@ from hypothesis import strategies as st
 from specwhisper_backend.decoding import BatchDecoder, Window, keep_tokens
 from specwhisper_backend.drafting import DraftPolicy, Proposal, RowDraft, propose, timed_propose
 from specwhisper_backend.facts import DecoderFacts, ModelFacts, SpecialTokens
-from specwhisper_backend.load_policy import PROBE_EVERY, PROBE_EVERY_MAX, Probes, StepCosts, choose_cap, expected_tokens
+from specwhisper_backend.load_policy import (
+    PROBE_EVERY,
+    PROBE_EVERY_MAX,
+    PROBE_SHARE,
+    Probes,
+    StepCosts,
+    choose_cap,
+    expected_tokens,
+    probe_price,
+)
 from specwhisper_backend.logit_filters import (
     ApplyTimestampRules,
     LogitFilter,
@@ -482,7 +491,45 @@ def test_a_prefilling_row_makes_drafting_cheap():
     """When a row brings its prompt to the pass anyway, the other rows' drafts ride along for free."""
     costs = flat_costs(0.3)
     assert choose_cap(costs, 4, 1, [0.7] * 3, [6] * 3, 3) == 0
-    assert choose_cap(costs, 4, 7, [0.7] * 3, [6] * 3, 3) == 6
+    assert choose_cap(costs, 4, 7, [0.7] * 3, [6] * 3, 3) >= 4
+
+
+def test_no_probe_where_catching_up_would_cost_more_than_drafting_could_save():
+    """Passes cost the same at any width (launch-bound), but a draft pass catching up on many tokens
+    is dear. The drafts are always wrong, so the rows soon decode plainly; a probe would feed the
+    draft all they decoded since, which no stretch of drafting could repay: none is made."""
+    policy = DraftPolicy()
+    grid = flat_costs(0.0, draft=0.01)
+    catching_up = np.asarray([[0.01 if width <= 3 else 5.0 * width for width in grid.tokens] for _ in grid.rows])
+    costs = StepCosts(grid.rows, grid.tokens, grid.main_seconds, catching_up)
+    seeds = range(4)
+    wrong = frozenset((seed, length) for seed in seeds for length in range(400))
+    main, draft = ScriptedSession(), ScriptedSession(mistakes=wrong)
+    decoder = BatchDecoder(facts(), main, draft, policy, costs)
+    for seed in seeds:
+        decoder.join(window(seed, 150, "en", 0, RowDraft(policy)), seed)
+    results, drafted = {}, []
+    while decoder.rows:
+        before = draft.passes
+        results.update(decoder.step())
+        drafted.append(draft.passes > before)
+    assert drafted[1], "the rows draft while the draft's text is short (after their prompt's step)"
+    stopped = drafted.index(False, 1)
+    assert not any(drafted[stopped:]), "no probe after the rows stopped drafting"
+    assert costs.join_seconds > 0, "the rows' joining the draft was timed"
+    for seed in seeds:
+        assert results[seed].tokens == greedy_alone(seed, 150, prompt_for("en", 0), rules(3), 448)
+
+
+def test_drafts_riding_along_must_beat_ordinary_plain_steps():
+    """A row filling in its prompt makes a wide pass, whose rate of plain tokens is poor: set against
+    it, draft passes dearer than the tokens they add would win (a CPU with many rows). The tokens
+    drafts add are worth what ordinary steps would take for them, so cheap draft passes ride along
+    and dear ones do not."""
+    wide = 2  # a row brings two prompt tokens
+    assert choose_cap(flat_costs(0.3, draft=0.1), 8, wide, [0.7] * 7, [6] * 7, 7) > 0
+    assert choose_cap(flat_costs(0.3, draft=2.0), 8, wide, [0.7] * 7, [6] * 7, 7) == 0
+    assert choose_cap(flat_costs(0.3, draft=2.0), 8, 1, [0.7] * 7, [6] * 7, 7) == 0
 
 
 def test_where_no_acceptance_could_pay_a_speculative_batch_decodes_as_plain_with_no_probes():
@@ -501,19 +548,43 @@ def test_where_no_acceptance_could_pay_a_speculative_batch_decodes_as_plain_with
 
 def test_probes_the_policy_does_not_follow_grow_rare():
     probes = Probes()
+
+    def cap(chosen: int, worth: bool = True) -> int:
+        return probes.cap(chosen, 1.0, lambda: 0.0, lambda: worth)
+
     gaps, waited = [], 0
     for _ in range(2000):
         waited += 1
-        if probes.cap(0, lambda: True):
+        if cap(0):
             gaps.append(waited)
             waited = 0
     expected = [min(PROBE_EVERY * 2**i, PROBE_EVERY_MAX) + 1 for i in range(len(gaps))]
     assert gaps == expected and gaps[-1] == PROBE_EVERY_MAX + 1
-    assert probes.cap(3, lambda: True) == 3, "the policy's own choice is kept"
+    assert cap(3) == 3, "the policy's own choice is kept"
     for _ in range(PROBE_EVERY):
-        assert probes.cap(0, lambda: True) == 0
-    assert probes.cap(0, lambda: True) > 0, "after the policy drafted, probes come at the start's pace"
-    assert probes.cap(0, lambda: False) == 0 and all(probes.cap(0, lambda: False) == 0 for _ in range(1000))
+        assert cap(0) == 0
+    assert cap(0) > 0, "after the policy drafted, probes come at the start's pace"
+    assert cap(0, worth=False) == 0 and all(cap(0, worth=False) == 0 for _ in range(1000))
+
+
+def test_probes_cost_at_most_their_share_of_the_plain_steps():
+    """A probe dearer than the plain steps since the last have saved up for waits until they have:
+    whatever probes show, they cost the batch at most ``PROBE_SHARE`` of its plain decoding."""
+    probes = Probes()
+    price, steps = 10.0, 5000
+    made = [step for step in range(steps) if probes.cap(0, 1.0, lambda: price, lambda: True)]
+    assert len(made) >= 2 and min(np.diff(made)) >= price / PROBE_SHARE - 1
+    assert len(made) * price <= PROBE_SHARE * steps
+
+
+def test_a_probe_is_priced_with_the_rows_joining_the_draft():
+    """A row's first draft computes its cross K/V, timed as rows join; a probe pays it for each row
+    that has not drafted yet."""
+    costs = flat_costs(0.1)
+    alone = probe_price(costs, 8, 1, 8, 1, joining=0)
+    assert alone > 0 and probe_price(costs, 8, 1, 8, 1, joining=4) == alone, "nothing timed yet"
+    costs.observe_join(0.5)
+    assert probe_price(costs, 8, 1, 8, 1, joining=4) == pytest.approx(alone + 4 * 0.5)
 
 
 def test_costs_follow_the_machine():

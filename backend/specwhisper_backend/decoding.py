@@ -29,7 +29,7 @@ output. Every row also records the log-probability of each token it keeps and, a
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import Enum
 
@@ -45,7 +45,7 @@ from specwhisper_backend.drafting import (
     timed_propose,
 )
 from specwhisper_backend.facts import ModelFacts
-from specwhisper_backend.load_policy import Probes, StepCosts, choose_cap
+from specwhisper_backend.load_policy import Probes, StepCosts, choose_cap, probe_price
 from specwhisper_backend.logit_filters import LogitFilter, filtered
 from specwhisper_backend.sampling import PositionNoise, choose, log_normalizer, tempered
 from specwhisper_backend.stats import DecodeStats
@@ -136,6 +136,7 @@ class BatchDecoder:
         self.drafting: list[Row] = []  # rows of the draft session, in its order
         self.last_cap: int | None = None  # the cap the last step's drafts had (None: nobody could draft)
         self._probes = Probes()
+        self._joining_seconds = 0.0  # this step's rows joining the draft took
 
     def join(self, window: Window, owner: object) -> None:
         """A new row for ``window``; it takes part from the next step on."""
@@ -151,9 +152,13 @@ class BatchDecoder:
     def _join_draft(self, row: Row) -> None:
         """``row`` takes a row of the draft session, the first time it drafts: its cross K/V cost about
         a draft step per layer, which a row the policy keeps plain (a busy batch) never pays."""
-        states = row.window.draft_states
+        started, states = time.perf_counter(), row.window.draft_states
         frames = attended_frames(row.window.audio_frames, self.policy.frames_after_audio, states.shape[1])
         self.draft.add_rows(states, frames)
+        seconds = time.perf_counter() - started
+        self._joining_seconds += seconds
+        if self.costs is not None:
+            self.costs.observe_join(seconds)
         row.draft_slot = len(self.drafting)
         self.drafting.append(row)
 
@@ -182,6 +187,7 @@ class BatchDecoder:
     def step(self) -> list[tuple[object, WindowResult]]:
         """One batched step for every row; the rows whose text ended leave, their results returned."""
         started, rows = time.perf_counter(), len(self.rows)
+        self._joining_seconds = 0.0
         feeds = [self._fed_before_drafts(row) for row in self.rows]
         drafts, timing, catch_up = self._propose(feeds)
         feeds = [feed + drafted for feed, drafted in zip(feeds, drafts, strict=True)]
@@ -220,8 +226,10 @@ class BatchDecoder:
         results = [(row.owner, self._result(row)) for row in finished]
         if finished:
             self.leave(finished)
-        if self.costs is not None:  # all the step took, against what the grid predicted for it
-            self.costs.overruns.observe(rows, catch_up > 0, predicted, time.perf_counter() - started)
+        if self.costs is not None:  # all the step took, against what the grid predicted for it and
+            # the rows' joining the draft took (once a window, and priced where probes are)
+            wall = time.perf_counter() - started
+            self.costs.overruns.observe(rows, catch_up > 0, predicted + self._joining_seconds, wall)
         return results
 
     def _fed_before_drafts(self, row: Row) -> list[int]:
@@ -248,10 +256,17 @@ class BatchDecoder:
         if self.policy.cost_aware:
             acceptance = [row.window.drafting.acceptance for _, row in candidates]
             min_tokens = max(len(feed) for feed in feeds)
-            draft_rows = len(self.drafting) + sum(row.draft_slot is None for _, row in candidates)
-            step = (self.costs, len(self.rows), min_tokens, acceptance, lengths, draft_rows)
-            catch_up = max(len(row.tokens) - self._draft_length(row) for _, row in candidates)
-            cap = self._probes.cap(choose_cap(*step, catch_up), lambda: choose_cap(*step, hopeful=True) > 0)
+            joining = sum(row.draft_slot is None for _, row in candidates)
+            draft_rows = len(self.drafting) + joining
+            rows = len(self.rows)
+            step = (self.costs, rows, min_tokens, acceptance, lengths, draft_rows)
+            catch_up = self._behind(row for _, row in candidates)
+            cap = self._probes.cap(
+                choose_cap(*step, catch_up),
+                self.costs.step(rows, min_tokens),
+                price=lambda: probe_price(self.costs, rows, min_tokens, draft_rows, catch_up, joining),
+                worth=lambda: choose_cap(*step, catch_up, hopeful=True) > 0,
+            )
         self.last_cap = cap
         proposals, owners = [], []
         for (index, row), length in zip(candidates, lengths, strict=True):
@@ -268,7 +283,7 @@ class BatchDecoder:
                 row.window.drafting.proposed_after = len(row.tokens)
         if not proposals:
             return none, NO_PROPOSAL, 0
-        behind = max(len(self.rows[index].tokens) - self._draft_length(self.rows[index]) for index in owners)
+        behind = self._behind(self.rows[index] for index in owners)
         drafted, timing = timed_propose(self.draft, proposals, self.facts.tokens.eot, self.policy.confidence)
         for index, tokens in zip(owners, drafted, strict=True):
             none[index] = tokens
@@ -276,6 +291,10 @@ class BatchDecoder:
             stats.assistant_passes += timing.passes
             stats.seconds_draft += timing.seconds / len(owners)
         return none, timing, behind
+
+    def _behind(self, rows: Iterable[Row]) -> int:
+        """The most tokens any of ``rows`` has decoded that the draft's cache does not hold yet."""
+        return max(len(row.tokens) - self._draft_length(row) for row in rows)
 
     def _draft_length(self, row: Row) -> int:
         """The tokens of ``row``'s text in the draft's cache (none before it first drafts)."""

@@ -18,11 +18,17 @@ counts the step's first draft pass as what it is: a pass that feeds every drafti
 decoded since the draft last ran (one or two tokens while the rows draft every step, all of them
 after a stretch of plain steps, and the whole text for a row that has not drafted in its window).
 Plain decoding is always a candidate, and a cap must promise more tokens per second than it, by
-``MARGIN`` at least: a close call goes to plain decoding.
+``MARGIN`` at least: a close call goes to plain decoding. A row filling in its prompt makes the main
+pass wider than one token a row whatever the cap; the drafts of the others then ride in width that
+is paid anyway, but the tokens they add are worth what an ordinary step (one token a row) would
+take for them, not what that wide step takes: set against the wide step's poor rate, draft passes
+dearer than the tokens they add looked like a gain (on a CPU with many rows, at every window's
+start).
 
 The passes are not all a step costs. Each drafted token is also filtered and chosen on the host,
-twice (as a draft, then when it is verified), a row new to the draft computes its cross K/V, and a
-catch-up runs in chunks; none of this is in the grid, and all of it grows with the rows that draft.
+twice (as a draft, then when it is verified), and a catch-up runs in chunks; none of this is in the
+grid, and all of it grows with the rows that draft. (A row new to the draft also computes its cross
+K/V, once a window: that is timed as rows join, :attr:`StepCosts.join_seconds`, and left out here.)
 So every step's wall time is set against what the grid predicted for what it ran
 (:class:`Overruns`), apart for steps that drafted and steps that did not, by batch size (1, 2-3, 4-7,
 8-15 rows, ...): how much further drafting steps overrun their prediction than plain steps is the
@@ -42,9 +48,13 @@ probe is only made where it could change the answer: where drafting would pay if
 drafts as often as a draft does at best (``HOPEFUL_ACCEPTANCE``), at the measured costs and margin,
 with the catch-up paid once for a stretch of ``PROBE_EVERY`` drafting steps. On a CPU
 with many rows, verifying even one draft a row costs nearly a second step, and no acceptance makes
-drafting pay: there the batch decodes as plain decoding does, with no probes. And a probe after
+drafting pay: there the batch decodes as plain decoding does, with no probes. A probe after
 which the policy still keeps the batch plain doubles the wait before the next (up to
-``PROBE_EVERY_MAX`` steps), so rows whose drafts are seldom right stop paying for probes.
+``PROBE_EVERY_MAX`` steps), so rows whose drafts are seldom right stop paying for probes. And a
+probe waits until the plain steps since the last have saved up its price (``PROBE_SHARE`` of their
+predicted seconds; :func:`probe_price`: its passes, its catch-up, and the cross K/V of the rows that
+join the draft with it, which in a busy batch after a plain stretch is most of them): whatever
+probes turn out to show, they cost at most that share of the plain decoding they interrupt.
 """
 
 from __future__ import annotations
@@ -76,6 +86,8 @@ OVERRUN_FORGET = 512
 PROBE_EVERY = 16
 PROBE_EVERY_MAX = 64
 PROBE_DRAFTS = 2
+# The most a probe may cost, as a share of the plain steps since the last (their predicted seconds).
+PROBE_SHARE = 0.05
 MARGIN = 1.1
 # About the best a trained draft's acceptance gets on clean speech (docs/experiments.md): a probe is
 # made only where drafting would pay at this acceptance.
@@ -95,6 +107,7 @@ class StepCosts:
     draft_seconds: np.ndarray  # [len(rows), len(tokens)]
     main_scale: float = 1.0
     draft_scale: float = 1.0
+    join_seconds: float = 0.0  # a row's first draft: its cross K/V (learned as rows join; 0 until then)
     overruns: Overruns = field(default_factory=lambda: Overruns())
     _points: dict[tuple[str, int, int], float] = field(default_factory=dict, repr=False, compare=False)
 
@@ -161,6 +174,11 @@ class StepCosts:
         if draft_passes:
             expected = draft_passes * self.draft(draft_rows) / self.draft_scale
             self.draft_scale = SCALE_MEMORY * self.draft_scale + (1 - SCALE_MEMORY) * draft_seconds / expected
+
+    def observe_join(self, seconds: float) -> None:
+        """Fold in what a row's joining the draft took."""
+        memory = SCALE_MEMORY if self.join_seconds else 0.0
+        self.join_seconds = memory * self.join_seconds + (1 - memory) * seconds
 
     def step(self, rows: int, tokens: int, draft_rows: int = 0, catch_up: int = 1, draft_passes: int = 0) -> float:
         """A step: a main pass over ``rows`` x ``tokens``, after ``draft_passes`` draft passes over
@@ -232,7 +250,8 @@ def choose_cap(
     """The cap on this step's drafts with the most tokens per second.
 
     ``rows`` take part in the main pass, at least ``min_tokens`` tokens each (a row filling in its
-    prompt may bring more than one); the rows that may draft have these ``acceptance`` estimates and
+    prompt may bring more than one; the drafts then ride in a pass that is that wide anyway, and are
+    weighed against ordinary plain steps); the rows that may draft have these ``acceptance`` estimates and
     draft ``lengths``; the draft session holds ``draft_rows`` rows, each draft pass runs over all.
     The first draft pass feeds each row what it decoded since the draft last ran, ``catch_up``
     tokens for the row furthest behind (1 when the rows drafted in the last step).
@@ -252,12 +271,17 @@ def choose_cap(
         acceptance, catch_up = np.maximum(acceptance, HOPEFUL_ACCEPTANCE), 1
     others = rows - len(lengths)  # rows that do not draft yield one token a step
     margin = max(MARGIN, costs.overruns.factor(rows))
+    # A row filling in its prompt makes the pass wider than one token a row whatever the cap: that
+    # width is paid anyway, and a cap is charged only what it adds to it. But the tokens it yields
+    # are worth what an ordinary step (one token a row) takes for them, not what this wide step
+    # would: set against the wide step's poor rate, drafting that costs more than it saves would win.
+    ordinary = costs.step(rows, 1) - costs.step(rows, min_tokens)
     best_cap, best_rate = 0, -1.0
     for cap in range(int(lengths.max()) + 1):
         drafts = np.minimum(lengths, cap)
         longest = int(drafts.max())
         tokens = expected_tokens(acceptance, drafts).sum() + others
-        seconds = costs.step(rows, max(min_tokens, longest + 1), draft_rows, catch_up, longest)
+        seconds = costs.step(rows, max(min_tokens, longest + 1), draft_rows, catch_up, longest) + ordinary
         seconds += catching_up if longest else 0.0
         rate = tokens / seconds if cap == 0 else tokens / seconds / margin
         if rate > best_rate:
@@ -267,27 +291,43 @@ def choose_cap(
 
 class Probes:
     """When a batch that the cap keeps plain drafts anyway, to learn: after ``every`` plain steps in a
-    row, where a probe could change the answer; the wait doubles after each probe the policy does not
-    follow with drafts of its own, and starts over whenever the policy drafts."""
+    row, where a probe could change the answer, and once the plain steps since the last probe have
+    saved up its price (``PROBE_SHARE`` of their predicted seconds). So whatever probes show, they
+    cost at most that share of the plain decoding they interrupt. The wait doubles after each probe
+    the policy does not follow with drafts of its own, and starts over whenever the policy drafts."""
 
     def __init__(self) -> None:
         self.every = PROBE_EVERY
         self.waited = 0  # plain steps since the batch last drafted
+        self.saved = 0.0  # seconds a probe may cost: PROBE_SHARE of the plain steps since
         self._probed = False
 
-    def cap(self, chosen: int, worth: Callable[[], bool]) -> int:
+    def cap(self, chosen: int, plain_seconds: float, price: Callable[[], float], worth: Callable[[], bool]) -> int:
         """This step's cap: ``chosen`` (the policy's), or a probe's where ``worth()``: whether drafting
-        could pay here (:func:`choose_cap`, ``hopeful``)."""
+        could pay here (:func:`choose_cap`, ``hopeful``), and its ``price()`` (:func:`probe_price`) is
+        saved up. ``plain_seconds``: this step's predicted cost without drafts."""
         if chosen:
-            self.every, self.waited, self._probed = PROBE_EVERY, 0, False
+            self.every, self.waited, self.saved, self._probed = PROBE_EVERY, 0, 0.0, False
             return chosen
         if self._probed:  # and the policy did not follow it with drafts
             self.every, self._probed = min(2 * self.every, PROBE_EVERY_MAX), False
         self.waited += 1
-        if self.waited > self.every and worth():
-            self.waited, self._probed = 0, True
+        self.saved += PROBE_SHARE * plain_seconds
+        if self.waited > self.every and price() <= self.saved and worth():
+            self.waited, self.saved, self._probed = 0, 0.0, True
             return PROBE_DRAFTS
         return 0
+
+
+def probe_price(costs: StepCosts, rows: int, min_tokens: int, draft_rows: int, catch_up: int, joining: int) -> float:
+    """What a probe's step costs beyond the same step decoded plainly: ``PROBE_DRAFTS`` draft passes
+    over ``draft_rows`` rows, the first feeding ``catch_up`` tokens a row, and the wider main pass,
+    times how much further drafting steps of this batch size overran their prediction
+    (:class:`Overruns`); and the cross K/V of the ``joining`` rows that have not drafted yet (after a
+    long plain stretch in a busy batch, most rows are in windows that started since)."""
+    plain = costs.step(rows, min_tokens)
+    probe = costs.step(rows, max(min_tokens, PROBE_DRAFTS + 1), draft_rows, catch_up, PROBE_DRAFTS)
+    return probe * costs.overruns.factor(rows) - plain + joining * costs.join_seconds
 
 
 def measure_step_costs(
