@@ -472,6 +472,33 @@ def test_checkpoint_is_a_full_vocabulary_model_with_the_trained_rows(tiny_main, 
     torch.testing.assert_close(got, expected)
 
 
+def test_a_warm_start_takes_a_trained_drafts_decoder_and_this_trainings_head(tiny_main, tiny_data, tmp_path):
+    trained = TrimmedDraft.from_main(tiny_main, (0, 1), np.asarray([3, 5, *range(EOT, VOCAB)]))
+    with torch.no_grad():
+        for parameter in trained.model.model.decoder.layers.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    trained.save(tmp_path / "trained", _NoProcessor())
+
+    ids = np.asarray([3, 7, 40, *range(EOT, VOCAB)])  # another vocabulary
+    draft = TrimmedDraft.from_main(tiny_main, (0, 1), ids)
+    draft_training.warm_start(draft, tmp_path / "trained")
+    ours, theirs = draft.model.state_dict(), trained.model.state_dict()
+    for name, value in theirs.items():
+        if name != "model.decoder.embed_tokens.weight":
+            torch.testing.assert_close(ours[name], value, msg=name)
+    assert torch.equal(draft.head, tiny_main.proj_out.weight[torch.as_tensor(ids)])
+    assert torch.equal(ours["model.decoder.embed_tokens.weight"], tiny_main.model.decoder.embed_tokens.weight)
+
+    with pytest.raises(ValueError, match="1 layers"):
+        draft_training.warm_start(TrimmedDraft.from_main(tiny_main, (1,), ids), tmp_path / "trained")
+    with pytest.raises(FileNotFoundError, match="not a draft checkpoint"):
+        draft_training.init_checkpoint("base", str(tmp_path))
+    options = draft_cli.options_from(
+        draft_cli.build_parser().parse_args(["--init", "shipped", "--learning-rate", "1e-4"])
+    )
+    assert (options.init, options.learning_rate) == ("shipped", 1e-4)
+
+
 @pytest.mark.slow
 def test_reduced_run_of_the_command_beats_an_untrained_cut(tmp_path, capsys, base):
     """End to end on base: few files, few steps; the report is printed, and on held-out windows the

@@ -40,6 +40,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, help="checkpoint directory to write (default: the cached draft)")
     parser.add_argument("--layers", type=int, nargs="+", default=list(defaults.layers))
     parser.add_argument("--steps", type=int, default=defaults.steps)
+    parser.add_argument(
+        "--init",
+        help="start from a trained draft (a checkpoint directory, or 'shipped': --main's shipped draft) "
+        "instead of the main decoder's layers",
+    )
+    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
     parser.add_argument("--train-windows", type=int, default=None, help="per language")
     parser.add_argument("--voice-windows", type=int, default=None, help="per language with a second Asterisk voice")
     parser.add_argument("--espeak-windows", type=int, default=None, help="per language")
@@ -124,7 +130,9 @@ def options_from(args: argparse.Namespace) -> DraftTrainingOptions:
     return DraftTrainingOptions(
         corpus=corpus,
         layers=tuple(args.layers),
+        init=args.init,
         steps=args.steps,
+        learning_rate=args.learning_rate,
         warmup_steps=min(DraftTrainingOptions.warmup_steps, args.steps),
         vocab_rank_floor=args.vocab_rank_floor,
         vocab_teacher_top_k=args.vocab_teacher_top_k,

@@ -28,6 +28,11 @@ class DraftTrainingOptions:
     # The draft reads each window's audio and this many encoder frames after it, as it is served
     # (DraftPolicy.frames_after_audio).
     frames_after_audio: int = DraftPolicy().frames_after_audio
+    # A trained draft to start from (a checkpoint directory, or "shipped": the main model's shipped
+    # draft), instead of the main decoder's layers: a draft trained on fewer languages keeps what it
+    # learnt while a wider corpus adds the others (docs/experiments.md). Its decoder must have as many
+    # layers as ``layers``; the head is rebuilt over this training's vocabulary either way.
+    init: str | None = None
     steps: int = 600
     batch_windows: int = 4  # windows per step, each with all its targets (prompt forms)
     learning_rate: float = 5e-4

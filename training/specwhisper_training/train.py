@@ -39,9 +39,11 @@ import numpy as np
 import torch
 from torch import nn
 from tqdm import tqdm
+from transformers import WhisperForCausalLM
 
 from specwhisper_export.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_export.presets import load_whisper, resolve_checkpoint
+from specwhisper_export.shipped import SHARED, shipped_draft
 from specwhisper_training import data as draft_data
 from specwhisper_training.data import DraftData, Target
 from specwhisper_training.heap import freed_memory_kept
@@ -66,6 +68,31 @@ def main_hidden_states(main: nn.Module, data: DraftData, targets: Sequence[Targe
             found = final_hidden(main.model.decoder, batch.input_ids, batch.states, batch.rows, batch.positions)
             hidden[window] = found.numpy().astype(np.float16)
     return hidden
+
+
+def init_checkpoint(main: str, init: str) -> Path:
+    """The checkpoint ``DraftTrainingOptions.init`` names: ``"shipped"`` is ``main``'s shipped draft."""
+    path = shipped_draft(main) if init == "shipped" else Path(init)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"--init {init}: {path} is not a draft checkpoint (no config.json)")
+    return path
+
+
+def warm_start(draft: TrimmedDraft, checkpoint: Path) -> None:
+    """Load a trained draft's decoder weights into ``draft``, all but the embeddings and the head
+    (both the main model's, frozen, and the head is rebuilt over this training's vocabulary)."""
+    trained = WhisperForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
+    theirs = trained.config.decoder_layers
+    ours = draft.model.config.decoder_layers
+    if theirs != ours or trained.config.d_model != draft.model.config.d_model:
+        raise ValueError(
+            f"{checkpoint}: a draft of {theirs} layers of width {trained.config.d_model} cannot start one of "
+            f"{ours} layers of width {draft.model.config.d_model}"
+        )
+    state = {name: value for name, value in trained.state_dict().items() if name not in SHARED}
+    missing, unexpected = draft.model.load_state_dict(state, strict=False)
+    if unexpected or set(missing) - set(SHARED):
+        raise ValueError(f"{checkpoint}: weights {sorted(unexpected)} unexpected, {sorted(missing)} missing")
 
 
 def _schedule(step: int, options: DraftTrainingOptions) -> float:
@@ -157,6 +184,8 @@ def train_draft(main: str, options: DraftTrainingOptions, out: Path) -> dict:
             train_targets, model.config.vocab_size, eot, options.vocab_rank_floor, options.vocab_teacher_top_k, lexicon
         )
         draft = TrimmedDraft.from_main(model, options.layers, token_ids)
+        if options.init is not None:
+            warm_start(draft, init_checkpoint(main, options.init))
         main_hidden = main_hidden_states(model, data, train_targets)
         del model
         losses = train(draft, data, main_hidden, options)
@@ -184,5 +213,6 @@ def draft_checkpoint(main: str, options: DraftTrainingOptions | None = None) -> 
             raise KeyError(f"no draft preset for {main!r}; known: {sorted(DRAFT_PRESETS)}; pass options")
         options = DRAFT_PRESETS[main]
     identity = checkpoint_identity(resolve_checkpoint(main))
-    key = input_key("draft", identity, asdict(options), draft_data.code_version(), TRAINING_VERSION)
+    started_from = None if options.init is None else checkpoint_identity(str(init_checkpoint(main, options.init)))
+    key = input_key("draft", identity, asdict(options), started_from, draft_data.code_version(), TRAINING_VERSION)
     return cached_dir("drafts", key, lambda tmp: train_draft(main, options, tmp))
