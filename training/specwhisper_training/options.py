@@ -72,8 +72,9 @@ class DraftTrainingOptions:
 # Named main models whose draft builds on first use (see draft_checkpoint).
 # The multilingual corpus (``specwhisper-train-draft --multilingual``, docs/draft-training.md): real
 # speech in English, Spanish and French, and espeak-ng reading text in all of Whisper's twenty
-# largest languages. Not the preset yet: its draft was slower than the preset's on en/es/fr and
-# gained only in some of the others (docs/experiments.md, 2026-12-01).
+# largest languages. Not the preset yet: trained from the main decoder's layers its draft was slower
+# than the preset's on en/es/fr; started from the shipped draft (init="shipped") it was level there
+# and ahead elsewhere, but its wider head costs every language more a draft token (docs/experiments.md).
 MULTILINGUAL_CORPUS = CorpusOptions(
     languages=MULTILINGUAL,
     train_windows=40,
