@@ -9,7 +9,7 @@ import platform
 import random
 import subprocess
 import sys
-from dataclasses import replace
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
@@ -27,7 +27,7 @@ from specwhisper_training import train as draft_training
 from specwhisper_training.data import Clip, CorpusOptions, DraftData, Target, Window
 from specwhisper_training.evaluate import agreement, tokens_per_pass
 from specwhisper_training.model import TrimmedDraft, loss, make_batch
-from specwhisper_training.options import DraftTrainingOptions
+from specwhisper_training.options import DRAFT_PRESETS, DRAFT_RECIPES, PRESET_RECIPES, DraftTrainingOptions
 from specwhisper_training.train import main_hidden_states, train
 from specwhisper_training.vocabulary import coverage, draft_vocabulary
 from tests.toy_model import tiny_config
@@ -54,15 +54,38 @@ def test_options_refuse_what_cannot_train():
         CorpusOptions(training_forms=5)
 
 
-def test_the_command_trains_the_preset_or_the_multilingual_corpus_with_overrides():
-    def corpus(*argv: str) -> CorpusOptions:
-        return draft_cli.options_from(draft_cli.build_parser().parse_args(list(argv))).corpus
+def test_the_command_trains_a_recipe_with_overrides_and_the_preset_by_default():
+    def options(*argv: str) -> DraftTrainingOptions:
+        return draft_cli.options_from(draft_cli.build_parser().parse_args(list(argv)))
 
-    assert corpus() == replace(DraftTrainingOptions().corpus, seed=0)
-    multilingual = corpus("--multilingual")
-    assert multilingual.languages == draft_data.MULTILINGUAL and multilingual.catalog_windows == 12
-    fewer = corpus("--multilingual", "--languages", "de", "it", "--catalog-windows", "3")
-    assert fewer.languages == ("de", "it") and fewer.catalog_windows == 3 and fewer.fortune_windows == 16
+    assert options() == DRAFT_PRESETS["base"] == DRAFT_RECIPES[PRESET_RECIPES["base"]]
+    three = options("--recipe", "en-es-fr")
+    assert three == DRAFT_RECIPES["en-es-fr"] and three.init is None and three.corpus.languages == ("en", "es", "fr")
+    multilingual = options("--recipe", "multilingual")
+    assert multilingual.corpus.languages == draft_data.MULTILINGUAL and multilingual.corpus.catalog_windows == 12
+    assert (multilingual.init, multilingual.learning_rate) == ("en-es-fr", 3e-4)
+    fewer = options("--recipe", "multilingual", "--languages", "de", "it", "--catalog-windows", "3", "--init", "none")
+    assert fewer.corpus.languages == ("de", "it") and fewer.corpus.catalog_windows == 3
+    assert fewer.corpus.fortune_windows == 16 and fewer.init is None
+    with pytest.raises(SystemExit):
+        options("--recipe", "klingon")
+
+
+def test_a_recipe_start_is_trained_first_and_keyed_by_its_options(monkeypatch, tmp_path):
+    """A draft that starts from a recipe's draft has that recipe trained (or taken from the cache) for the
+    same main model; its cache key names the recipe by its options, without training it."""
+    trained = []
+
+    def fake_checkpoint(main, options):
+        trained.append((main, options))
+        (tmp_path / "config.json").write_text("{}")
+        return tmp_path
+
+    monkeypatch.setattr(draft_training, "draft_checkpoint", fake_checkpoint)
+    assert draft_training.init_checkpoint("base", "en-es-fr") == tmp_path
+    assert trained == [("base", DRAFT_RECIPES["en-es-fr"])]
+    key = draft_training._started_from("base", "en-es-fr")
+    assert key == ("recipe", asdict(DRAFT_RECIPES["en-es-fr"]), None) and len(trained) == 1
 
 
 @pytest.mark.slow  # every catalog of the system: hundreds of thousands of messages
@@ -504,7 +527,7 @@ def test_reduced_run_of_the_command_beats_an_untrained_cut(tmp_path, capsys, bas
     """End to end on base: few files, few steps; the report is printed, and on held-out windows the
     trained draft agrees with base more often than the same layers cut and left untrained."""
     out = tmp_path / "draft"
-    argv = ["--main", "base", "--out", str(out), "--max-files", "15", "--train-windows", "4"]
+    argv = ["--main", "base", "--recipe", "en-es-fr", "--out", str(out), "--max-files", "15", "--train-windows", "4"]
     argv += ["--voice-windows", "2", "--espeak-windows", "2", "--fortune-windows", "2", "--heldout-windows", "2"]
     argv += ["--steps", "16", "--engine-windows", "1"]
     assert draft_cli.main(argv) == 0

@@ -12,14 +12,14 @@ from pathlib import Path
 
 from specwhisper_export.shipped import DRAFTS_DIR
 from specwhisper_training.evaluate import evaluate_draft
-from specwhisper_training.options import DRAFT_PRESETS, MULTILINGUAL_CORPUS, DraftTrainingOptions
+from specwhisper_training.options import DRAFT_PRESETS, DRAFT_RECIPES, PRESET_RECIPES, DraftTrainingOptions
 from specwhisper_training.pack import pack
 from specwhisper_training.train import TRAINING_FILE, draft_checkpoint, train_draft
 
 
 def build_parser() -> argparse.ArgumentParser:
     defaults = DRAFT_PRESETS["base"]  # the preset's settings, for any main model
-    corpus = defaults.corpus  # corpus options left out take this corpus's, or with --multilingual that one's
+    corpus = defaults.corpus  # corpus options left out take the recipe's corpus's
     parser = argparse.ArgumentParser(
         prog="specwhisper-train-draft",
         description="Train a decoder-only draft (trimmed vocabulary) aligned with a main Whisper model, on CPU.",
@@ -27,25 +27,26 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--main", default="base", help="preset, checkpoint directory or Hugging Face id")
     parser.add_argument("--audio", nargs="*", default=[], help="extra audio files or folders (no transcripts needed)")
     parser.add_argument(
-        "--multilingual",
-        action="store_true",
-        help="the multilingual corpus: Whisper's twenty largest languages (docs/draft-training.md)",
+        "--recipe",
+        choices=sorted(DRAFT_RECIPES),
+        default=PRESET_RECIPES["base"],
+        help=f"the corpus and start to train with (default: {PRESET_RECIPES['base']}, base's preset; 'multilingual': "
+        "Whisper's twenty largest languages, from the en-es-fr draft; docs/draft-training.md)",
     )
     parser.add_argument(
         "--languages",
         nargs="*",
-        help=f"languages of the built-in speech (default: {' '.join(corpus.languages)}, or with --multilingual "
-        "Whisper's twenty largest)",
+        help="train a draft for these languages of the recipe's built-in speech only (default: all of them)",
     )
     parser.add_argument("--out", type=Path, help="checkpoint directory to write (default: the cached draft)")
     parser.add_argument("--layers", type=int, nargs="+", default=list(defaults.layers))
     parser.add_argument("--steps", type=int, default=defaults.steps)
     parser.add_argument(
         "--init",
-        help="start from a trained draft (a checkpoint directory, or 'shipped': --main's shipped draft) "
-        "instead of the main decoder's layers",
+        help="start from a trained draft instead of the main decoder's layers: a recipe's, 'shipped' (--main's "
+        "shipped draft) or a checkpoint directory; 'none': the main decoder's layers (default: the recipe's)",
     )
-    parser.add_argument("--learning-rate", type=float, default=defaults.learning_rate)
+    parser.add_argument("--learning-rate", type=float, help="default: the recipe's")
     parser.add_argument("--train-windows", type=int, default=None, help="per language")
     parser.add_argument("--voice-windows", type=int, default=None, help="per language with a second Asterisk voice")
     parser.add_argument("--espeak-windows", type=int, default=None, help="per language")
@@ -104,7 +105,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def options_from(args: argparse.Namespace) -> DraftTrainingOptions:
-    base = MULTILINGUAL_CORPUS if args.multilingual else DRAFT_PRESETS["base"].corpus
+    recipe = DRAFT_RECIPES[args.recipe]
+    base = recipe.corpus
     given = {
         name: getattr(args, name)
         for name in (
@@ -130,9 +132,9 @@ def options_from(args: argparse.Namespace) -> DraftTrainingOptions:
     return DraftTrainingOptions(
         corpus=corpus,
         layers=tuple(args.layers),
-        init=args.init,
+        init=recipe.init if args.init is None else None if args.init == "none" else args.init,
         steps=args.steps,
-        learning_rate=args.learning_rate,
+        learning_rate=recipe.learning_rate if args.learning_rate is None else args.learning_rate,
         warmup_steps=min(DraftTrainingOptions.warmup_steps, args.steps),
         vocab_rank_floor=args.vocab_rank_floor,
         vocab_teacher_top_k=args.vocab_teacher_top_k,

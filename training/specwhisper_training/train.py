@@ -48,7 +48,7 @@ from specwhisper_training import data as draft_data
 from specwhisper_training.data import DraftData, Target
 from specwhisper_training.heap import freed_memory_kept
 from specwhisper_training.model import TrimmedDraft, by_window, final_hidden, loss, make_batch
-from specwhisper_training.options import DRAFT_PRESETS, DraftTrainingOptions
+from specwhisper_training.options import DRAFT_PRESETS, DRAFT_RECIPES, DraftTrainingOptions
 from specwhisper_training.vocabulary import coverage, draft_vocabulary, prose_lexicon
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,10 @@ def main_hidden_states(main: nn.Module, data: DraftData, targets: Sequence[Targe
 
 
 def init_checkpoint(main: str, init: str) -> Path:
-    """The checkpoint ``DraftTrainingOptions.init`` names: ``"shipped"`` is ``main``'s shipped draft."""
+    """The checkpoint ``DraftTrainingOptions.init`` names: a recipe's draft for ``main`` (trained now if
+    it is not cached), ``"shipped"`` (``main``'s shipped draft), or a checkpoint directory."""
+    if init in DRAFT_RECIPES:
+        return draft_checkpoint(main, DRAFT_RECIPES[init])
     path = shipped_draft(main) if init == "shipped" else Path(init)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--init {init}: {path} is not a draft checkpoint (no config.json)")
@@ -213,6 +216,17 @@ def draft_checkpoint(main: str, options: DraftTrainingOptions | None = None) -> 
             raise KeyError(f"no draft preset for {main!r}; known: {sorted(DRAFT_PRESETS)}; pass options")
         options = DRAFT_PRESETS[main]
     identity = checkpoint_identity(resolve_checkpoint(main))
-    started_from = None if options.init is None else checkpoint_identity(str(init_checkpoint(main, options.init)))
+    started_from = _started_from(main, options.init)
     key = input_key("draft", identity, asdict(options), started_from, draft_data.code_version(), TRAINING_VERSION)
     return cached_dir("drafts", key, lambda tmp: train_draft(main, options, tmp))
+
+
+def _started_from(main: str, init: str | None) -> object:
+    """What a draft started from, for its cache key: a recipe by its options (so that the key is known
+    without training the recipe's draft first), any other checkpoint by its files."""
+    if init is None:
+        return None
+    if init in DRAFT_RECIPES:
+        recipe = DRAFT_RECIPES[init]
+        return ("recipe", asdict(recipe), _started_from(main, recipe.init))
+    return checkpoint_identity(str(init_checkpoint(main, init)))
