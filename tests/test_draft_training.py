@@ -9,7 +9,7 @@ import platform
 import random
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
@@ -369,6 +369,29 @@ def test_batches_read_the_encoder_frames_the_engine_serves(tiny_data):
     assert make_batch(tiny_data, tiny_data.targets[:4], to_trimmed, frames_after_audio=500).states.shape[1] == FRAMES
 
 
+def test_the_label_at_each_position_is_what_the_main_model_would_say_there(tiny_data):
+    """A greedy target's next token is the main model's first choice; a forced (spoken) one's need not
+    be, and the draft learns the main model's choice, not the text forced on it."""
+    decoded = tiny_data.targets[0]
+    forced = replace(decoded, topk_ids=np.roll(decoded.topk_ids, 1, axis=1))
+    to_trimmed = np.arange(VOCAB)
+    labels = make_batch(tiny_data, [decoded, forced], to_trimmed, frames_after_audio=3).next_ids.numpy()
+    np.testing.assert_array_equal(labels[: len(decoded.text_tokens)], decoded.text_tokens)
+    np.testing.assert_array_equal(labels[len(decoded.text_tokens) :], forced.topk_ids[:, 0])
+    assert (forced.topk_ids[:, 0] != forced.text_tokens).all()
+
+
+def test_only_whole_synthetic_training_readings_in_the_default_form_are_spoken_targets():
+    options = CorpusOptions(spoken_targets=True, max_seconds=25.0)
+    read = Window("ru", "train", "espeak", ("текст",), 12.0)
+    assert draft_data.spoken_target(read, options, draft_data.DEFAULT_FORM)
+    assert not draft_data.spoken_target(read, options, ("transcribe", True))  # its timestamps are unknown
+    assert not draft_data.spoken_target(read, options, ("translate", False))
+    assert not draft_data.spoken_target(replace(read, seconds=25.0), options, draft_data.DEFAULT_FORM)  # cut short
+    assert not draft_data.spoken_target(replace(read, split="heldout"), options, draft_data.DEFAULT_FORM)
+    assert not draft_data.spoken_target(replace(read, source="speech"), options, draft_data.DEFAULT_FORM)
+
+
 def test_main_hidden_states_are_the_main_decoders_own_at_each_scored_position(tiny_main, tiny_data):
     """What the draft is taught to reach: the main decoder's final hidden state (transformers' own
     forward, all encoder frames) at the positions that predict each target's text, window by window."""
@@ -564,6 +587,25 @@ def test_the_teachers_batch_decodes_each_prompt_as_alone(english_clips):
         assert tokens == alone and tokens[-1] == teacher.facts.tokens.eot
         assert ids.shape == (len(tokens) - len(prompts[row]), 4)
         np.testing.assert_array_equal(ids[:, 0], alone_ids[:, 0])
+
+
+@pytest.mark.slow
+def test_a_forced_reading_scores_each_position_as_greedy_decoding_does(english_clips):
+    """Forced on its own greedy text, the main model's likeliest ids at each position are the ones its
+    decoding chose; a text longer than the limit is cut there, without end of text."""
+    teacher = draft_data.MainTeacher("base")
+    audio = [clip for _, clip in english_clips[:2]]
+    states = teacher.model.encode(np.concatenate([teacher.features(a) for a in audio]))
+    prompts = [teacher.prompt("en", "transcribe", False)] * 2
+    decoded = teacher.greedy(states, prompts, [False, False], top_k=4, limit=120)
+    texts = [tokens[len(prompt) : -1] for (tokens, _), prompt in zip(decoded, prompts, strict=True)]
+    forced = teacher.forced(states, prompts, texts, top_k=4, limit=120)
+    for (tokens, ids), (read, read_ids) in zip(decoded, forced, strict=True):
+        assert read == tokens
+        np.testing.assert_array_equal(read_ids[:, 0], ids[:, 0])
+    cut, cut_ids = teacher.forced(states[:1], prompts[:1], texts[:1], top_k=4, limit=5)[0]
+    assert cut == prompts[0] + texts[0][:5] and cut_ids.shape == (5, 4)
+    assert teacher.text("hello there", "en") == teacher.engine.text.encode(" hello there")
 
 
 @pytest.mark.skipif(platform.libc_ver()[0] != "glibc", reason="mallopt is glibc's")

@@ -65,6 +65,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="prompt forms (task, timestamps) each training window is decoded in, 1-4",
     )
+    parser.add_argument(
+        "--spoken-targets",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="synthetic windows' default-form targets: the text spoken, read by the main model teacher-forced",
+    )
     parser.add_argument("--max-files", type=int, default=corpus.max_files, help="per language and split; 0: all")
     parser.add_argument("--vocab-rank-floor", type=int, default=defaults.vocab_rank_floor)
     parser.add_argument(
@@ -118,6 +124,7 @@ def options_from(args: argparse.Namespace) -> DraftTrainingOptions:
             "heldout_windows",
             "heldout_synthetic_windows",
             "training_forms",
+            "spoken_targets",
         )
         if getattr(args, name) is not None
     }

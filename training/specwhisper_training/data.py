@@ -128,6 +128,11 @@ class CorpusOptions:
     heldout_every: int = 5  # every n-th file (by sorted name, per language) is held out
     max_files: int = 0  # per language and split before windowing; 0 keeps all (tests use a few)
     top_k: int = 16  # the main model's likeliest ids kept per position (the draft's vocabulary draws on them)
+    # A synthetic training window's default-form target is the text espeak-ng spoke, read by the main
+    # model teacher-forced (its likeliest ids at each position), instead of the main model's greedy
+    # decoding: on robotic speech in a language it hears badly, the main model's own decoding is often
+    # not what it says on human speech (loops, wrong words), and a draft trained on it learns those.
+    spoken_targets: bool = False
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -401,6 +406,38 @@ class MainTeacher:
     def filters(self, prompt_length: int, timestamps: bool) -> list[LogitFilter]:
         return self.engine.logit_filters(TranscribeOptions(timestamps=timestamps), prompt_length)
 
+    def text(self, text: str, language: str) -> list[int]:
+        """``text`` as the main model writes it after a prompt: a leading space where words are spaced."""
+        return self.engine.text.encode(text if language in UNSPACED else " " + text.strip())
+
+    def forced(
+        self, states: np.ndarray, prompts: Sequence[list[int]], texts: Sequence[list[int]], top_k: int, limit: int
+    ) -> list[tuple[list[int], np.ndarray]]:
+        """The main model read teacher-forced, one row per prompt over ``states[row]``: the prompt, then
+        at most ``limit`` of ``texts[row]`` (and end of text when all of it fits), with the ``top_k``
+        likeliest ids at each of those positions (after the logit filters, as :meth:`greedy` gives
+        them; the first need not be the token that follows)."""
+        session, eot = self.model.main, self.facts.tokens.eot
+        sequences = [[*p, *t[:limit], *([eot] if len(t) < limit else [])] for p, t in zip(prompts, texts, strict=True)]
+        counts = np.asarray([len(s) - 1 for s in sequences])
+        feed = np.full((len(sequences), counts.max()), eot, dtype=np.int64)
+        for row, sequence in enumerate(sequences):
+            feed[row, : len(sequence) - 1] = sequence[:-1]
+        session.start(states)
+        logits = session.forward(feed, counts)
+        results = []
+        for row, (prompt, sequence) in enumerate(zip(prompts, sequences, strict=True)):
+            rules = self.filters(len(prompt), timestamps=False)
+            tops = []
+            for position in range(len(prompt) - 1, len(sequence) - 1):
+                scores = np.array(logits[row, position], dtype=np.float32, copy=True)
+                for rule in rules:
+                    rule.apply(scores, sequence[: position + 1])
+                ids = np.argpartition(-scores, top_k)[:top_k]
+                tops.append(ids[np.argsort(-scores[ids])])
+            results.append((sequence, np.stack(tops).astype(np.int32)))
+        return results
+
     def greedy(
         self, states: np.ndarray, prompts: Sequence[list[int]], timestamps: Sequence[bool], top_k: int, limit: int
     ) -> list[tuple[list[int], np.ndarray]]:
@@ -542,6 +579,14 @@ def prompt_forms(windows: Sequence[Window], seed: int, training_forms: int = 2) 
     return [[DEFAULT_FORM, *draws[w.split].sample(OTHER_FORMS, others[w.split])] for w in windows]
 
 
+def spoken_target(window: Window, options: CorpusOptions, form: tuple[Task, bool]) -> bool:
+    """Whether this window's target in this form is its spoken text (``CorpusOptions.spoken_targets``):
+    synthetic training windows in the default form, whose audio holds all of the text. Held-out
+    targets stay the main model's decoding: that is what a draft is measured against."""
+    whole = window.seconds < options.max_seconds - 0.05  # a longer reading was cut at max_seconds
+    return window.source == "espeak" and window.split == "train" and form == DEFAULT_FORM and whole
+
+
 def _build(options: CorpusOptions, main: str, directory: Path, batch: int = 8) -> None:
     teacher = MainTeacher(main)
     produced = list(tqdm(make_windows(options, teacher), desc="draft data: audio windows", unit="window"))
@@ -568,10 +613,20 @@ def _build(options: CorpusOptions, main: str, directory: Path, batch: int = 8) -
         prompts = [teacher.prompt(windows[i].language, task, ts) for _, i, task, ts in rows]
         seconds = max(windows[i].seconds for i in chosen)
         limit = min(MAX_TEXT_TOKENS, MIN_TOKENS + int(TOKENS_PER_SECOND * seconds))
-        decoded = teacher.greedy(
-            encoded[[slot for slot, _, _, _ in rows]], prompts, [ts for *_, ts in rows], options.top_k, limit
-        )
-        for (_, i, task, ts), prompt, (tokens, ids) in zip(rows, prompts, decoded, strict=True):
+        spoken = [options.spoken_targets and spoken_target(windows[i], options, (task, ts)) for _, i, task, ts in rows]
+        read = [r for r, forced in enumerate(spoken) if forced]
+        said = [r for r, forced in enumerate(spoken) if not forced]
+        results: dict[int, tuple[list[int], np.ndarray]] = {}
+        if said:
+            states_of, prompts_of = encoded[[rows[r][0] for r in said]], [prompts[r] for r in said]
+            decoded = teacher.greedy(states_of, prompts_of, [rows[r][3] for r in said], options.top_k, limit)
+            results.update(zip(said, decoded, strict=True))
+        if read:
+            texts = [teacher.text(windows[rows[r][1]].parts[0], windows[rows[r][1]].language) for r in read]
+            states_of, prompts_of = encoded[[rows[r][0] for r in read]], [prompts[r] for r in read]
+            results.update(zip(read, teacher.forced(states_of, prompts_of, texts, options.top_k, limit), strict=True))
+        for r, ((_, i, task, ts), prompt) in enumerate(zip(rows, prompts, strict=True)):
+            tokens, ids = results[r]
             records.append({"window": i, "task": task, "timestamps": ts, "prompt_length": len(prompt)})
             flat_tokens.append(np.asarray(tokens, np.int32))
             flat_ids.append(ids)

@@ -126,7 +126,9 @@ def make_batch(data: DraftData, targets: Sequence[Target], to_trimmed: np.ndarra
     for row, target in enumerate(targets):
         input_ids[row, : len(target.tokens) - 1] = target.tokens[:-1]
         positions[row, target.prompt_length - 1 : len(target.tokens) - 1] = True
-    next_ids = np.concatenate([t.text_tokens for t in targets]).astype(np.int64)
+    # The main model's choice at each position: its greedy token, or where the text was forced on it
+    # (spoken targets), what it would have said there.
+    next_ids = np.concatenate([t.topk_ids[:, 0] for t in targets]).astype(np.int64)
     windows = [t.window for t in targets]
     unique, inverse = np.unique(windows, return_inverse=True)
     states = torch.from_numpy(attended_states(data, unique, frames_after_audio))
