@@ -430,11 +430,7 @@ class MainTeacher:
             rules = self.filters(len(prompt), timestamps=False)
             tops = []
             for position in range(len(prompt) - 1, len(sequence) - 1):
-                scores = np.array(logits[row, position], dtype=np.float32, copy=True)
-                for rule in rules:
-                    rule.apply(scores, sequence[: position + 1])
-                ids = np.argpartition(-scores, top_k)[:top_k]
-                tops.append(ids[np.argsort(-scores[ids])])
+                tops.append(_likeliest(logits[row, position], rules, sequence[: position + 1], top_k))
             results.append((sequence, np.stack(tops).astype(np.int32)))
         return results
 
@@ -458,11 +454,7 @@ class MainTeacher:
         for _ in range(limit):
             logits = session.forward(np.asarray([[tokens[row][-1]] for row in alive]))[:, 0]
             for scores, row in zip(logits, alive, strict=True):
-                scores = np.array(scores, dtype=np.float32, copy=True)
-                for rule in rules[row]:
-                    rule.apply(scores, tokens[row])
-                ids = np.argpartition(-scores, top_k)[:top_k]
-                ids = ids[np.argsort(-scores[ids])]
+                ids = _likeliest(scores, rules[row], tokens[row], top_k)
                 tops[row].append(ids)
                 tokens[row].append(int(ids[0]))
             kept = [slot for slot, row in enumerate(alive) if tokens[row][-1] != eot]
@@ -472,6 +464,16 @@ class MainTeacher:
                 session.keep_rows(kept)
                 alive = [alive[slot] for slot in kept]
         return [(tokens[row], np.stack(tops[row]).astype(np.int32)) for row in range(rows)]
+
+
+def _likeliest(scores: np.ndarray, rules: Sequence[LogitFilter], tokens: Sequence[int], top_k: int) -> np.ndarray:
+    """The ``top_k`` likeliest ids after ``tokens`` under the logit filters, best first (``scores`` is not
+    changed)."""
+    scores = np.array(scores, dtype=np.float32, copy=True)
+    for rule in rules:
+        rule.apply(scores, tokens)
+    ids = np.argpartition(-scores, top_k)[:top_k]
+    return ids[np.argsort(-scores[ids])]
 
 
 def _clips(options: CorpusOptions, teacher: MainTeacher) -> list[Clip]:

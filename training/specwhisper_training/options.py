@@ -10,8 +10,8 @@ from specwhisper_training.data import MULTILINGUAL, CorpusOptions
 
 @dataclass(frozen=True)
 class DraftTrainingOptions:
-    """How a draft is built and trained; the defaults are the three-language recipe's, the ``base``
-    preset's first stage (docs/draft-training.md)."""
+    """How a draft is built and trained; the defaults are the three-language recipe's, which is the
+    ``base`` preset's (docs/draft-training.md)."""
 
     corpus: CorpusOptions = field(default_factory=CorpusOptions)
     # Main decoder layers the draft starts from (2 is the useful floor). A third agrees more often but
