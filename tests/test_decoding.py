@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from specwhisper_backend.decoding import BatchDecoder, Window, keep_tokens
-from specwhisper_backend.drafting import DraftPolicy, Proposal, RowDraft, propose, timed_propose
+from specwhisper_backend.drafting import DraftPolicy, Proposal, RowDraft, SeenAcceptance, propose, timed_propose
 from specwhisper_backend.facts import DecoderFacts, ModelFacts, SpecialTokens
 from specwhisper_backend.load_policy import (
     PROBE_EVERY,
@@ -386,6 +386,33 @@ def test_draft_length_adapts():
     assert drafting.kept_after(accepted=6, drafted=6) == 12, "the last draft was never fed"
 
 
+def test_a_new_rows_acceptance_starts_from_what_its_instance_saw_of_its_kind():
+    policy = DraftPolicy()
+    seen = SeenAcceptance()
+    fresh = RowDraft(policy, seen, "transcribe")
+    fresh.begin("en")
+    assert fresh.acceptance == pytest.approx(2 / 3), "nothing seen: the default prior"
+    teller = RowDraft(policy, seen, "transcribe")
+    teller.begin("en")
+    for _ in range(30):
+        teller.update(5, 5)  # English drafts accepted whole
+    english = RowDraft(policy, seen, "transcribe")
+    english.begin("en")
+    assert english.acceptance > 0.9
+    for task, language in (("transcribe", "de"), ("translate", "en")):
+        other = RowDraft(policy, seen, task)
+        other.begin(language)
+        assert other.acceptance == pytest.approx(2 / 3), f"{task} {language} is another kind"
+    english.update(0, 5)
+    english.update(0, 5)
+    own = english.acceptance
+    english.begin("en")  # its request's next window: the row's own evidence stands
+    assert english.acceptance == own
+    alone = RowDraft(policy)  # no instance to learn from
+    alone.begin("en")
+    assert alone.acceptance == pytest.approx(2 / 3)
+
+
 def _proposals(sharpness: float, confidence: float, filters=()) -> list[int]:
     session = ScriptedSession(sharpness=sharpness)
     session.start(window(1, 40, "en", 0, None).states)
@@ -704,6 +731,39 @@ def test_a_draft_measured_too_dear_drafts_again_once_probes_time_it(monkeypatch,
         assert later.tokens_drafted > 3 * probes_only
     else:
         assert later.tokens_drafted <= probes_only + 10
+
+
+@pytest.mark.parametrize("remembered", [True, False])
+def test_short_requests_draft_where_their_instance_saw_drafts_accepted(monkeypatch, remembered):
+    """Drafting here pays at the acceptance this draft has (about 9 in 10), not at the default prior
+    (2 in 3). Short requests, each on a decoder of its own as in-process calls are: with the
+    instance's acceptance remembered, they start where it was and draft from their first token; a
+    request that started from the prior would decode plainly until a probe, and pass on nothing."""
+    import time
+
+    from specwhisper_backend.load_policy import Probes
+
+    clock = Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    policy = DraftPolicy(start=5, maximum=8)
+    costs = flat_costs(0.0, draft=0.6)  # the truth: a main pass costs 1, a draft pass 0.6
+    mistakes = frozenset((seed, at) for seed in range(30) for at in range(0, 448, 10))
+    draft = TimedSession(clock, 0.6, mistakes=mistakes, sharpness=10)
+    main = TimedSession(clock, 1.0)
+    seen, probes = SeenAcceptance(), Probes()
+    later = DecodeStats()
+    for seed in range(30):  # requests one after another; the last 20 are counted
+        decoder = BatchDecoder(facts(), main, draft, policy, costs, probes)
+        drafting = RowDraft(policy, seen if remembered else None)
+        (tokens,) = run(decoder, [(0, w := window(seed, 24, "en", 0, drafting))]).values()
+        assert tokens == greedy_alone(seed, 24, prompt_for("en", 0), rules(3), 448)
+        if seed >= 10:
+            later.add(w.stats)
+    passes_per_token = later.main_passes / later.tokens_out
+    if remembered:
+        assert passes_per_token < 0.6, "drafts accepted: fewer passes than tokens"
+    else:
+        assert passes_per_token > 0.8, "plain until a probe, in every request"
 
 
 def test_overruns_set_drafting_steps_against_plain_steps_of_their_batch_size():

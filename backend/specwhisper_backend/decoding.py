@@ -113,6 +113,8 @@ class Row:
         self.sot_index = self.tokens.index(sot)
         self.filters = self.window.filters(self.prompt_length)
         self.phase = Phase.PREFILL if self.prompt_length > 1 else Phase.DECODE
+        if self.window.drafting is not None:
+            self.window.drafting.begin(language)
 
 
 class BatchDecoder:
@@ -125,8 +127,12 @@ class BatchDecoder:
         draft: DecoderSession | None,
         policy: DraftPolicy,
         costs: StepCosts | None = None,
+        probes: Probes | None = None,
     ) -> None:
-        """``costs``: the measured step costs the drafts are capped by (``policy.cost_aware``)."""
+        """``costs``: the measured step costs the drafts are capped by (``policy.cost_aware``);
+        ``probes``: when a batch the cap keeps plain drafts anyway (shared by the decoders that take
+        turns on one instance's sessions, so that short requests, each on a decoder of its own, still
+        probe; None: this decoder's own)."""
         if policy.cost_aware and draft is not None and costs is None:
             raise ValueError("a cost-aware drafting policy needs the measured step costs")
         self.facts, self.main, self.draft, self.policy, self.costs = facts, main, draft, policy, costs
@@ -135,7 +141,7 @@ class BatchDecoder:
         self.rows: list[Row] = []
         self.drafting: list[Row] = []  # rows of the draft session, in its order
         self.last_cap: int | None = None  # the cap the last step's drafts had (None: nobody could draft)
-        self._probes = Probes()
+        self._probes = probes if probes is not None else Probes()
         self._joining_seconds = 0.0  # this step's rows joining the draft took
 
     def join(self, window: Window, owner: object) -> None:

@@ -2,9 +2,13 @@
 
 Every row keeps its own drafting state (:class:`RowDraft`): a draft length that grows after a round
 the main model accepted whole and shrinks after one it cut short (transformers' heuristic), and an
-estimate of how often it accepts a drafted token. A round stops early after a token the draft itself
-is unsure of. How many tokens a row actually drafts in a step is also capped by what the batch can
-afford (:mod:`specwhisper_backend.load_policy`).
+estimate of how often it accepts a drafted token. That estimate starts from how often the rows of the
+same task and language accepted drafts lately on this instance (:class:`SeenAcceptance`), not from
+a fixed guess: the policy drafts only where the estimate says drafting pays, and a request that
+started from a guess too low for its instance would decode plainly, learn nothing, and hand the
+same guess to the next. A round stops early after a token the draft itself is unsure of. How many
+tokens a row actually drafts in a step is also capped by what the batch can afford
+(:mod:`specwhisper_backend.load_policy`).
 
 The draft decoder's cache always holds a prefix of each row's text; proposing first feeds it what it
 has not seen (the tokens accepted since), then one token per step for every row still drafting, all
@@ -65,17 +69,59 @@ def attended_frames(audio_frames: int, frames_after_audio: int, total: int) -> i
     return max(1, min(total, audio_frames + frames_after_audio))
 
 
+# Where a row's acceptance estimate starts with nothing seen: two accepted drafts to one rejection.
+PRIOR_ACCEPTED, PRIOR_REJECTED = 2.0, 1.0
+
+
+class SeenAcceptance:
+    """How often one instance's rows accepted drafts lately, by task and language: the evidence of
+    every verified round (accepted drafts, and whether one was rejected), each round fading by
+    ``MEMORY`` for every later round of its kind. A new request's estimate starts here
+    (:meth:`RowDraft.begin`). Kinds are kept apart because a draft's acceptance differs far more
+    between languages (and between transcribing and translating) than between requests of one."""
+
+    # Slower than a row's own memory: this follows the instance's traffic, a row its audio.
+    MEMORY = 0.98
+
+    def __init__(self) -> None:
+        self._sums: dict[tuple[str, str], tuple[float, float]] = {}
+
+    def observe(self, kind: tuple[str, str], accepted: int, rejected: bool) -> None:
+        """A verified round of a row of ``kind`` (task, language)."""
+        accepted_sum, rejected_sum = self._sums.get(kind, (0.0, 0.0))
+        self._sums[kind] = (self.MEMORY * accepted_sum + accepted, self.MEMORY * rejected_sum + rejected)
+
+    def prior(self, kind: tuple[str, str]) -> float:
+        """Where a new row's estimate for ``kind`` starts: the default prior with the evidence seen
+        added, so an instance that has seen little starts near the default."""
+        accepted_sum, rejected_sum = self._sums.get(kind, (0.0, 0.0))
+        return (PRIOR_ACCEPTED + accepted_sum) / (PRIOR_ACCEPTED + PRIOR_REJECTED + accepted_sum + rejected_sum)
+
+
 class RowDraft:
     """One row's drafting: its draft length and acceptance, carried across a request's windows."""
 
     # Evidence about acceptance fades by this factor a round, so a row follows its audio.
     MEMORY = 0.9
 
-    def __init__(self, policy: DraftPolicy) -> None:
+    def __init__(self, policy: DraftPolicy, seen: SeenAcceptance | None = None, task: str = "transcribe") -> None:
+        """``seen``: the instance's acceptance lately, which the estimate starts from and is told each
+        round (None: the default prior, and nothing told); ``task`` with the language, its kind."""
         self.policy = policy
         self.length = policy.start
-        self._accepted, self._rejected = 2.0, 1.0  # a prior of two accepted drafts to one rejection
+        self._accepted, self._rejected = PRIOR_ACCEPTED, PRIOR_REJECTED
+        self._seen, self._kind = seen, (task, "")
+        self._rounds = 0  # verified rounds of its own
         self.proposed_after = 0  # text length when the current round's drafts were proposed
+
+    def begin(self, language: str) -> None:
+        """A window of this row's request starts in ``language``. Until the row has evidence of its
+        own, its estimate is the instance's for this kind, with the default prior's weight."""
+        self._kind = (self._kind[0], language)
+        if self._seen is not None and not self._rounds:
+            prior = self._seen.prior(self._kind)
+            weight = PRIOR_ACCEPTED + PRIOR_REJECTED
+            self._accepted, self._rejected = weight * prior, weight * (1 - prior)
 
     @property
     def acceptance(self) -> float:
@@ -83,7 +129,7 @@ class RowDraft:
         return self._accepted / (self._accepted + self._rejected)
 
     def update(self, accepted: int, drafted: int) -> None:
-        """After a verified round: adapt the length, weigh the evidence."""
+        """After a verified round: adapt the length, weigh the evidence (and tell the instance)."""
         if not drafted:
             return
         policy = self.policy
@@ -93,6 +139,9 @@ class RowDraft:
             self.length = max(policy.minimum, self.length - policy.shrink)
         self._accepted = self.MEMORY * self._accepted + accepted
         self._rejected = self.MEMORY * self._rejected + (accepted < drafted)
+        self._rounds += 1
+        if self._seen is not None:
+            self._seen.observe(self._kind, accepted, accepted < drafted)
 
     def kept_after(self, accepted: int, drafted: int) -> int:
         """How much of the draft cache to keep after a round: the text and the accepted drafts (the

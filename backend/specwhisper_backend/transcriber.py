@@ -27,9 +27,9 @@ import numpy as np
 
 from specwhisper_backend import features
 from specwhisper_backend.decoding import BatchDecoder, Window, WindowResult
-from specwhisper_backend.drafting import DraftPolicy, RowDraft
+from specwhisper_backend.drafting import DraftPolicy, RowDraft, SeenAcceptance
 from specwhisper_backend.errors import AudioError, OptionError, RequestCancelled
-from specwhisper_backend.load_policy import StepCosts, measure_step_costs, shared_step_costs
+from specwhisper_backend.load_policy import Probes, StepCosts, measure_step_costs, shared_step_costs
 from specwhisper_backend.logit_filters import (
     ApplyTimestampRules,
     LogitFilter,
@@ -127,7 +127,9 @@ class RequestDecode:
         self.language = options.language if facts.is_multilingual else "en"
         text = transcriber.text
         self.context: list[int] = text.encode(" " + options.initial_prompt.strip()) if options.initial_prompt else []
-        self.drafting = RowDraft(transcriber.draft_policy) if options.speculative else None
+        self.drafting = None
+        if options.speculative:
+            self.drafting = RowDraft(transcriber.draft_policy, transcriber.seen_acceptance, options.task)
         self.segments: list[Segment] = []
         self.last_speech = 0.0  # where the last word ended (word timestamps' heuristics)
         self.attempt = 0  # the current window's place in the temperature schedule
@@ -276,6 +278,10 @@ class Transcriber:
         self._aligner: WordAligner | None = None
         self._vad: SileroVad | None = None
         self._costs: dict[int, StepCosts] = {}
+        # What this instance learnt of drafting outlives each request's decoder: how often drafts
+        # were accepted (where a request's estimate starts) and when to probe a plain batch.
+        self.seen_acceptance = SeenAcceptance()
+        self._probes = Probes()
         # Held by whoever decodes on the model's sessions: segments() for a request, a scheduler for its life.
         self.lock = threading.Lock()
 
@@ -361,7 +367,7 @@ class Transcriber:
 
     def batch_decoder(self, costs: StepCosts | None) -> BatchDecoder:
         """A batch decoder on this model's sessions (``costs`` for a cost-aware drafting policy)."""
-        return BatchDecoder(self.facts, self.model.main, self.model.assistant, self.draft_policy, costs)
+        return BatchDecoder(self.facts, self.model.main, self.model.assistant, self.draft_policy, costs, self._probes)
 
     def transcribe(
         self, audio: np.ndarray, options: TranscribeOptions, cancelled: Callable[[], bool] | None = None
