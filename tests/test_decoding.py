@@ -741,8 +741,6 @@ def test_short_requests_draft_where_their_instance_saw_drafts_accepted(monkeypat
     request that started from the prior would decode plainly until a probe, and pass on nothing."""
     import time
 
-    from specwhisper_backend.load_policy import Probes
-
     clock = Clock()
     monkeypatch.setattr(time, "perf_counter", clock)
     policy = DraftPolicy(start=5, maximum=8)

@@ -137,11 +137,12 @@ class RowDraft:
             self.length = min(policy.maximum, self.length + policy.grow)
         else:
             self.length = max(policy.minimum, self.length - policy.shrink)
+        rejected = accepted < drafted
         self._accepted = self.MEMORY * self._accepted + accepted
-        self._rejected = self.MEMORY * self._rejected + (accepted < drafted)
+        self._rejected = self.MEMORY * self._rejected + rejected
         self._rounds += 1
         if self._seen is not None:
-            self._seen.observe(self._kind, accepted, accepted < drafted)
+            self._seen.observe(self._kind, accepted, rejected)
 
     def kept_after(self, accepted: int, drafted: int) -> int:
         """How much of the draft cache to keep after a round: the text and the accepted drafts (the
