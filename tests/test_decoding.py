@@ -413,6 +413,52 @@ def test_a_new_rows_acceptance_starts_from_what_its_instance_saw_of_its_kind():
     assert alone.acceptance == pytest.approx(2 / 3)
 
 
+def test_the_confidence_stop_reads_how_often_drafts_that_sure_were_accepted():
+    seen, italian = SeenAcceptance(), ("transcribe", "it")
+    assert seen.chance(italian, 0.45) == 0.45, "nothing seen: the draft's own probability"
+    for _ in range(200):  # an unsure draft that is right: its tokens of about 0.4 are accepted
+        seen.observe_drafts(italian, [0.45, 0.95, 0.35], accepted=3)
+    assert seen.chance(italian, 0.4) > 0.9
+    assert seen.chance(("transcribe", "ru"), 0.4) == 0.4, "another kind"
+    assert seen.chance(italian, 0.75) == 0.75, "another probability"
+    for _ in range(300):  # the same draft rejected where it was sure
+        seen.observe_drafts(italian, [0.95, 0.05, 0.05], accepted=0)
+    assert seen.chance(italian, 0.95) < 0.15
+    assert seen.chance(italian, 0.05) == 0.05, "drafts after a rejected one were never judged"
+
+
+@pytest.mark.parametrize("draft_sure", [False, True])
+def test_the_confidence_stop_learns_how_far_to_trust_the_draft(draft_sure):
+    """Unsure and right (``draft_sure`` False: about 0.1 on every token, never wrong), a draft's
+    rounds stop after one token at the policy's confidence as it stands; once the instance has seen
+    such drafts accepted, they go on. Sure and mostly wrong (True: two positions in three), its
+    rounds stop after one token once such drafts were seen rejected, and keep what they kept.
+    Output is plain greedy output either way."""
+    policy = DraftPolicy(start=6, minimum=6, maximum=6, cost_aware=False)
+    wrong = [(seed, at) for seed in range(12) for at in range(448) if at % 3]
+    mistakes = frozenset(wrong) if draft_sure else frozenset()
+    totals = {}
+    for calibrated in (False, True):
+        seen, later = SeenAcceptance(), DecodeStats()
+        for seed in range(12):  # requests one after another; the last 8 are counted
+            draft = ScriptedSession(mistakes, sharpness=10 if draft_sure else 1)
+            decoder = BatchDecoder(facts(), ScriptedSession(), draft, policy)
+            drafting = RowDraft(policy, seen if calibrated else None)
+            (tokens,) = run(decoder, [(0, w := window(seed, 40, "en", 0, drafting))]).values()
+            assert tokens == greedy_alone(seed, 40, prompt_for("en", 0), rules(3), 448)
+            if seed >= 4:
+                later.add(w.stats)
+        totals[calibrated] = later
+    raw, calibrated = totals[False], totals[True]
+    if draft_sure:
+        assert calibrated.tokens_drafted < 0.4 * raw.tokens_drafted, "fewer drafts made in vain"
+        assert calibrated.tokens_accepted == pytest.approx(raw.tokens_accepted, rel=0.1)
+        assert calibrated.main_passes == pytest.approx(raw.main_passes, rel=0.1)
+    else:
+        assert raw.tokens_per_main_pass < 2.05, "a draft token a round"
+        assert calibrated.tokens_per_main_pass > 3.0, "whole rounds"
+
+
 def _proposals(sharpness: float, confidence: float, filters=()) -> list[int]:
     session = ScriptedSession(sharpness=sharpness)
     session.start(window(1, 40, "en", 0, None).states)

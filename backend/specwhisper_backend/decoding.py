@@ -279,19 +279,30 @@ class BatchDecoder:
             if min(length, cap) > 0:
                 if row.draft_slot is None:
                     self._join_draft(row)
-                window = row.window
+                window, drafting = row.window, row.window.drafting
+                # A sampled row's draft is judged against the main model's sample, not its choice:
+                # what greedy rows teach of the draft's confidence does not hold for it.
+                chance = drafting.chance if not window.temperature else None
                 proposals.append(
                     Proposal(
-                        row.draft_slot, row.tokens, min(length, cap), row.filters, window.temperature, window.noise
+                        row.draft_slot,
+                        row.tokens,
+                        min(length, cap),
+                        row.filters,
+                        window.temperature,
+                        window.noise,
+                        chance,
                     )
                 )
                 owners.append(index)
-                row.window.drafting.proposed_after = len(row.tokens)
+                drafting.proposed_after = len(row.tokens)
         if not proposals:
             return none, NO_PROPOSAL, 0
         behind = self._behind(self.rows[index] for index in owners)
         drafted, timing = timed_propose(self.draft, proposals, self.facts.tokens.eot, self.policy.confidence)
-        for index, tokens in zip(owners, drafted, strict=True):
+        for index, tokens, proposal in zip(owners, drafted, proposals, strict=True):
+            drafting = self.rows[index].window.drafting
+            drafting.probabilities = proposal.probabilities if proposal.chance is not None else []
             none[index] = tokens
             stats = self.rows[index].window.stats
             stats.assistant_passes += timing.passes

@@ -6,9 +6,13 @@ estimate of how often it accepts a drafted token. That estimate starts from how 
 same task and language accepted drafts lately on this instance (:class:`SeenAcceptance`), not from
 a fixed guess: the policy drafts only where the estimate says drafting pays, and a request that
 started from a guess too low for its instance would decode plainly, learn nothing, and hand the
-same guess to the next. A round stops early after a token the draft itself is unsure of. How many
-tokens a row actually drafts in a step is also capped by what the batch can afford
-(:mod:`specwhisper_backend.load_policy`).
+same guess to the next. A round stops early after a token the draft itself is unsure of. How sure
+is not the draft's own probability as it stands: a draft can be over- or under-confident, by a
+different amount in every language (a draft trained on spoken texts is unsure of tokens the main
+model mostly accepts; in a language it barely knows, sure of tokens it mostly rejects), so the
+instance keeps how often drafts of each probability were accepted, by kind, and the stop reads that
+(:meth:`SeenAcceptance.chance`). How many tokens a row actually drafts in a step is also capped by
+what the batch can afford (:mod:`specwhisper_backend.load_policy`).
 
 The draft decoder's cache always holds a prefix of each row's text; proposing first feeds it what it
 has not seen (the tokens accepted since), then one token per step for every row still drafting, all
@@ -18,8 +22,8 @@ rows in one batched pass per step.
 from __future__ import annotations
 
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,10 +53,11 @@ class DraftPolicy:
     # The drafts trained here read the same cut (specwhisper_training); the main decoder reads all.
     # Rows of a batch read as many frames as the row that reads most.
     frames_after_audio: int = 50
-    # A round stops drafting after a token the draft itself gives less than this probability (under
-    # the logit filters), as transformers' ``assistant_confidence_threshold`` does: the drafts after
-    # an unsure one would mostly be drafted and verified in vain. 0 turns it off. Why 0.6:
-    # docs/experiments.md.
+    # A round stops drafting after a token whose chance of being accepted is below this, as
+    # transformers' ``assistant_confidence_threshold`` does with the draft's probability: the drafts
+    # after an unsure one would mostly be drafted and verified in vain. The chance is the draft's
+    # probability (under the logit filters) as the instance has seen drafts of that probability
+    # accepted (SeenAcceptance.chance). 0 turns it off. Why 0.6: docs/experiments.md.
     confidence: float = 0.6
 
     def __post_init__(self) -> None:
@@ -78,13 +83,23 @@ class SeenAcceptance:
     every verified round (accepted drafts, and whether one was rejected), each round fading by
     ``MEMORY`` for every later round of its kind. A new request's estimate starts here
     (:meth:`RowDraft.begin`). Kinds are kept apart because a draft's acceptance differs far more
-    between languages (and between transcribing and translating) than between requests of one."""
+    between languages (and between transcribing and translating) than between requests of one.
+
+    It also keeps, by kind, how often a greedy draft token was accepted given the probability the
+    draft gave it (in ``BINS`` equal bins; each bin's evidence fades by ``BIN_MEMORY`` a token of
+    that bin), which calibrates the confidence stop (:meth:`chance`)."""
 
     # Slower than a row's own memory: this follows the instance's traffic, a row its audio.
     MEMORY = 0.98
+    BINS = 10
+    BIN_MEMORY = 0.99
+    # What the draft's own probability weighs against a bin's evidence, in draft tokens: with none
+    # seen, the chance is that probability.
+    BIN_PRIOR = 8.0
 
     def __init__(self) -> None:
         self._sums: dict[tuple[str, str], tuple[float, float]] = {}
+        self._bins: dict[tuple[str, str], np.ndarray] = {}  # [BINS, 2]: accepted, verified
 
     def observe(self, kind: tuple[str, str], accepted: int, rejected: bool) -> None:
         """A verified round of a row of ``kind`` (task, language)."""
@@ -96,6 +111,28 @@ class SeenAcceptance:
         added, so an instance that has seen little starts near the default."""
         accepted_sum, rejected_sum = self._sums.get(kind, (0.0, 0.0))
         return (PRIOR_ACCEPTED + accepted_sum) / (PRIOR_ACCEPTED + PRIOR_REJECTED + accepted_sum + rejected_sum)
+
+    def observe_drafts(self, kind: tuple[str, str], probabilities: Sequence[float], accepted: int) -> None:
+        """A verified greedy round's draft tokens, with the probability the draft gave each: the first
+        ``accepted`` were accepted, the next (if any) rejected; the rest were never judged on the
+        right text and say nothing."""
+        bins = self._bins.setdefault(kind, np.zeros((self.BINS, 2)))
+        for index, probability in enumerate(probabilities[: accepted + 1]):
+            row = bins[self._bin(probability)]
+            row *= self.BIN_MEMORY
+            row += (index < accepted, 1.0)
+
+    def chance(self, kind: tuple[str, str], probability: float) -> float:
+        """The chance a draft token the draft gave ``probability`` is accepted (the ones before it
+        were), as this instance has seen for ``kind``: its probability where little is seen."""
+        bins = self._bins.get(kind)
+        if bins is None:
+            return probability
+        accepted, verified = bins[self._bin(probability)]
+        return float((self.BIN_PRIOR * probability + accepted) / (self.BIN_PRIOR + verified))
+
+    def _bin(self, probability: float) -> int:
+        return min(int(probability * self.BINS), self.BINS - 1)
 
 
 class RowDraft:
@@ -113,6 +150,7 @@ class RowDraft:
         self._seen, self._kind = seen, (task, "")
         self._rounds = 0  # verified rounds of its own
         self.proposed_after = 0  # text length when the current round's drafts were proposed
+        self.probabilities: list[float] = []  # the draft's probability of each of the round's drafts (greedy)
 
     def begin(self, language: str) -> None:
         """A window of this row's request starts in ``language``. Until the row has evidence of its
@@ -127,6 +165,11 @@ class RowDraft:
     def acceptance(self) -> float:
         """Estimated chance that the main model accepts the next drafted token, given the previous."""
         return self._accepted / (self._accepted + self._rejected)
+
+    def chance(self, probability: float) -> float:
+        """The chance a draft token the draft gave ``probability`` is accepted, as the instance has seen
+        for this row's kind (the probability itself with no instance to ask)."""
+        return probability if self._seen is None else self._seen.chance(self._kind, probability)
 
     def update(self, accepted: int, drafted: int) -> None:
         """After a verified round: adapt the length, weigh the evidence (and tell the instance)."""
@@ -143,6 +186,7 @@ class RowDraft:
         self._rounds += 1
         if self._seen is not None:
             self._seen.observe(self._kind, accepted, rejected)
+            self._seen.observe_drafts(self._kind, self.probabilities, accepted)
 
     def kept_after(self, accepted: int, drafted: int) -> int:
         """How much of the draft cache to keep after a round: the text and the accepted drafts (the
@@ -154,7 +198,9 @@ class RowDraft:
 class Proposal:
     """What one row asks of a batched proposal: ``count`` drafts after ``tokens``, with its filters;
     drafted greedily, or sampled at ``temperature`` with the row's per-position ``noise``
-    (:mod:`specwhisper_backend.sampling`), the noise the main model's choice will read."""
+    (:mod:`specwhisper_backend.sampling`), the noise the main model's choice will read. ``chance``
+    turns the draft's probability of a token into the chance it is accepted (the confidence stop
+    reads it; None: the probability as it is). :func:`propose` fills in ``probabilities``."""
 
     slot: int  # the row's row in the draft session
     tokens: list[int]
@@ -162,15 +208,14 @@ class Proposal:
     filters: Sequence[LogitFilter]
     temperature: float = 0.0
     noise: PositionNoise | None = None
+    chance: Callable[[float], float] | None = None
+    probabilities: list[float] = field(default_factory=list)  # the draft's, of each token drafted
 
 
-def unsure(scores: np.ndarray, token: int, confidence: float) -> bool:
-    """Whether the draft's probability for ``token`` (the argmax of ``scores``) is below ``confidence``:
-    ``1 / sum(exp(scores - scores[token])) < confidence``, with no division."""
-    if not confidence:
-        return False
+def probability(scores: np.ndarray, token: int) -> float:
+    """The probability of ``token`` under ``scores`` (logits, -inf where filtered out)."""
     with np.errstate(over="ignore", under="ignore"):
-        return float(np.exp(scores - scores[token]).sum()) * confidence > 1.0
+        return 1.0 / float(np.exp(scores - scores[token]).sum())
 
 
 def propose(
@@ -221,7 +266,10 @@ def propose(
             temperature = proposal.temperature
             token = choose(scores, temperature, proposal.noise, len(proposal.tokens) + len(mine))
             with np.errstate(over="ignore"):
-                doubtful = unsure(scores / temperature if temperature else scores, token, confidence)
+                sure = probability(scores / temperature if temperature else scores, token)
+            proposal.probabilities.append(sure)
+            chance = proposal.chance(sure) if proposal.chance is not None else sure
+            doubtful = chance < confidence
             mine.append(token)
             if token != eot and len(mine) < proposal.count and not doubtful:
                 feed[proposal.slot, 0], counts[proposal.slot] = token, 1
