@@ -301,8 +301,7 @@ class BatchDecoder:
         behind = self._behind(self.rows[index] for index in owners)
         drafted, timing = timed_propose(self.draft, proposals, self.facts.tokens.eot, self.policy.confidence)
         for index, tokens, proposal in zip(owners, drafted, proposals, strict=True):
-            drafting = self.rows[index].window.drafting
-            drafting.probabilities = proposal.probabilities if proposal.chance is not None else []
+            self.rows[index].window.drafting.probabilities = proposal.probabilities
             none[index] = tokens
             stats = self.rows[index].window.stats
             stats.assistant_passes += timing.passes

@@ -200,7 +200,8 @@ class Proposal:
     drafted greedily, or sampled at ``temperature`` with the row's per-position ``noise``
     (:mod:`specwhisper_backend.sampling`), the noise the main model's choice will read. ``chance``
     turns the draft's probability of a token into the chance it is accepted (the confidence stop
-    reads it; None: the probability as it is). :func:`propose` fills in ``probabilities``."""
+    reads it; None: the probability as it is). :func:`propose` fills in ``probabilities`` where
+    ``chance`` is given and the stop is on."""
 
     slot: int  # the row's row in the draft session
     tokens: list[int]
@@ -265,11 +266,14 @@ def propose(
             scores = filtered(last[proposal.slot], [*proposal.tokens, *mine], proposal.filters)
             temperature = proposal.temperature
             token = choose(scores, temperature, proposal.noise, len(proposal.tokens) + len(mine))
-            with np.errstate(over="ignore"):
-                sure = probability(scores / temperature if temperature else scores, token)
-            proposal.probabilities.append(sure)
-            chance = proposal.chance(sure) if proposal.chance is not None else sure
-            doubtful = chance < confidence
+            doubtful = False
+            if confidence:  # with the stop off, no probability is needed (a pass over the vocabulary)
+                with np.errstate(over="ignore"):
+                    sure = probability(scores / temperature if temperature else scores, token)
+                if proposal.chance is not None:
+                    proposal.probabilities.append(sure)
+                    sure = proposal.chance(sure)
+                doubtful = sure < confidence
             mine.append(token)
             if token != eot and len(mine) < proposal.count and not doubtful:
                 feed[proposal.slot, 0], counts[proposal.slot] = token, 1
