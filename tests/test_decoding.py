@@ -650,6 +650,27 @@ def test_probes_cost_at_most_their_share_of_the_plain_steps():
     assert len(made) * price <= PROBE_SHARE * steps
 
 
+def test_probes_that_keep_showing_nothing_take_a_smaller_share():
+    """Where drafts never pay (a language the draft cannot speak) the probes are all that speculative
+    decoding costs over plain: after each probe the policy does not follow, the share they may take
+    falls with the wait, to a quarter at the longest; once the policy drafts it is whole again."""
+    probes = Probes()
+    price, steps = 1.0, 20000
+
+    def cap(chosen: int = 0) -> int:
+        return probes.cap(chosen, 1.0, lambda: price, lambda: True)
+
+    made = [step for step in range(steps) if cap()]
+    floor = PROBE_SHARE * PROBE_EVERY / PROBE_EVERY_MAX
+    assert probes.share == pytest.approx(floor)
+    late = [step for step in made if step > steps // 2]
+    assert len(late) >= 2 and min(np.diff(late)) >= price / floor - 1
+    assert len(late) * price <= floor * (steps - steps // 2) + price, "a quarter of the share, not all of it"
+    assert cap(3) == 3 and probes.share == PROBE_SHARE
+    gap = next(wait for wait in range(1, 10 * PROBE_EVERY) if cap())
+    assert gap <= price / PROBE_SHARE + 1, "after the policy drafted, probes are paid at the start's share"
+
+
 def test_a_probe_is_priced_with_the_rows_joining_the_draft():
     """A row's first draft computes its cross K/V, timed as rows join; a probe pays it for each row
     that has not drafted yet."""

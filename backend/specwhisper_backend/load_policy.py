@@ -51,10 +51,13 @@ with many rows, verifying even one draft a row costs nearly a second step, and n
 drafting pay: there the batch decodes as plain decoding does, with no probes. A probe after
 which the policy still keeps the batch plain doubles the wait before the next (up to
 ``PROBE_EVERY_MAX`` steps), so rows whose drafts are seldom right stop paying for probes. And a
-probe waits until the plain steps since the last have saved up its price (``PROBE_SHARE`` of their
+probe waits until the plain steps since the last have saved up its price (a share of their
 predicted seconds; :func:`probe_price`: its passes, its catch-up, and the cross K/V of the rows that
 join the draft with it, which in a busy batch after a plain stretch is most of them): whatever
-probes turn out to show, they cost at most that share of the plain decoding they interrupt.
+probes turn out to show, they cost at most that share of the plain decoding they interrupt. The
+share is ``PROBE_SHARE`` at the start's pace and falls in proportion as the wait grows, to a
+quarter of it: where drafts never pay, as in a language the draft cannot speak, the probes are all
+that speculative decoding costs over plain decoding.
 """
 
 from __future__ import annotations
@@ -86,7 +89,8 @@ OVERRUN_FORGET = 512
 PROBE_EVERY = 16
 PROBE_EVERY_MAX = 64
 PROBE_DRAFTS = 2
-# The most a probe may cost, as a share of the plain steps since the last (their predicted seconds).
+# The most a probe may cost, as a share of the plain steps since the last (their predicted seconds),
+# at the start's pace; PROBE_EVERY / wait of it after probes that showed nothing (Probes.share).
 PROBE_SHARE = 0.05
 MARGIN = 1.1
 # About the best a trained draft's acceptance gets on clean speech (docs/experiments.md): a probe is
@@ -276,14 +280,17 @@ def choose_cap(
     # are worth what an ordinary step (one token a row) takes for them, not what this wide step
     # would: set against the wide step's poor rate, drafting that costs more than it saves would win.
     ordinary = costs.step(rows, 1) - costs.step(rows, min_tokens)
+    # Every cap's tokens at once: this runs every step, and a loop of small NumPy calls per cap cost
+    # a share of a one-row step that a lone request in a language the draft cannot speak could see.
+    caps = np.arange(int(lengths.max()) + 1)
+    drafts = np.minimum(lengths[None, :], caps[:, None])
+    longests = drafts.max(axis=1).tolist()
+    tokens = (expected_tokens(acceptance[None, :], drafts).sum(axis=1) + others).tolist()
     best_cap, best_rate = 0, -1.0
-    for cap in range(int(lengths.max()) + 1):
-        drafts = np.minimum(lengths, cap)
-        longest = int(drafts.max())
-        tokens = expected_tokens(acceptance, drafts).sum() + others
+    for cap, longest in enumerate(longests):
         seconds = costs.step(rows, max(min_tokens, longest + 1), draft_rows, catch_up, longest) + ordinary
         seconds += catching_up if longest else 0.0
-        rate = tokens / seconds if cap == 0 else tokens / seconds / margin
+        rate = tokens[cap] / seconds if cap == 0 else tokens[cap] / seconds / margin
         if rate > best_rate:
             best_cap, best_rate = cap, rate
     return best_cap
@@ -292,15 +299,26 @@ def choose_cap(
 class Probes:
     """When a batch that the cap keeps plain drafts anyway, to learn: after ``every`` plain steps in a
     row, where a probe could change the answer, and once the plain steps since the last probe have
-    saved up its price (``PROBE_SHARE`` of their predicted seconds). So whatever probes show, they
+    saved up its price (:attr:`share` of their predicted seconds). So whatever probes show, they
     cost at most that share of the plain decoding they interrupt. The wait doubles after each probe
-    the policy does not follow with drafts of its own, and starts over whenever the policy drafts."""
+    the policy does not follow with drafts of its own, and starts over whenever the policy drafts.
+
+    The share falls as the wait grows (``PROBE_SHARE`` at the start's pace, a quarter of it at the
+    longest wait): a probe the policy did not follow is evidence that drafting does not pay here, and
+    where it never does (rows in a language the draft cannot speak) the probes' price is all that
+    speculative decoding costs over plain decoding, so the more often probes have shown nothing, the
+    less they may take."""
 
     def __init__(self) -> None:
         self.every = PROBE_EVERY
         self.waited = 0  # plain steps since the batch last drafted
         self.saved = 0.0  # seconds a probe may cost: PROBE_SHARE of the plain steps since
         self._probed = False
+
+    @property
+    def share(self) -> float:
+        """The share of plain steps' predicted seconds saved up for the next probe."""
+        return PROBE_SHARE * PROBE_EVERY / self.every
 
     def cap(self, chosen: int, plain_seconds: float, price: Callable[[], float], worth: Callable[[], bool]) -> int:
         """This step's cap: ``chosen`` (the policy's), or a probe's where ``worth()``: whether drafting
@@ -312,7 +330,7 @@ class Probes:
         if self._probed:  # and the policy did not follow it with drafts
             self.every, self._probed = min(2 * self.every, PROBE_EVERY_MAX), False
         self.waited += 1
-        self.saved += PROBE_SHARE * plain_seconds
+        self.saved += self.share * plain_seconds
         if self.waited > self.every and price() <= self.saved and worth():
             self.waited, self.saved, self._probed = 0, 0.0, True
             return PROBE_DRAFTS
