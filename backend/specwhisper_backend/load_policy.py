@@ -280,8 +280,8 @@ def choose_cap(
     # are worth what an ordinary step (one token a row) takes for them, not what this wide step
     # would: set against the wide step's poor rate, drafting that costs more than it saves would win.
     ordinary = costs.step(rows, 1) - costs.step(rows, min_tokens)
-    # Every cap's tokens at once: this runs every step, and a loop of small NumPy calls per cap cost
-    # a share of a one-row step that a lone request in a language the draft cannot speak could see.
+    # Every cap's tokens in one NumPy expression: this runs every step, and at one row a loop of
+    # small NumPy calls per cap was a visible part of a step that drafts nothing.
     caps = np.arange(int(lengths.max()) + 1)
     drafts = np.minimum(lengths[None, :], caps[:, None])
     longests = drafts.max(axis=1).tolist()
@@ -312,7 +312,7 @@ class Probes:
     def __init__(self) -> None:
         self.every = PROBE_EVERY
         self.waited = 0  # plain steps since the batch last drafted
-        self.saved = 0.0  # seconds a probe may cost: PROBE_SHARE of the plain steps since
+        self.saved = 0.0  # seconds a probe may cost: `share` of the plain steps since
         self._probed = False
 
     @property
