@@ -32,7 +32,8 @@ from specwhisper_backend.logit_filters import (
     filtered,
     select,
 )
-from specwhisper_backend.sampling import PositionNoise, choose, log_normalizer, tempered
+from specwhisper_backend.normalizer import log_normalizer, probability
+from specwhisper_backend.sampling import PositionNoise, choose, tempered
 from specwhisper_backend.stats import DecodeStats
 
 VOCAB, EOT = 64, 30  # ids 40+ play the timestamps in TestTimestampRules, as in Whisper after <|endoftext|>
@@ -246,6 +247,27 @@ def test_the_log_normalizer_is_logsumexp_over_filtered_scores():
     scores = (np.random.default_rng(0).standard_normal(51865) * 8 + 40).astype(np.float32)
     scores[:100] = -np.inf
     assert log_normalizer(scores) == pytest.approx(float(logsumexp(scores.astype(np.float64))), abs=1e-5)
+    top = int(scores.argmax())
+    expected = np.exp(scores[top] - logsumexp(scores.astype(np.float64)))
+    assert probability(scores, top) == pytest.approx(expected, rel=1e-5)
+    assert probability(scores, 0) == 0.0, "a filtered-out id"
+    assert log_normalizer(np.full(8, -np.inf, np.float32)) == -np.inf, "every id filtered out"
+
+
+def test_the_log_softmax_graph_is_the_one_onnx_builds():
+    """The engine carries its LogSoftmax graph serialised (it runs without the onnx package)."""
+    from onnx import TensorProto, helper
+
+    from specwhisper_backend.normalizer import LOG_SOFTMAX_GRAPH
+
+    def value(name):
+        return helper.make_tensor_value_info(name, TensorProto.FLOAT, ["rows", "vocab"])
+
+    node = helper.make_node("LogSoftmax", ["scores"], ["log_probs"], axis=-1)
+    graph = helper.make_graph([node], "log_softmax", [value("scores")], [value("log_probs")])
+    opset = [helper.make_opsetid("", 17)]
+    model = helper.make_model(graph, opset_imports=opset, ir_version=8, producer_name="specwhisper")
+    assert model.SerializeToString() == LOG_SOFTMAX_GRAPH
 
 
 @pytest.mark.parametrize("drafts_per_round", [1, 3])

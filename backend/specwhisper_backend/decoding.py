@@ -47,7 +47,8 @@ from specwhisper_backend.drafting import (
 from specwhisper_backend.facts import ModelFacts
 from specwhisper_backend.load_policy import Probes, StepCosts, choose_cap, probe_price
 from specwhisper_backend.logit_filters import LogitFilter, filtered
-from specwhisper_backend.sampling import PositionNoise, choose, log_normalizer, tempered
+from specwhisper_backend.normalizer import log_normalizer
+from specwhisper_backend.sampling import PositionNoise, choose, tempered
 from specwhisper_backend.stats import DecodeStats
 
 # Prompt tokens a row feeds per step: a long prompt (previous text) is spread over a few steps

@@ -29,6 +29,7 @@ import numpy as np
 
 from specwhisper_backend.decoder_session import DecoderSession
 from specwhisper_backend.logit_filters import LogitFilter, filtered
+from specwhisper_backend.normalizer import probability
 from specwhisper_backend.sampling import PositionNoise, choose
 
 # The most tokens a row feeds the draft in one pass while catching up (see propose).
@@ -117,8 +118,8 @@ class SeenAcceptance:
         ``accepted`` were accepted, the next (if any) rejected; the rest were never judged on the
         right text and say nothing."""
         bins = self._bins.setdefault(kind, np.zeros((self.BINS, 2)))
-        for index, probability in enumerate(probabilities[: accepted + 1]):
-            row = bins[self._bin(probability)]
+        for index, drafted_probability in enumerate(probabilities[: accepted + 1]):
+            row = bins[self._bin(drafted_probability)]
             row *= self.BIN_MEMORY
             row += (index < accepted, 1.0)
 
@@ -211,12 +212,6 @@ class Proposal:
     noise: PositionNoise | None = None
     chance: Callable[[float], float] | None = None
     probabilities: list[float] = field(default_factory=list)  # the draft's, of each token drafted
-
-
-def probability(scores: np.ndarray, token: int) -> float:
-    """The probability of ``token`` under ``scores`` (logits, -inf where filtered out)."""
-    with np.errstate(over="ignore", under="ignore"):
-        return 1.0 / float(np.exp(scores - scores[token]).sum())
 
 
 def propose(

@@ -64,14 +64,3 @@ def tempered(scores: np.ndarray, temperature: float) -> np.ndarray:
     with np.errstate(under="ignore"):
         probs = np.exp(scaled)
     return probs / probs.sum()
-
-
-def log_normalizer(scores: np.ndarray) -> float:
-    """``log(sum(exp(scores)))`` over a vocabulary row, shifted by its maximum: every kept token's
-    log-probability needs one, so it runs once per verified position of every row. The exponentials
-    stay in the scores' float32 and only the sum is float64 (openai/whisper takes its log-softmax in
-    float32 too); a float64 ``np.logaddexp.reduce`` over the vocabulary cost more than all the
-    other host work of a position (docs/experiments.md, 2026-12-02)."""
-    top = scores.max()
-    with np.errstate(under="ignore"):
-        return float(top + np.log(np.exp(scores - top).sum(dtype=np.float64)))
