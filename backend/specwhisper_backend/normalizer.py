@@ -15,6 +15,8 @@ import threading
 import numpy as np
 import onnxruntime as ort
 
+from specwhisper_backend.runtime import session_options
+
 # ``LogSoftmax`` over the last axis of a float32 ``scores [rows, vocab]`` (output ``log_probs``),
 # opset 17, serialised: the engine runs where the ``onnx`` package is not installed (Triton's Python
 # backend needs only onnxruntime). tests/test_decoding.py rebuilds it with ``onnx.helper`` and
@@ -37,10 +39,7 @@ def _log_softmax() -> ort.InferenceSession:
         return _session
     with _lock:
         if _session is None:
-            options = ort.SessionOptions()
-            options.intra_op_num_threads = 1
-            options.inter_op_num_threads = 1
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+            options = session_options(intra_op_threads=1)
             _session = ort.InferenceSession(LOG_SOFTMAX_GRAPH, options, providers=["CPUExecutionProvider"])
     return _session
 
