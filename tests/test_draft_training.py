@@ -246,6 +246,40 @@ def test_espeak_speaks_each_language():
         assert np.abs(audio).max() > 0.05
 
 
+def test_festival_reads_its_share_of_the_windows_and_espeak_the_rest(monkeypatch):
+    festival, espeak = np.full(16_000, 0.5, np.float32), np.full(8_000, -0.5, np.float32)  # told apart by sign
+    read: list[tuple[str, str, str]] = []
+
+    def by_festival(text, voice, encoding, stretch):
+        read.append((text, voice, encoding))
+        assert 0.85 <= stretch <= 1.2
+        return None if text == "refused" else festival
+
+    monkeypatch.setattr(draft_data, "festival_voices", lambda language: [("russian/voice", "utf-8")])
+    monkeypatch.setattr(draft_data, "festival_speech", by_festival)
+    monkeypatch.setattr(draft_data, "synthesize", lambda *args, **kwargs: espeak)
+
+    def readers(share: float, text: str = "текст") -> list[str]:
+        spoken = draft_data.spoken_windows(lambda rng: text, "ru", 40, random.Random(0), 25.0, share)
+        return ["festival" if audio[0] > 0 else "espeak" for _, audio in spoken]
+
+    assert set(readers(0.0)) == {"espeak"} and not read
+    assert set(readers(1.0)) == {"festival"} and read[0] == ("текст", "russian/voice", "utf-8")
+    assert 10 <= readers(0.5).count("festival") <= 30
+    assert set(readers(1.0, "refused")) == {"espeak"}  # a text Festival cannot read falls back
+
+
+@pytest.mark.skipif(not draft_data.festival_voices("ru"), reason="Festival or its Russian voice is not installed")
+def test_festival_speaks_each_language_it_has_a_voice_for():
+    texts = {"ru": "Привет, как дела?", "it": "Buongiorno, città!", "fi": "Hyvää päivää!", "ca": "Bon dia, què tal?"}
+    for language, text in texts.items():
+        for voice, encoding in draft_data.festival_voices(language):
+            audio = draft_data.festival_speech(text + " «»", voice, encoding, 1.0)  # symbols are left out
+            assert audio is not None and audio.dtype == np.float32, voice
+            assert 0.5 * SAMPLE_RATE < len(audio) < 6 * SAMPLE_RATE, voice
+            assert np.abs(audio).max() > 0.05, voice
+
+
 def test_fortunes_are_prose_without_attributions_or_art(tmp_path, monkeypatch):
     folder = tmp_path / "fortunes"
     folder.mkdir()

@@ -71,6 +71,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="synthetic windows' default-form targets: the text spoken, read by the main model teacher-forced",
     )
+    parser.add_argument(
+        "--festival-share",
+        type=float,
+        default=None,
+        help="of the synthetic windows in a language Festival speaks and with no recordings, the share it reads",
+    )
     parser.add_argument("--max-files", type=int, default=corpus.max_files, help="per language and split; 0: all")
     parser.add_argument("--vocab-rank-floor", type=int, default=defaults.vocab_rank_floor)
     parser.add_argument(
@@ -125,6 +131,7 @@ def options_from(args: argparse.Namespace) -> DraftTrainingOptions:
             "heldout_synthetic_windows",
             "training_forms",
             "spoken_targets",
+            "festival_share",
         )
         if getattr(args, name) is not None
     }

@@ -89,6 +89,17 @@ ESPEAK_VOICES = {
     "fi": ("fi",),
     "vi": ("vi", "vi-vn-x-central", "vi-vn-x-south"),
 }
+# Festival's voices (Debian's festvox-* packages) per language, with the encoding each one's lexicon
+# reads. They join recorded diphones or units, and the main model hears them far better than espeak-ng's
+# formant synthesis (docs/experiments.md, 2026-12-04): in a language with no recordings here, its
+# decoding of them is closer to what it says on human speech. Only where Festival has a voice.
+FESTIVAL_VOICES: dict[str, tuple[tuple[str, str], ...]] = {
+    "it": (("italian/lp_diphone", "latin-1"), ("italian/pc_diphone", "latin-1")),
+    "ru": (("russian/msu_ru_nsh_clunits", "utf-8"),),
+    "fi": (("finnish/suo_fi_lj_diphone", "latin-1"), ("finnish/hy_fi_mv_diphone", "latin-1")),
+    "ca": (("catalan/upc_ca_ona_hts", "latin-1"),),
+}
+FESTIVAL_ROOT = Path("/usr/share/festival/voices")
 # gettext catalogs per language (their folders under /usr/share/locale).
 LOCALE_ROOT = Path("/usr/share/locale")
 LOCALE_FOLDERS = {"zh": ("zh_CN", "zh_TW"), "pt": ("pt_BR", "pt")}
@@ -133,6 +144,9 @@ class CorpusOptions:
     # decoding: on robotic speech in a language it hears badly, the main model's own decoding is often
     # not what it says on human speech (loops, wrong words), and a draft trained on it learns those.
     spoken_targets: bool = False
+    # Of the synthetic windows in a language Festival speaks (FESTIVAL_VOICES, where installed) and that
+    # has no recordings here, the share Festival reads instead of espeak-ng.
+    festival_share: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -158,6 +172,8 @@ class CorpusOptions:
             raise ValueError("heldout_every must be >= 2")
         if not 1 <= self.training_forms <= 1 + len(OTHER_FORMS):
             raise ValueError(f"training_forms must be in 1..{1 + len(OTHER_FORMS)}")
+        if not 0.0 <= self.festival_share <= 1.0:
+            raise ValueError("festival_share must be in [0, 1]")
         if not 1 <= self.top_k <= 256:
             raise ValueError("top_k must be in 1..256")
 
@@ -179,7 +195,7 @@ class Window:
 
     language: str
     split: Split
-    source: Literal["speech", "espeak"]
+    source: Literal["speech", "espeak"]  # "espeak": synthetic speech (espeak-ng, or Festival where it reads)
     parts: tuple[str, ...]  # clip names or the spoken text
     seconds: float
 
@@ -274,6 +290,41 @@ def synthesize(text: str, voice: str, speed: int, pitch: int) -> np.ndarray:
         return asterisk.load_audio(path)
 
 
+def festival_voices(language: str) -> list[tuple[str, str]]:
+    """(voice, encoding) of the Festival voices installed for ``language`` (none without Festival)."""
+    if shutil.which("text2wave") is None:
+        return []
+    voices = FESTIVAL_VOICES.get(language, ())
+    return [(voice, encoding) for voice, encoding in voices if (FESTIVAL_ROOT / voice).is_dir()]
+
+
+def festival_speech(text: str, voice: str, encoding: str, stretch: float) -> np.ndarray | None:
+    """Festival's speech of ``text`` at 16 kHz, ``stretch`` times its voice's own pace; None where the
+    voice's letter-to-sound rules refuse the text (it then writes no audio)."""
+    # Its lexicons read letters and sentence punctuation; symbols stop a whole utterance.
+    text = " ".join(re.sub(r"[^\w\s.,?!]", " ", text).split())
+    with tempfile.TemporaryDirectory() as tmp:
+        source, path = Path(tmp) / "text.txt", Path(tmp) / "speech.wav"
+        source.write_bytes(text.encode(encoding, errors="ignore"))
+        subprocess.run(
+            [
+                "text2wave",
+                "-eval",
+                f"(voice_{Path(voice).name})",
+                "-eval",
+                f"(Parameter.set 'Duration_Stretch {stretch:.2f})",
+                str(source),
+                "-o",
+                str(path),
+            ],
+            check=True,
+            capture_output=True,
+        )
+        if not path.is_file() or path.stat().st_size <= 44:  # a header and no samples
+            return None
+        return asterisk.load_audio(path)
+
+
 def recombined_texts(texts: Sequence[str], rng: random.Random, sentences: tuple[int, int] = (2, 6)) -> str:
     """A new passage: whole training transcripts and word spans cut from others, in random order."""
     parts = []
@@ -336,15 +387,27 @@ def split_texts(texts: Sequence[str], every: int) -> tuple[list[str], list[str]]
 
 
 def spoken_windows(
-    make_text: Callable[[random.Random], str], language: str, count: int, rng: random.Random, max_seconds: float
+    make_text: Callable[[random.Random], str],
+    language: str,
+    count: int,
+    rng: random.Random,
+    max_seconds: float,
+    festival_share: float = 0.0,
 ) -> Iterator[tuple[str, np.ndarray]]:
-    """``count`` windows of espeak-ng speaking ``make_text(rng)`` in ``language``, each with a random
-    voice, speed and pitch."""
+    """``count`` windows of ``make_text(rng)`` spoken in ``language``: by espeak-ng with a random voice,
+    speed and pitch, or (a ``festival_share`` of them, where Festival has a voice) by Festival at a
+    random pace."""
     limit = int(max_seconds * SAMPLE_RATE)
+    festival = festival_voices(language) if festival_share else []
     for _ in range(count):
         text = make_text(rng)
-        voice = rng.choice(ESPEAK_VOICES[language]) + rng.choice(ESPEAK_VARIANTS)
-        yield text, synthesize(text, voice, speed=rng.randint(130, 200), pitch=rng.randint(25, 75))[:limit]
+        audio = None
+        if festival and rng.random() < festival_share:
+            audio = festival_speech(text, *rng.choice(festival), stretch=rng.uniform(0.85, 1.2))
+        if audio is None:
+            voice = rng.choice(ESPEAK_VOICES[language]) + rng.choice(ESPEAK_VARIANTS)
+            audio = synthesize(text, voice, speed=rng.randint(130, 200), pitch=rng.randint(25, 75))
+        yield text, audio[:limit]
 
 
 def fortune_files(language: str) -> list[Path]:
@@ -568,7 +631,8 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
             sources.append((passage, language, options.heldout_synthetic_windows, "heldout"))
     for make_text, language, count, split in sources:
         draws = heldout_rng if split == "heldout" else rng
-        for text, audio in spoken_windows(make_text, language, count, draws, options.max_seconds):
+        share = 0.0 if options.use_asterisk and language in asterisk.LANGUAGES else options.festival_share
+        for text, audio in spoken_windows(make_text, language, count, draws, options.max_seconds, share):
             yield Window(language, split, "espeak", (text,), len(audio) / SAMPLE_RATE), audio
 
 
@@ -690,6 +754,7 @@ def _speech_sources(options: CorpusOptions) -> dict:
     return {
         "voices": {language: len(asterisk.other_voice(language)) for language in options.languages if voices},
         "espeak-ng": espeak_available(),
+        "festival": {language: festival_voices(language) for language in options.languages if options.festival_share},
         "fortunes": {
             language: [(path.name, path.stat().st_size) for path in fortune_files(language)]
             for language in sorted(FORTUNE_FOLDERS)

@@ -72,7 +72,7 @@ class DraftTrainingOptions:
 
 
 # The multilingual corpus: real speech in English, Spanish and French, and espeak-ng reading text in
-# all of Whisper's twenty largest languages (docs/draft-training.md).
+# all of Whisper's twenty largest languages, Festival most of it where it has a voice (docs/draft-training.md).
 MULTILINGUAL_CORPUS = CorpusOptions(
     languages=MULTILINGUAL,
     train_windows=40,
@@ -82,6 +82,7 @@ MULTILINGUAL_CORPUS = CorpusOptions(
     catalog_windows=12,
     heldout_windows=20,
     heldout_synthetic_windows=4,
+    festival_share=0.75,
 )
 # Recipes by name, for the command's --recipe and for DraftTrainingOptions.init.
 # "en-es-fr": English, Spanish and French speech, from the main decoder's layers.
