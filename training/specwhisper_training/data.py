@@ -614,15 +614,16 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
         for language in options.languages
         if options.espeak_windows and texts[language]
     ]
+    # Languages with recordings are held out on them, the others on texts never trained on; only the
+    # others need Festival's voices.
+    recorded = {language for language in options.languages if options.use_asterisk and language in asterisk.LANGUAGES}
     for language in options.languages:
-        # Languages with recordings are held out on them; the others on texts never trained on.
-        recorded = options.use_asterisk and language in asterisk.LANGUAGES
         held_out: list[str] = []
         for prose, count in (
             (fortune_texts(language), options.fortune_windows),
             (catalog_texts(language), options.catalog_windows),
         ):
-            train, held = (prose, []) if recorded else split_texts(prose, options.heldout_every)
+            train, held = (prose, []) if language in recorded else split_texts(prose, options.heldout_every)
             held_out += held
             if count and train:
                 sources.append((partial(fortune_passage, train, language=language), language, count, "train"))
@@ -631,7 +632,7 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
             sources.append((passage, language, options.heldout_synthetic_windows, "heldout"))
     for make_text, language, count, split in sources:
         draws = heldout_rng if split == "heldout" else rng
-        share = 0.0 if options.use_asterisk and language in asterisk.LANGUAGES else options.festival_share
+        share = 0.0 if language in recorded else options.festival_share
         for text, audio in spoken_windows(make_text, language, count, draws, options.max_seconds, share):
             yield Window(language, split, "espeak", (text,), len(audio) / SAMPLE_RATE), audio
 
