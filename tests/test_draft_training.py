@@ -300,6 +300,20 @@ def test_fortunes_are_prose_without_attributions_or_art(tmp_path, monkeypatch):
     assert draft_data.fortune_files("en") == [folder / "wisdom"]
 
 
+def test_fortunes_other_packages_put_in_the_english_folder_are_read_as_their_language(tmp_path, monkeypatch):
+    # fortunes-br and fortunes-zh install into the folder of the English fortunes.
+    folder = tmp_path / "fortunes"
+    folder.mkdir()
+    (folder / "wisdom").write_text("The early bird catches the worm, but the second mouse gets the cheese.\n")
+    (folder / "brasil").write_text("Porque a galinha atravessa a rua? Porque o upstream mandou!\n")
+    (folder / "chinese").write_text("\x1b[33m    -- Debian\x1b[m\n")
+    monkeypatch.setattr(draft_data, "FORTUNES", folder)
+    monkeypatch.setitem(draft_data.FORTUNE_FOLDERS, "en", folder)
+    assert draft_data.fortune_files("en") == [folder / "wisdom"]
+    assert draft_data.fortune_texts("pt") == ["Porque a galinha atravessa a rua? Porque o upstream mandou!"]
+    assert draft_data.fortune_files("zh") == []
+
+
 def test_fortune_passages_join_whole_fortunes_up_to_a_length():
     texts = ["one two three four five.", "six seven eight.", "nine ten eleven twelve thirteen fourteen."]
     for seed in range(20):

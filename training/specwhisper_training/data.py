@@ -110,10 +110,14 @@ ESPEAK_VARIANTS = ("", "+m1", "+m3", "+m5", "+f1", "+f2", "+f4")
 TOKENS_PER_SECOND, MIN_TOKENS, MAX_TEXT_TOKENS = 8, 16, 224
 HELDOUT_AUDIO_FILE = "heldout_audio.npz"
 # Prose for espeak-ng beyond the few transcripts at hand: Debian's fortune cookies (apt packages
-# fortunes, fortunes-es). Text the main model has never been asked about is what teaches a draft
-# to read audio rather than recall the training sentences.
+# fortunes, fortunes-{es,de,it,ru,pl,br}). Text the main model has never been asked about is what
+# teaches a draft to read audio rather than recall the training sentences.
 FORTUNES = Path("/usr/share/games/fortunes")
-FORTUNE_FOLDERS = {"en": FORTUNES, **{language: FORTUNES / language for language in ("es", "de", "it")}}
+FORTUNE_FOLDERS = {"en": FORTUNES, **{language: FORTUNES / language for language in ("es", "de", "it", "ru", "pl")}}
+# Packages that put their files in the English folder: fortunes-br (Brazilian Portuguese) and
+# fortunes-zh (ANSI-coloured, with classical poems; its language has catalogs, so none is read).
+FORTUNE_FILES = {"pt": ("brasil",)}
+NOT_ENGLISH_FORTUNES = ("brasil", "chinese", "song100", "tang300")
 
 
 @dataclass(frozen=True)
@@ -412,11 +416,18 @@ def spoken_windows(
 
 def fortune_files(language: str) -> list[Path]:
     """Debian's fortune-cookie files in ``language`` (none if the package is not installed)."""
+    if language in FORTUNE_FILES:
+        return [FORTUNES / name for name in FORTUNE_FILES[language] if (FORTUNES / name).is_file()]
     folder = FORTUNE_FOLDERS.get(language)
     if folder is None or not folder.is_dir():
         return []
     return [
-        path for path in sorted(folder.iterdir()) if not path.is_symlink() and path.is_file() and path.suffix != ".dat"
+        path
+        for path in sorted(folder.iterdir())
+        if not path.is_symlink()
+        and path.is_file()
+        and path.suffix not in (".dat", ".u8")
+        and not (language == "en" and path.name in NOT_ENGLISH_FORTUNES)
     ]
 
 
@@ -758,7 +769,7 @@ def _speech_sources(options: CorpusOptions) -> dict:
         "festival": {language: festival_voices(language) for language in options.languages if options.festival_share},
         "fortunes": {
             language: [(path.name, path.stat().st_size) for path in fortune_files(language)]
-            for language in sorted(FORTUNE_FOLDERS)
+            for language in options.languages
         },
     }
 
