@@ -114,10 +114,11 @@ HELDOUT_AUDIO_FILE = "heldout_audio.npz"
 # teaches a draft to read audio rather than recall the training sentences.
 FORTUNES = Path("/usr/share/games/fortunes")
 FORTUNE_FOLDERS = {"en": FORTUNES, **{language: FORTUNES / language for language in ("es", "de", "it", "ru", "pl")}}
-# Packages that put their files in the English folder: fortunes-br (Brazilian Portuguese) and
-# fortunes-zh (ANSI-coloured, with classical poems; its language has catalogs, so none is read).
+# Files other packages put in the English folder: fortunes-br's, read as Portuguese, and fortunes-zh's,
+# not read (ANSI-coloured, with classical poems; Chinese has its catalogs).
 FORTUNE_FILES = {"pt": ("brasil",)}
-NOT_ENGLISH_FORTUNES = ("brasil", "chinese", "song100", "tang300")
+UNREAD_FORTUNES = ("chinese", "song100", "tang300")
+NOT_ENGLISH_FORTUNES = frozenset(UNREAD_FORTUNES).union(*FORTUNE_FILES.values())
 
 
 @dataclass(frozen=True)
@@ -415,7 +416,8 @@ def spoken_windows(
 
 
 def fortune_files(language: str) -> list[Path]:
-    """Debian's fortune-cookie files in ``language`` (none if the package is not installed)."""
+    """Debian's fortune-cookie files in ``language`` (none if the package is not installed); not
+    their ``.dat`` indexes or empty ``.u8`` markers."""
     if language in FORTUNE_FILES:
         return [FORTUNES / name for name in FORTUNE_FILES[language] if (FORTUNES / name).is_file()]
     folder = FORTUNE_FOLDERS.get(language)
