@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from specwhisper_backend.decoding import BatchDecoder, Window, keep_tokens
 from specwhisper_backend.drafting import DraftPolicy, Proposal, RowDraft, SeenAcceptance, propose, timed_propose
-from specwhisper_backend.facts import DecoderFacts, ModelFacts, SpecialTokens
+from specwhisper_backend.facts import DecoderFacts, DraftRoute, ModelFacts, SpecialTokens
 from specwhisper_backend.load_policy import (
     PROBE_EVERY,
     PROBE_EVERY_MAX,
@@ -43,8 +43,11 @@ TOKENS = SpecialTokens(
 )
 
 
-def facts(max_length: int = 448) -> ModelFacts:
-    decoder = DecoderFacts(layers=1, heads=1, head_dim=4, cross_kv_file="", decoder_file="")
+DECODER = DecoderFacts(layers=1, heads=1, head_dim=4, cross_kv_file="", decoder_file="")
+
+
+def facts(max_length: int = 448, routes: tuple[DraftRoute, ...] = ()) -> ModelFacts:
+    decoder = DECODER
     return ModelFacts(
         n_mels=80,
         n_audio_ctx=1500,
@@ -59,6 +62,7 @@ def facts(max_length: int = 448) -> ModelFacts:
         main=decoder,
         assistant=decoder,
         assistant_form="decoder_only",
+        routes=routes,
     )
 
 
@@ -346,11 +350,16 @@ row_strategy = st.tuples(
     start=st.integers(1, 8),
     confidence=st.sampled_from([0.0, 0.3, 0.9]),
     costs=st.sampled_from([None, flat_costs(0.0), flat_costs(0.5), flat_costs(0.01, draft=0.02)]),
+    routed=st.booleans(),
 )
-def test_every_row_gets_its_own_plain_output(rows, max_length, start, confidence, costs):
+def test_every_row_gets_its_own_plain_output(rows, max_length, start, confidence, costs, routed):
+    """``routed``: Spanish rows draft with a draft of their own, which errs elsewhere."""
     policy = DraftPolicy(start=start, maximum=8, confidence=confidence, cost_aware=costs is not None)
     mistakes = frozenset((seed, at) for _, seed, _, _, _, _, wrong, _ in rows for at in wrong)
-    decoder = BatchDecoder(facts(max_length), ScriptedSession(), ScriptedSession(mistakes, sharpness=3), policy, costs)
+    routes = (DraftRoute(("es",), DECODER),) if routed else ()
+    spanish = [ScriptedSession(frozenset((seed, at + 1) for seed, at in mistakes), sharpness=3)] if routed else []
+    draft = ScriptedSession(mistakes, sharpness=3)
+    decoder = BatchDecoder(facts(max_length, routes), ScriptedSession(), draft, policy, costs, routes=spanish)
     arrivals = [
         (step, window(seed, length, language, extra, RowDraft(policy) if speculative else None, temperature))
         for step, seed, length, language, extra, speculative, _, temperature in rows
@@ -361,8 +370,47 @@ def test_every_row_gets_its_own_plain_output(rows, max_length, start, confidence
         noise = _noise(seed) if temperature else None
         alone = greedy_alone(seed, length, prompt, rules(len(prompt)), max_length, temperature, noise)
         assert results[index] == alone, index
-    assert not decoder.rows and not decoder.drafting and decoder.main.batch_size == 0
-    assert decoder.draft.batch_size == 0
+    assert not decoder.rows and not decoder.draft_rows and decoder.main.batch_size == 0
+    assert all(session.batch_size == 0 for session in (draft, *spanish))
+
+
+def test_each_row_drafts_with_the_draft_of_its_language():
+    """A default draft that is always wrong, a Spanish draft that is right: Spanish rows (given, or
+    detected) accept its drafts, the English row none, and each gets its plain output."""
+    policy = DraftPolicy(start=4, maximum=8, cost_aware=False)
+    detected_spanish = next(seed for seed in range(100, 1000) if detect_alone(seed, 40) == "es")
+    seeds = (1, 2, detected_spanish)
+    default = ScriptedSession(frozenset((seed, at) for seed in seeds for at in range(200)), sharpness=10)
+    spanish = ScriptedSession(sharpness=10)
+    routed = facts(routes=(DraftRoute(("es", "fr"), DECODER),))
+    decoder = BatchDecoder(routed, ScriptedSession(), default, policy, routes=[spanish])
+    languages = ("en", "es", None)
+    english, given, detected = (
+        window(seed, 40, language, 0, RowDraft(policy)) for seed, language in zip(seeds, languages, strict=True)
+    )
+    results = run(decoder, [(0, english), (0, given), (2, detected)])
+    for index, (seed, language) in enumerate(zip(seeds, ("en", "es", "es"), strict=True)):
+        prompt = prompt_for(language, 0)
+        assert results[index] == greedy_alone(seed, 40, prompt, rules(len(prompt)), 448), index
+    assert english.stats.acceptance_rate == 0.0
+    # (Not quite 1: at a near tie, the draft's sharper scores can round to another argmax.)
+    assert given.stats.acceptance_rate > 0.9 and detected.stats.acceptance_rate > 0.9
+    assert default.batch_size == spanish.batch_size == 0
+
+
+def test_routes_are_checked_where_the_facts_are_made():
+    assert facts(routes=(DraftRoute(("es",), DECODER),)).route("es") == 0
+    assert facts(routes=(DraftRoute(("es",), DECODER),)).route("en") is None
+    with pytest.raises(ValueError, match="routed to two drafts"):
+        facts(routes=(DraftRoute(("es",), DECODER), DraftRoute(("es", "fr"), DECODER)))
+    with pytest.raises(ValueError, match="does not know"):
+        facts(routes=(DraftRoute(("xx",), DECODER),))
+    with pytest.raises(ValueError, match="decoder-only default assistant"):
+        dataclasses.replace(facts(), assistant=None, routes=(DraftRoute(("es",), DECODER),))
+    routed = facts(routes=(DraftRoute(("es", "fr"), DECODER),))
+    assert ModelFacts.from_json(routed.to_json()) == routed
+    with pytest.raises(ValueError, match="routes 1 drafts"):
+        BatchDecoder(routed, ScriptedSession(), ScriptedSession(), DraftPolicy(cost_aware=False))
 
 
 def test_rows_in_a_batch_share_passes():

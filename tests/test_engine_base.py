@@ -26,6 +26,7 @@ from specwhisper_backend.transcriber import TranscribeOptions, Transcriber, Tran
 from specwhisper_export.repository import ExportRequest, export_artefacts
 from specwhisper_training.asterisk import long_form
 from tests.collect import Collect
+from tests.exports import decoder_only_cut
 from tests.support import clips
 
 pytestmark = pytest.mark.slow
@@ -291,6 +292,47 @@ def test_requests_batched_in_flight_get_their_own_plain_greedy_tokens(trained_dr
         assert listener.result.language == alone.language
     assert scheduler.counters.rows / scheduler.counters.steps > 1.5
     assert sum(listener.result.stats.tokens_accepted for listener in listeners) > 0
+
+
+def test_drafts_routed_by_language_draft_for_their_own_languages(trained_draft):
+    """An export whose Spanish and French rows draft with the trained draft and the others with an
+    untrained cut: in one batch, each row drafts with the draft of its language (given or detected),
+    and every request gets the tokens of its own plain greedy decoding."""
+    request = ExportRequest("base", decoder_only_cut(), routes=((("es", "fr"), trained_draft),))
+    exported = ExportedModel(export_artefacts(request), intra_op_threads=2)
+    assert exported.facts.routes[0].languages == ("es", "fr") and len(exported.routes) == 1
+    engine = Transcriber(exported, NEVER_FALL_BACK)
+    passes = {"cut": 0, "trained": 0}
+    for name, session in (("cut", exported.assistant), ("trained", exported.routes[0])):
+        forward = session.forward
+
+        def counted(*args, name=name, forward=forward, **kwargs):
+            passes[name] += 1
+            return forward(*args, **kwargs)
+
+        session.forward = counted
+    (_, english), (_, spanish), (_, french) = (clips(code, 1, min_seconds=3.0)[0] for code in ("en", "es", "fr"))
+    requests = [
+        (english, TranscribeOptions(language="en", temperatures=(0.0,))),
+        (spanish, TranscribeOptions(language="es", temperatures=(0.0,))),
+        (french, TranscribeOptions(timestamps=True, temperatures=(0.0,))),  # detected
+    ]
+    expected = [engine.transcribe(audio, replace(options, speculative=False)) for audio, options in requests]
+    assert passes == {"cut": 0, "trained": 0}
+    engine.transcribe(english, requests[0][1])
+    assert passes["cut"] > 0 and passes["trained"] == 0
+    engine.transcribe(spanish, requests[1][1])
+    assert passes["trained"] > 0
+    scheduler = Scheduler(engine, SchedulerOptions(max_rows=3))
+    listeners = [Collect() for _ in requests]
+    for (audio, options), listener in zip(requests, listeners, strict=True):
+        scheduler.submit(audio, options, listener)
+    assert all(listener.done.wait(600) for listener in listeners)
+    scheduler.stop()
+    for (_, options), listener, alone in zip(requests, listeners, expected, strict=True):
+        assert listener.error is None, listener.error
+        assert _tokens(listener.result) == _tokens(alone), options
+    assert listeners[2].result.language == "fr" and listeners[2].result.stats.tokens_accepted > 0
 
 
 @pytest.mark.parametrize(("language", "timestamps"), [("es", False), ("en", True)])

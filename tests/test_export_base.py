@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import argparse
+
 import numpy as np
 import pytest
 import torch
@@ -14,6 +16,7 @@ from specwhisper_backend.features import SAMPLE_RATE
 from specwhisper_backend.logit_filters import SuppressAtBegin, SuppressTokens
 from specwhisper_backend.runtime import ExportedModel
 from specwhisper_backend.stats import DecodeStats
+from specwhisper_export.cli import parse_route
 from specwhisper_export.compat import IncompatibleAssistantError
 from specwhisper_export.repository import ExportRequest, export_artefacts
 from tests.support import hf_greedy
@@ -169,8 +172,20 @@ def test_assistant_with_another_vocabulary_is_refused():
 
 @pytest.mark.parametrize(
     ("request_options", "message"),
-    [({"assistant_int8": True}, "int8 assistant needs an assistant"), ({"precision": "fp8"}, "precision must be")],
+    [
+        ({"assistant_int8": True}, "int8 assistant needs an assistant"),
+        ({"precision": "fp8"}, "precision must be"),
+        ({"routes": ((("it",), "draft"),)}, "need an assistant"),
+        ({"assistant": "draft", "routes": (((), "draft"),)}, "at least one language"),
+    ],
 )
 def test_impossible_export_requests_are_refused(request_options, message):
     with pytest.raises(ValueError, match=message):
         ExportRequest(main="base", **request_options)
+
+
+def test_routes_are_read_as_languages_and_a_draft():
+    assert parse_route("it, ru=./drafts/itru") == (("it", "ru"), "./drafts/itru")
+    for wrong in ("it,ru", "=draft", "it="):
+        with pytest.raises(argparse.ArgumentTypeError, match="LANGUAGES=DRAFT"):
+            parse_route(wrong)

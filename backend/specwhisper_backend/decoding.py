@@ -13,6 +13,13 @@ requests are decoded together, each at its own length. A step, for every row at 
    first disagreement (or after the last draft) is kept too;
 4. each row's rejected drafts are rolled back by moving its length.
 
+Each row drafts with the draft of its language: the assistant, or a draft the export routed its
+language to (``ModelFacts.routes``). Every draft keeps its rows in a session of its own (a
+:class:`Lane`) and proposes for them in passes of its own; one main pass verifies them all. The load
+policy prices a step's drafting as one draft's passes over all the drafting rows; what a batch of
+several languages' drafts costs beyond that is in the steps' measured overrun, which it then weighs
+(:class:`~specwhisper_backend.load_policy.Overruns`).
+
 A row that does not draft is plain greedy decoding through the same rules, so speculative output
 can only differ from plain if the main model's logits do (float rounding differs slightly between
 one-token and multi-token passes, and between batch sizes); a batch of one row is the same loop.
@@ -102,7 +109,8 @@ class Row:
     tokens: list[int] = field(default_factory=list)
     prompt_length: int = 0
     filters: list[LogitFilter] = field(default_factory=list)
-    draft_slot: int | None = None  # its row in the draft session, once it has drafted
+    lane: Lane | None = None  # the draft it drafts with, once it has drafted
+    draft_slot: int | None = None  # its row in that draft's session
     sot_index: int = 0  # where <|startoftranscript|> is in the prompt
     sum_logprob: float = 0.0
     no_speech_prob: float | None = None
@@ -118,8 +126,16 @@ class Row:
             self.window.drafting.begin(language)
 
 
+@dataclass(eq=False)
+class Lane:
+    """One draft's session and the rows it holds, in the session's order."""
+
+    session: DecoderSession
+    rows: list[Row] = field(default_factory=list)
+
+
 class BatchDecoder:
-    """The rows being decoded on one main decoder session (and one draft session), step by step."""
+    """The rows being decoded on one main decoder session (and a session per draft), step by step."""
 
     def __init__(
         self,
@@ -129,18 +145,21 @@ class BatchDecoder:
         policy: DraftPolicy,
         costs: StepCosts | None = None,
         probes: Probes | None = None,
+        routes: Sequence[DecoderSession] = (),
     ) -> None:
         """``costs``: the measured step costs the drafts are capped by (``policy.cost_aware``);
         ``probes``: when a batch the cap keeps plain drafts anyway (shared by the decoders that take
         turns on one instance's sessions, so that short requests, each on a decoder of its own, still
-        probe; None: this decoder's own)."""
+        probe; None: this decoder's own); ``routes``: the sessions of ``facts.routes``' drafts."""
         if policy.cost_aware and draft is not None and costs is None:
             raise ValueError("a cost-aware drafting policy needs the measured step costs")
+        if len(routes) != len(facts.routes) or (routes and draft is None):
+            raise ValueError(f"the model routes {len(facts.routes)} drafts besides its assistant, got {len(routes)}")
         self.facts, self.main, self.draft, self.policy, self.costs = facts, main, draft, policy, costs
-        for session in (main, draft) if draft is not None else (main,):
+        self.lanes = [Lane(session) for session in ((draft, *routes) if draft is not None else ())]
+        for session in (main, *(lane.session for lane in self.lanes)):
             session.keep_rows([])  # the sessions are this decoder's from now on, empty
         self.rows: list[Row] = []
-        self.drafting: list[Row] = []  # rows of the draft session, in its order
         self.last_cap: int | None = None  # the cap the last step's drafts had (None: nobody could draft)
         self._probes = probes if probes is not None else Probes()
         self._joining_seconds = 0.0  # this step's rows joining the draft took
@@ -156,26 +175,38 @@ class BatchDecoder:
         self.main.add_rows(window.states)
         self.rows.append(row)
 
+    def _lane(self, row: Row) -> Lane:
+        """The draft of ``row``'s language."""
+        route = self.facts.route(row.language)
+        return self.lanes[0 if route is None else route + 1]
+
     def _join_draft(self, row: Row) -> None:
-        """``row`` takes a row of the draft session, the first time it drafts: its cross K/V cost about
-        a draft step per layer, which a row the policy keeps plain (a busy batch) never pays."""
+        """``row`` takes a row of its draft's session, the first time it drafts: its cross K/V cost
+        about a draft step per layer, which a row the policy keeps plain (a busy batch) never pays."""
         started, states = time.perf_counter(), row.window.draft_states
         frames = attended_frames(row.window.audio_frames, self.policy.frames_after_audio, states.shape[1])
-        self.draft.add_rows(states, frames)
+        lane = self._lane(row)
+        lane.session.add_rows(states, frames)
         seconds = time.perf_counter() - started
         self._joining_seconds += seconds
         if self.costs is not None:
             self.costs.observe_join(seconds)
-        row.draft_slot = len(self.drafting)
-        self.drafting.append(row)
+        row.lane, row.draft_slot = lane, len(lane.rows)
+        lane.rows.append(row)
+
+    @property
+    def draft_rows(self) -> int:
+        """The rows the drafts' sessions hold, all drafts together."""
+        return sum(len(lane.rows) for lane in self.lanes)
 
     def leave(self, rows: Sequence[Row]) -> None:
         """Drop ``rows`` (finished or withdrawn); the last rows move into their slots."""
         self.rows = _remove(self.main, self.rows, rows)
-        if self.draft is not None and any(row.draft_slot is not None for row in rows):
-            self.drafting = _remove(self.draft, self.drafting, rows)
-            for slot, row in enumerate(self.drafting):
-                row.draft_slot = slot
+        for lane in self.lanes:
+            if any(row.lane is lane for row in rows):
+                lane.rows = _remove(lane.session, lane.rows, rows)
+                for slot, row in enumerate(lane.rows):
+                    row.draft_slot = slot
 
     def owners(self) -> list[object]:
         return [row.owner for row in self.rows]
@@ -208,7 +239,7 @@ class BatchDecoder:
         verify_seconds = time.perf_counter() - verify_started
         predicted = 0.0
         if self.costs is not None:
-            draft_rows = self.draft.batch_size if self.draft is not None else 0
+            draft_rows = self.draft_rows
             draft_passes = timing.step_passes + 1 if catch_up else 0
             predicted = self.costs.step(rows, width, draft_rows, catch_up, draft_passes)
             self.costs.observe(rows, width, verify_seconds, draft_rows, timing.step_passes, timing.step_seconds)
@@ -264,7 +295,7 @@ class BatchDecoder:
             acceptance = [row.window.drafting.acceptance for _, row in candidates]
             min_tokens = max(len(feed) for feed in feeds)
             joining = sum(row.draft_slot is None for _, row in candidates)
-            draft_rows = len(self.drafting) + joining
+            draft_rows = self.draft_rows + joining
             rows = len(self.rows)
             step = (self.costs, rows, min_tokens, acceptance, lengths, draft_rows)
             catch_up = self._behind(row for _, row in candidates)
@@ -300,14 +331,21 @@ class BatchDecoder:
         if not proposals:
             return none, NO_PROPOSAL, 0
         behind = self._behind(self.rows[index] for index in owners)
-        drafted, timing = timed_propose(self.draft, proposals, self.facts.tokens.eot, self.policy.confidence)
-        for index, tokens, proposal in zip(owners, drafted, proposals, strict=True):
-            self.rows[index].window.drafting.probabilities = proposal.probabilities
-            none[index] = tokens
-            stats = self.rows[index].window.stats
-            stats.assistant_passes += timing.passes
-            stats.seconds_draft += timing.seconds / len(owners)
-        return none, timing, behind
+        timings = []
+        for lane in self.lanes:  # each draft proposes for its own rows
+            mine = [(i, proposal) for i, proposal in zip(owners, proposals, strict=True) if self.rows[i].lane is lane]
+            if not mine:
+                continue
+            eot, confidence = self.facts.tokens.eot, self.policy.confidence
+            drafted, timing = timed_propose(lane.session, [proposal for _, proposal in mine], eot, confidence)
+            timings.append(timing)
+            for (index, proposal), tokens in zip(mine, drafted, strict=True):
+                self.rows[index].window.drafting.probabilities = proposal.probabilities
+                none[index] = tokens
+                stats = self.rows[index].window.stats
+                stats.assistant_passes += timing.passes
+                stats.seconds_draft += timing.seconds / len(mine)
+        return none, ProposalTiming.total(timings), behind
 
     def _behind(self, rows: Iterable[Row]) -> int:
         """The most tokens any of ``rows`` has decoded that the draft's cache does not hold yet."""
@@ -315,7 +353,7 @@ class BatchDecoder:
 
     def _draft_length(self, row: Row) -> int:
         """The tokens of ``row``'s text in the draft's cache (none before it first drafts)."""
-        return 0 if row.draft_slot is None else int(self.draft.lengths[row.draft_slot])
+        return 0 if row.lane is None else int(row.lane.session.lengths[row.draft_slot])
 
     def _detect(self, row: Row, scores: np.ndarray) -> None:
         """The main model's likeliest language after <|startoftranscript|>; the row then starts over."""
@@ -345,12 +383,12 @@ class BatchDecoder:
         lengths = self.main.lengths.copy()
         lengths[slot] -= len(drafts) - accepted  # keep the pending token and the accepted drafts
         self.main.truncate(lengths)
-        if row.draft_slot is not None and drafts:
-            drafting = row.window.drafting
-            draft_lengths = self.draft.lengths.copy()
+        if row.lane is not None and drafts:
+            drafting, session = row.window.drafting, row.lane.session
+            draft_lengths = session.lengths.copy()
             slot = row.draft_slot
             draft_lengths[slot] = min(draft_lengths[slot], drafting.kept_after(accepted, len(drafts)))
-            self.draft.truncate(draft_lengths)
+            session.truncate(draft_lengths)
             drafting.update(accepted, len(drafts))
         for token, logprob in zip(kept, logprobs, strict=True):
             stats.add_tokens(1)

@@ -299,6 +299,16 @@ class ProposalTiming:
     step_seconds: float
     step_passes: int
 
+    @staticmethod
+    def total(timings: Sequence[ProposalTiming]) -> ProposalTiming:
+        """What several drafts' proposals in one step took, one after the other."""
+        return ProposalTiming(
+            sum(t.seconds for t in timings),
+            sum(t.passes for t in timings),
+            sum(t.step_seconds for t in timings),
+            sum(t.step_passes for t in timings),
+        )
+
 
 def timed_propose(
     session: DecoderSession, proposals: Sequence[Proposal], eot: int, confidence: float

@@ -13,7 +13,8 @@ from typing import Literal
 
 FACTS_FILE = "model_facts.json"
 # 3: a decoder's logits may cover a vocabulary subset (logit_ids_file). 4: the alignment graph.
-FACTS_FORMAT = 4
+# 5: drafts routed by language (routes).
+FACTS_FORMAT = 5
 # Writes a decoder step's new K/V into caches that stay on the device (see decoder_session).
 KV_WRITER_FILE = "kv_writer.onnx"
 
@@ -55,6 +56,16 @@ class DecoderFacts:
 
 
 @dataclass(frozen=True)
+class DraftRoute:
+    """A draft for some languages: rows decoding in one of ``languages`` draft with it instead of the
+    default assistant. A draft trained for a few languages is better at them than one for many, and
+    routing keeps the default draft's speed in its own languages (docs/draft-training.md)."""
+
+    languages: tuple[str, ...]
+    decoder: DecoderFacts
+
+
+@dataclass(frozen=True)
 class ModelFacts:
     n_mels: int
     n_audio_ctx: int
@@ -70,6 +81,24 @@ class ModelFacts:
     assistant: DecoderFacts | None
     assistant_form: Literal["decoder_only", "full"] | None
     alignment_heads: tuple[tuple[int, int], ...] = field(default=())
+    routes: tuple[DraftRoute, ...] = field(default=())  # decoder-only drafts, as the assistant reads
+
+    def __post_init__(self) -> None:
+        routed = [language for route in self.routes for language in route.languages]
+        if len(routed) != len(set(routed)):
+            raise ValueError(f"a language is routed to two drafts: {sorted(routed)}")
+        if self.routes and (self.assistant is None or self.assistant_form != "decoder_only"):
+            raise ValueError("routed drafts need a decoder-only default assistant: they read the main encoder")
+        unknown = sorted(set(routed) - set(self.languages))
+        if unknown:
+            raise ValueError(f"routed languages the main model does not know: {unknown}")
+
+    def route(self, language: str) -> int | None:
+        """The index of the route that drafts ``language``; None: the default assistant."""
+        for index, route in enumerate(self.routes):
+            if language in route.languages:
+                return index
+        return None
 
     def to_json(self) -> str:
         return json.dumps({"format": FACTS_FORMAT, **asdict(self)}, indent=2)
@@ -80,6 +109,7 @@ class ModelFacts:
         if raw.pop("format", None) != FACTS_FORMAT:
             raise ValueError(f"{FACTS_FILE} is not of format {FACTS_FORMAT}: re-run the export")
         assistant = raw.pop("assistant")
+        routes = raw.pop("routes", [])
         return cls(
             **{
                 **raw,
@@ -89,6 +119,9 @@ class ModelFacts:
                 "suppress_tokens": tuple(raw["suppress_tokens"]),
                 "begin_suppress_tokens": tuple(raw["begin_suppress_tokens"]),
                 "alignment_heads": tuple(tuple(pair) for pair in raw["alignment_heads"]),
+                "routes": tuple(
+                    DraftRoute(tuple(route["languages"]), DecoderFacts(**route["decoder"])) for route in routes
+                ),
             }
         )
 

@@ -79,6 +79,8 @@ class ExportedModel:
         assistant = self.facts.assistant
         self.assistant = self.open_decoder(assistant) if assistant else None
         self.assistant_encoder = open_session(assistant.encoder_file) if assistant and assistant.encoder_file else None
+        # The drafts routed by language (facts.routes, in order), each with caches of its own.
+        self.routes = [self.open_decoder(route.decoder) for route in self.facts.routes]
 
     def open_decoder(self, facts: DecoderFacts) -> DecoderSession:
         """A new session of one of this export's decoders, with caches of its own (``main`` and

@@ -367,7 +367,8 @@ class Transcriber:
 
     def batch_decoder(self, costs: StepCosts | None) -> BatchDecoder:
         """A batch decoder on this model's sessions (``costs`` for a cost-aware drafting policy)."""
-        return BatchDecoder(self.facts, self.model.main, self.model.assistant, self.draft_policy, costs, self._probes)
+        model, policy = self.model, self.draft_policy
+        return BatchDecoder(self.facts, model.main, model.assistant, policy, costs, self._probes, model.routes)
 
     def transcribe(
         self, audio: np.ndarray, options: TranscribeOptions, cancelled: Callable[[], bool] | None = None

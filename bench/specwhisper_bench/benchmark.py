@@ -7,7 +7,8 @@ clips, and prints ratios: main-decoder passes saved, tokens per main pass, accep
 decode-phase and end-to-end speed-up, and whether the tokens are identical. ``--versus`` runs a
 second draft (and ``--versus-confidence`` a second drafting policy) on the same audio in the same
 run, against the same plain decoding: two drafts compared on one machine's load, not on two runs'
-noise.
+noise. ``--route`` gives ``--assistant``'s run drafts routed by language, as ``specwhisper-export
+--route`` does.
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from specwhisper_backend.features import SAMPLE_RATE
 from specwhisper_backend.runtime import ExportedModel, execution_providers
 from specwhisper_backend.stats import DecodeStats
 from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
-from specwhisper_export.cli import add_assistant_arguments, resolve_assistant
+from specwhisper_export.cli import add_assistant_arguments, add_route_arguments, resolve_assistant
 from specwhisper_export.presets import load_whisper, resolve_checkpoint
 from specwhisper_export.repository import ExportRequest, export_artefacts
 from specwhisper_training import asterisk
@@ -115,6 +116,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specwhisper-bench", description=__doc__)
     parser.add_argument("--main", default="base")
     add_assistant_arguments(parser, optional=False)
+    add_route_arguments(parser)  # for --assistant's run, not --versus's
     parser.add_argument(
         "--export", type=Path, help="time this export's graphs (specwhisper-export's artefacts) as they are"
     )
@@ -146,8 +148,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", type=Path, help="write the results here too")
     args = parser.parse_args(argv)
 
-    if args.export is not None and (args.versus or args.assistant):
-        parser.error("--export times an export as it is: --assistant and --versus export drafts")
+    if args.export is not None and (args.versus or args.assistant or args.route):
+        parser.error("--export times an export as it is: --assistant, --route and --versus export drafts")
     assistant, int8 = (None, False) if args.export is not None else resolve_assistant(args)
     if args.export is None and assistant is None:
         parser.error(f"no draft ships for {args.main!r}: give --assistant (a draft to export) or --export")
@@ -166,13 +168,16 @@ def main(argv: list[str] | None = None) -> int:
 
     assistant_ckpt = None if assistant is None else resolve_checkpoint(assistant)
 
-    def exported(assistant_checkpoint: str | None) -> ExportedModel:
+    def exported(assistant_checkpoint: str | None, routes: tuple = ()) -> ExportedModel:
         if args.export is not None:
             return ExportedModel(args.export, args.threads, providers)
-        request = ExportRequest(args.main, assistant_checkpoint, assistant_int8=int8)
+        request = ExportRequest(args.main, assistant_checkpoint, assistant_int8=int8, routes=routes)
         return ExportedModel(export_artefacts(request), args.threads, providers)
 
-    main_model = exported(assistant_ckpt)
+    try:
+        main_model = exported(assistant_ckpt, tuple(args.route))
+    except ValueError as error:
+        parser.error(str(error))
     engine = Transcriber(main_model, policy)
     versus = None
     if args.versus:

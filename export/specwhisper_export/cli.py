@@ -31,6 +31,28 @@ def add_assistant_arguments(parser: argparse.ArgumentParser, optional: bool = Tr
     )
 
 
+def parse_route(value: str) -> tuple[tuple[str, ...], str]:
+    """``it,ru=DRAFT`` -> ``(("it", "ru"), "DRAFT")``."""
+    languages, separator, draft = value.partition("=")
+    codes = tuple(code.strip() for code in languages.split(",") if code.strip())
+    if not separator or not draft or not codes:
+        raise argparse.ArgumentTypeError(f"a route is LANGUAGES=DRAFT, such as it,ru=./my-draft; got {value!r}")
+    return codes, draft
+
+
+def add_route_arguments(parser: argparse.ArgumentParser) -> None:
+    """``--route LANGUAGES=DRAFT``, repeatable: drafts routed by language (ExportRequest.routes)."""
+    parser.add_argument(
+        "--route",
+        type=parse_route,
+        action="append",
+        default=[],
+        metavar="LANGUAGES=DRAFT",
+        help="a draft for some languages (comma-separated codes): their rows draft with it instead of --assistant, "
+        "which keeps the others; repeatable (docs/draft-training.md)",
+    )
+
+
 def resolve_assistant(args: argparse.Namespace, precision: str = "fp32") -> tuple[str | None, bool]:
     """The assistant asked for (or the shipped default) and whether its decoder goes int8."""
     if getattr(args, "no_assistant", False):
@@ -60,6 +82,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--precision", choices=["fp32", "fp16"], default="fp32", help="fp16 is for GPU deployments")
     add_assistant_arguments(parser)
+    add_route_arguments(parser)
     parser.add_argument("--out", type=Path, required=True, help="Triton model repository to write into")
     parser.add_argument("--model-name", default="specwhisper")
     parser.add_argument("--instances", type=int, default=1, help="Triton model instances")
@@ -108,6 +131,7 @@ def main(argv: list[str] | None = None) -> int:
             assistant_form=args.assistant_form,
             precision=args.precision,
             assistant_int8=int8,
+            routes=tuple(args.route),
         )
         model_dirs = write_repository(request, args.out, args.model_name, serving)
     except (IncompatibleAssistantError, ValueError) as error:

@@ -29,7 +29,7 @@ from transformers import (
 )
 
 from specwhisper_backend import facts as backend_facts
-from specwhisper_backend.facts import FACTS_FILE, DecoderFacts
+from specwhisper_backend.facts import FACTS_FILE, DecoderFacts, DraftRoute, ModelFacts
 from specwhisper_backend.features import MEL_FILTERS_FILE
 from specwhisper_backend.vad import VAD_FILE
 from specwhisper_export import compat, graphs, model_facts, onnx_export
@@ -56,6 +56,10 @@ class ExportRequest:
     # int8 weights for the assistant's decoder only: a cheaper draft step; what it proposes is still
     # verified by the main model, so this can change acceptance, never the output.
     assistant_int8: bool = False
+    # Drafts for some languages, ((languages, draft), ...): rows decoding in one of those languages
+    # draft with that draft instead of ``assistant`` (ModelFacts.routes). Each is exported as the
+    # assistant is (int8 alike) and must read the main encoder's output, as a decoder-only draft does.
+    routes: tuple[tuple[tuple[str, ...], str], ...] = ()
 
     def __post_init__(self) -> None:
         if self.assistant_form not in ("auto", "decoder_only", "full"):
@@ -64,6 +68,10 @@ class ExportRequest:
             raise ValueError(f"precision must be fp32 or fp16, not {self.precision!r}")
         if self.assistant_int8 and (self.assistant is None or self.precision != "fp32"):
             raise ValueError("an int8 assistant needs an assistant and an fp32 export")
+        if self.routes and self.assistant is None:
+            raise ValueError("drafts routed by language need an assistant, the draft of the other languages")
+        if any(not languages for languages, _ in self.routes):
+            raise ValueError("a routed draft needs at least one language")
 
 
 def code_version() -> str:
@@ -240,7 +248,35 @@ def export_artefacts(request: ExportRequest) -> Path:
         request.precision,
     )
     artefacts = cached_dir("onnx", key, lambda tmp: _build(request, main_ckpt, assistant_ckpt, form, tmp))
-    return _int8_assistant(artefacts) if request.assistant_int8 else artefacts
+    artefacts = _int8_assistant(artefacts) if request.assistant_int8 else artefacts
+    if not request.routes:
+        return artefacts
+    routed = [
+        (languages, export_artefacts(replace(request, assistant=draft, routes=())))
+        for languages, draft in request.routes
+    ]
+    named = (f"{','.join(languages)}={source.name}" for languages, source in routed)
+    key = input_key("routes", artefacts.name, *named, inspect.getsource(_add_routes))
+    return cached_dir("onnx", key, lambda tmp: _add_routes(artefacts, routed, tmp))
+
+
+def _add_routes(artefacts: Path, routed: Sequence[tuple[tuple[str, ...], Path]], out: Path) -> None:
+    """``artefacts`` with each routed draft's decoder (from the export of the main model with that
+    draft, ``routed``) in ``route<n>/`` beside the assistant, and named in the facts' routes."""
+    link_tree(artefacts, out)
+    routes = []
+    for index, (languages, source) in enumerate(routed):
+        draft = ModelFacts.load(source)
+        if draft.assistant_form != "decoder_only":
+            raise ValueError(f"the draft routed to {', '.join(languages)} must read the main encoder's output")
+        decoder, folder = draft.assistant, f"route{index}"
+        link_tree(source / Path(decoder.decoder_file).parent, out / folder)
+        files = ("cross_kv_file", "decoder_file", "logit_ids_file")
+        moved = {name: f"{folder}/{Path(getattr(decoder, name)).name}" for name in files if getattr(decoder, name)}
+        routes.append(DraftRoute(tuple(languages), replace(decoder, **moved)))
+    facts = replace(ModelFacts.load(artefacts), routes=tuple(routes))  # checks the languages
+    (out / FACTS_FILE).unlink()  # a link to the artefacts' own: written anew, not through it
+    (out / FACTS_FILE).write_text(facts.to_json())
 
 
 def _int8_assistant(artefacts: Path) -> Path:
