@@ -600,10 +600,11 @@ def test_reduced_run_of_the_command_beats_an_untrained_cut(tmp_path, capsys, bas
     out = tmp_path / "draft"
     argv = ["--main", "base", "--recipe", "en-es-fr", "--out", str(out), "--max-files", "15", "--train-windows", "4"]
     argv += ["--voice-windows", "2", "--espeak-windows", "2", "--fortune-windows", "2", "--heldout-windows", "2"]
-    argv += ["--steps", "16", "--engine-windows", "1"]
+    argv += ["--steps", "16", "--engine-windows", "1", "--languages", "en", "es", "fr"]
     assert draft_cli.main(argv) == 0
     printed = capsys.readouterr().out
     assert "tok/pass" in printed and "draft token" in printed
+    assert f"--route en,es,fr={out}" in printed, "how to serve a draft trained for some languages"
 
     args = draft_cli.build_parser().parse_args(argv)
     options = draft_cli.options_from(args)

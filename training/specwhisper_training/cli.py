@@ -195,6 +195,9 @@ def main(argv: list[str] | None = None) -> int:
         weights, record_file = pack(args.main, checkpoint, record)
         print(f"shipped draft: {weights} ({weights.stat().st_size / 1e6:.1f} MB), {record_file}:")
         print(json.dumps(json.loads(record_file.read_text())["heldout"], indent=1))
+    if args.languages:  # a draft for a few languages is served beside the default one, for them alone
+        codes = ",".join(options.corpus.languages)
+        print(f"serve it for {codes}: specwhisper-export --main {args.main} --route {codes}={checkpoint} --out ...")
     print(f"done in {time.perf_counter() - started:.0f} s")
     return 0
 
