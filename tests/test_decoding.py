@@ -47,7 +47,6 @@ DECODER = DecoderFacts(layers=1, heads=1, head_dim=4, cross_kv_file="", decoder_
 
 
 def facts(max_length: int = 448, routes: tuple[DraftRoute, ...] = ()) -> ModelFacts:
-    decoder = DECODER
     return ModelFacts(
         n_mels=80,
         n_audio_ctx=1500,
@@ -59,8 +58,8 @@ def facts(max_length: int = 448, routes: tuple[DraftRoute, ...] = ()) -> ModelFa
         suppress_tokens=(),
         begin_suppress_tokens=(EOT,),
         max_initial_timestamp_index=50,
-        main=decoder,
-        assistant=decoder,
+        main=DECODER,
+        assistant=DECODER,
         assistant_form="decoder_only",
         routes=routes,
     )

@@ -155,7 +155,8 @@ class BatchDecoder:
             raise ValueError("a cost-aware drafting policy needs the measured step costs")
         if len(routes) != len(facts.routes) or (routes and draft is None):
             raise ValueError(f"the model routes {len(facts.routes)} drafts besides its assistant, got {len(routes)}")
-        self.facts, self.main, self.draft, self.policy, self.costs = facts, main, draft, policy, costs
+        self.facts, self.main, self.policy, self.costs = facts, main, policy, costs
+        # The assistant's lane first, then the routes' in facts.routes' order (see _lane).
         self.lanes = [Lane(session) for session in ((draft, *routes) if draft is not None else ())]
         for session in (main, *(lane.session for lane in self.lanes)):
             session.keep_rows([])  # the sessions are this decoder's from now on, empty
@@ -170,7 +171,7 @@ class BatchDecoder:
         row = Row(window, owner, phase, window.language)
         if window.language is not None:
             row.begin(window.language, self.facts.tokens.sot)
-        if window.drafting is not None and self.draft is None:
+        if window.drafting is not None and not self.lanes:
             raise ValueError("this model has no draft decoder: decode plainly")
         self.main.add_rows(window.states)
         self.rows.append(row)
@@ -286,7 +287,7 @@ class BatchDecoder:
             (i, row) for i, row in enumerate(self.rows) if row.phase is Phase.DECODE and row.window.drafting is not None
         ]
         self.last_cap = None
-        if not candidates or self.draft is None:
+        if not candidates or not self.lanes:
             return none, NO_PROPOSAL, 0
         limit = self.facts.n_text_ctx
         lengths = [min(row.window.drafting.length, limit - len(row.tokens) - 1) for _, row in candidates]
@@ -332,11 +333,11 @@ class BatchDecoder:
             return none, NO_PROPOSAL, 0
         behind = self._behind(self.rows[index] for index in owners)
         timings = []
+        eot, confidence = self.facts.tokens.eot, self.policy.confidence
         for lane in self.lanes:  # each draft proposes for its own rows
             mine = [(i, proposal) for i, proposal in zip(owners, proposals, strict=True) if self.rows[i].lane is lane]
             if not mine:
                 continue
-            eot, confidence = self.facts.tokens.eot, self.policy.confidence
             drafted, timing = timed_propose(lane.session, [proposal for _, proposal in mine], eot, confidence)
             timings.append(timing)
             for (index, proposal), tokens in zip(mine, drafted, strict=True):
