@@ -86,7 +86,7 @@ def test_real_recordings_same_text_speculative_or_not(client, language):
         assert [s.tokens for s in fast.segments] == [s.tokens for s in plain.segments]
         # Each speculative request decodes with a draft row: its rounds drafted, or the load-aware
         # cap kept them plain (at one ONNX Runtime thread a draft pass is dear, and a short clip may
-        # end before a probe); the long stream below always drafts.
+        # end before a probe).
         assert fast.stats["tokens_drafted"] + fast.stats["undrafted_rounds"] > 0
         assert plain.stats["tokens_drafted"] == plain.stats["undrafted_rounds"] == 0
 
@@ -115,8 +115,10 @@ def test_stream_long_file_segment_by_segment(client):
     assert arrivals[-1] - arrivals[0] > 1.0, "segments should arrive over time, not all at the end"
     whole = client.transcribe(data, language="en", timestamps=True, temperature=0.0)
     assert [s.tokens for s in segments] == [s.tokens for s in whole.segments]
-    # Hundreds of steps: probes draft at the least, whatever the cap decides.
-    assert end.stats["tokens_drafted"] > 0 and whole.stats["tokens_drafted"] > 0
+    # Both decoded with a draft row. Whether its rounds drafted is the policy's call: probes that showed
+    # drafting does not pay on this instance (a busy machine, one thread) wait longer, across requests.
+    for stats in (end.stats, whole.stats):
+        assert stats["tokens_drafted"] + stats["undrafted_rounds"] > 0
 
 
 def test_product_metrics_on_metrics_port(server, client):
