@@ -17,9 +17,9 @@ from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
-from specwhisper_backend.facts import FACTS_FILE, ModelFacts
+from specwhisper_backend.facts import ModelFacts
 from specwhisper_export.cut import cached_cut
-from specwhisper_export.repository import ExportRequest, export_artefacts, link_tree
+from specwhisper_export.repository import ExportRequest, export_artefacts, link_tree, write_linked_facts
 from specwhisper_export.shipped import shipped_draft
 
 # Layers of base (6 encoder, 6 decoder) kept by the test assistants: correctness must hold
@@ -63,9 +63,7 @@ def with_main_decoder_as_draft(export: Path, directory: Path) -> Path:
     graphs (a session of their own): a draft that always agrees, with nothing to export."""
     link_tree(export, directory)
     facts = ModelFacts.load(directory)
-    facts = replace(facts, assistant=replace(facts.main, encoder_file=None, alignment_file=None))
-    (directory / FACTS_FILE).unlink()  # a hard link into the cache: written anew, not through
-    (directory / FACTS_FILE).write_text(facts.to_json())
+    write_linked_facts(directory, replace(facts, assistant=replace(facts.main, encoder_file=None, alignment_file=None)))
     return directory
 
 

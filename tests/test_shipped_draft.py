@@ -14,7 +14,7 @@ from transformers import WhisperForCausalLM
 from specwhisper_backend.facts import ModelFacts
 from specwhisper_export import cli as export_cli
 from specwhisper_export.repository import DRAFT_VOCAB_FILE, ExportRequest, export_artefacts
-from specwhisper_export.shipped import SHARED, has_shipped_draft, shipped_record
+from specwhisper_export.shipped import SHARED, has_shipped_draft, pack_draft, shipped_record
 from specwhisper_training.pack import served_figures
 
 pytestmark = pytest.mark.slow
@@ -46,3 +46,24 @@ def test_it_reproduces_its_recorded_heldout_figures(trained_draft):
     for language, figures in recorded.items():
         assert measured[language]["acceptance"] == pytest.approx(figures["acceptance"], abs=0.03), language
         assert measured[language]["tokens_per_main_pass"] == pytest.approx(figures["tokens_per_main_pass"], abs=0.1)
+
+
+def test_the_export_takes_the_drafts_that_ship_routed_beside_the_default_one(monkeypatch):
+    """Without ``--route``, the shipped draft comes with the drafts that ship routed beside it; a
+    draft of one's own, ``--no-shipped-routes`` or ``--route`` replace them."""
+    monkeypatch.setattr(export_cli, "default_routes", lambda main: ((("it",), f"{main}-it-draft"),))
+    parser = export_cli.build_parser()
+
+    def routes(*argv: str) -> tuple:
+        return export_cli.resolve_routes(parser.parse_args(["--main", "base", "--out", "x", *argv]))
+
+    assert routes() == ((("it",), "base-it-draft"),)
+    assert routes("--no-shipped-routes") == ()
+    assert routes("--assistant", "my-draft") == ()
+    assert routes("--no-assistant") == ()
+    assert routes("--route", "ru,uk=my-draft") == ((("ru", "uk"), "my-draft"),)
+
+
+def test_a_named_draft_must_say_its_languages():
+    with pytest.raises(ValueError, match="needs a 'route'"):
+        pack_draft(Path("unused"), "base", {"training": {}}, name="multilingual")

@@ -8,7 +8,8 @@ decode-phase and end-to-end speed-up, and whether the tokens are identical. ``--
 second draft (and ``--versus-confidence`` a second drafting policy) on the same audio in the same
 run, against the same plain decoding: two drafts compared on one machine's load, not on two runs'
 noise. ``--route`` gives ``--assistant``'s run drafts routed by language, as ``specwhisper-export
---route`` does.
+--route`` does; with the shipped draft, the drafts that ship routed beside it are its routes unless
+``--no-shipped-routes``.
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ from specwhisper_backend.features import SAMPLE_RATE
 from specwhisper_backend.runtime import ExportedModel, execution_providers
 from specwhisper_backend.stats import DecodeStats
 from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
-from specwhisper_export.cli import add_assistant_arguments, add_route_arguments, resolve_assistant
+from specwhisper_export.cli import add_assistant_arguments, add_route_arguments, resolve_assistant, resolve_routes
 from specwhisper_export.presets import load_whisper, resolve_checkpoint
 from specwhisper_export.repository import ExportRequest, export_artefacts
 from specwhisper_training import asterisk
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         return ExportedModel(export_artefacts(request), args.threads, providers)
 
     try:
-        main_model = exported(assistant_ckpt, tuple(args.route))
+        main_model = exported(assistant_ckpt, () if args.export is not None else resolve_routes(args))
     except ValueError as error:
         parser.error(str(error))
     engine = Transcriber(main_model, policy)

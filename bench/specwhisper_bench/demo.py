@@ -17,7 +17,7 @@ from pathlib import Path
 from specwhisper_backend.features import SAMPLE_RATE
 from specwhisper_client import SpeechClient
 from specwhisper_export.repository import ExportRequest, write_repository
-from specwhisper_export.shipped import default_assistant
+from specwhisper_export.shipped import default_assistant, default_routes
 from specwhisper_serve.tritonserver import TritonServer
 from specwhisper_training import asterisk
 
@@ -45,7 +45,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"specwhisper-demo: error: no draft ships for {args.main!r}; pass --assistant", file=sys.stderr)
         return 2
     print(f"exporting {args.main} with its draft into {args.repository} ...", flush=True)
-    write_repository(ExportRequest(main=args.main, assistant=assistant, assistant_int8=True), args.repository)
+    routes = () if args.assistant else default_routes(args.main)  # as specwhisper-export serves it
+    request = ExportRequest(main=args.main, assistant=assistant, assistant_int8=True, routes=routes)
+    write_repository(request, args.repository)
     audio = asterisk.long_form("en", args.seconds)
     seconds = len(audio) / SAMPLE_RATE
     print(f"starting tritonserver, then {args.repeats} x 2 transcriptions of {seconds:.0f} s of speech ...", flush=True)

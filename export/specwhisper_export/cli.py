@@ -10,7 +10,7 @@ from pathlib import Path
 from specwhisper_export.compat import IncompatibleAssistantError
 from specwhisper_export.presets import PRESETS
 from specwhisper_export.repository import ExportRequest, write_repository
-from specwhisper_export.shipped import default_assistant
+from specwhisper_export.shipped import default_assistant, default_routes
 from specwhisper_export.triton_config import ServingOptions
 
 
@@ -49,7 +49,13 @@ def add_route_arguments(parser: argparse.ArgumentParser) -> None:
         default=[],
         metavar="LANGUAGES=DRAFT",
         help="a draft for some languages (comma-separated codes): their rows draft with it instead of --assistant, "
-        "which keeps the others; repeatable (docs/draft-training.md)",
+        "which keeps the others; repeatable (docs/draft-training.md). Default: with the shipped draft, the drafts "
+        "that ship routed beside it",
+    )
+    parser.add_argument(
+        "--no-shipped-routes",
+        action="store_true",
+        help="the shipped draft alone, for every language: not the drafts that ship routed beside it",
     )
 
 
@@ -64,6 +70,17 @@ def resolve_assistant(args: argparse.Namespace, precision: str = "fp32") -> tupl
     if int8 is None:
         int8 = assistant is not None and precision == "fp32"
     return assistant, int8
+
+
+def resolve_routes(args: argparse.Namespace) -> tuple[tuple[tuple[str, ...], str], ...]:
+    """The drafts routed by language: those given (``--route``), else, where the shipped draft is the
+    assistant, the drafts that ship routed beside it. A draft of one's own (``--assistant``) drafts for
+    every language unless routes are given."""
+    if args.route:
+        return tuple(args.route)
+    if getattr(args, "no_assistant", False) or args.assistant or args.no_shipped_routes:
+        return ()
+    return default_routes(args.main)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -131,7 +148,7 @@ def main(argv: list[str] | None = None) -> int:
             assistant_form=args.assistant_form,
             precision=args.precision,
             assistant_int8=int8,
-            routes=tuple(args.route),
+            routes=resolve_routes(args),
         )
         model_dirs = write_repository(request, args.out, args.model_name, serving)
     except (IncompatibleAssistantError, ValueError) as error:

@@ -274,9 +274,7 @@ def _add_routes(artefacts: Path, routed: Sequence[tuple[tuple[str, ...], Path]],
         files = ("cross_kv_file", "decoder_file", "logit_ids_file")
         moved = {name: f"{folder}/{Path(getattr(decoder, name)).name}" for name in files if getattr(decoder, name)}
         routes.append(DraftRoute(tuple(languages), replace(decoder, **moved)))
-    facts = replace(ModelFacts.load(artefacts), routes=tuple(routes))  # checks the languages
-    (out / FACTS_FILE).unlink()  # a link to the artefacts' own: written anew, not through it
-    (out / FACTS_FILE).write_text(facts.to_json())
+    write_linked_facts(out, replace(ModelFacts.load(artefacts), routes=tuple(routes)))  # checks the languages
 
 
 def _int8_assistant(artefacts: Path) -> Path:
@@ -300,6 +298,13 @@ def _quantize_assistant(artefacts: Path, out: Path) -> None:
         (out / decoder).parent.joinpath(path.name).unlink()
     quantize_dynamic(work / Path(decoder).name, out / decoder, weight_type=QuantType.QInt8)
     shutil.rmtree(work)
+
+
+def write_linked_facts(directory: Path, facts: ModelFacts) -> None:
+    """Write ``facts`` into a tree made by :func:`link_tree`: its facts file is a hard link into the
+    export it came from, so it is replaced, never written through (which would change that export)."""
+    (directory / FACTS_FILE).unlink(missing_ok=True)
+    (directory / FACTS_FILE).write_text(facts.to_json())
 
 
 def link_tree(source: Path, target: Path, names: Sequence[str] = ()) -> None:

@@ -6,6 +6,11 @@ embeddings. Only those are shipped, in fp16 (``drafts/<main>.safetensors``), wit
 scores and a record of how it was trained and what it achieved held out (``drafts/<main>.json``).
 On first use the full checkpoint is rebuilt from them and the main model's own weights, checked,
 and cached; it is then a checkpoint like any other for ``specwhisper-export --assistant``.
+
+A main model may also ship named drafts for some languages (``drafts/<main>-routed/<name>.*``, their
+record's ``route``): the export routes the rows in those languages to them, beside the default
+draft (``ModelFacts.routes``), so a draft trained for other languages adds speed there without
+taking any from the languages the default draft serves.
 """
 
 from __future__ import annotations
@@ -30,26 +35,40 @@ SHARED = ("model.decoder.embed_tokens.weight", "proj_out.weight")
 TOKEN_IDS = "token_ids"  # the ids the head scores, stored beside the weights (int32)
 
 
-def shipped_files(main: str) -> tuple[Path, Path]:
-    """The weights and the record of ``main``'s shipped draft (which may not exist)."""
-    return DRAFTS_DIR / f"{main}.safetensors", DRAFTS_DIR / f"{main}.json"
+def shipped_files(main: str, name: str | None = None) -> tuple[Path, Path]:
+    """The weights and the record of ``main``'s shipped draft, the default or the one called ``name``
+    (which may not exist)."""
+    stem = DRAFTS_DIR / main if name is None else _routed_dir(main) / name
+    return stem.with_name(f"{stem.name}.safetensors"), stem.with_name(f"{stem.name}.json")
 
 
-def has_shipped_draft(main: str) -> bool:
-    return all(path.is_file() for path in shipped_files(main))
+def _routed_dir(main: str) -> Path:
+    return DRAFTS_DIR / f"{main}-routed"
 
 
-def shipped_record(main: str) -> dict:
+def has_shipped_draft(main: str, name: str | None = None) -> bool:
+    return all(path.is_file() for path in shipped_files(main, name))
+
+
+def shipped_record(main: str, name: str | None = None) -> dict:
     """How the shipped draft was trained and what it measured held out (see specwhisper_training.pack)."""
-    return json.loads(shipped_files(main)[1].read_text())
+    return json.loads(shipped_files(main, name)[1].read_text())
 
 
-def pack_draft(checkpoint: Path, main: str, record: dict) -> tuple[Path, Path]:
-    """Write ``main``'s shipped draft from a trained draft checkpoint; returns the two files.
+def routed_names(main: str) -> list[str]:
+    """The names of ``main``'s shipped drafts for some languages, sorted."""
+    return sorted(path.stem for path in _routed_dir(main).glob("*.json"))
+
+
+def pack_draft(checkpoint: Path, main: str, record: dict, name: str | None = None) -> tuple[Path, Path]:
+    """Write ``main``'s shipped draft (the default, or the one called ``name``) from a trained draft
+    checkpoint; returns the two files. A named draft's ``record`` says its ``route``.
 
     Refuses a draft whose embeddings or output projection differ from the main model's, since those
     are not shipped and would be rebuilt from the main model.
     """
+    if name is not None and not record.get("route"):
+        raise ValueError(f"a named draft ({name!r}) is routed to some languages: its record needs a 'route'")
     draft = WhisperForCausalLM.from_pretrained(checkpoint, dtype=torch.float32)
     main_model, _ = load_whisper(main)
     state = draft.state_dict()
@@ -60,7 +79,7 @@ def pack_draft(checkpoint: Path, main: str, record: dict) -> tuple[Path, Path]:
     token_ids = json.loads((Path(checkpoint) / DRAFT_VOCAB_FILE).read_text())["token_ids"]
     tensors = {name: value.to(torch.float16).contiguous() for name, value in state.items() if name not in SHARED}
     tensors[TOKEN_IDS] = torch.as_tensor(token_ids, dtype=torch.int32)
-    weights, record_file = shipped_files(main)
+    weights, record_file = shipped_files(main, name)
     weights.parent.mkdir(parents=True, exist_ok=True)
     save_file(tensors, str(weights))
     layers = draft.config.decoder_layers
@@ -68,19 +87,21 @@ def pack_draft(checkpoint: Path, main: str, record: dict) -> tuple[Path, Path]:
     return weights, record_file
 
 
-def shipped_draft(main: str) -> Path:
-    """``main``'s shipped draft as a checkpoint directory, rebuilt once and cached."""
-    if not has_shipped_draft(main):
-        raise FileNotFoundError(f"no draft ships for {main!r} in {DRAFTS_DIR}: train one (specwhisper-train-draft)")
-    weights, _ = shipped_files(main)
+def shipped_draft(main: str, name: str | None = None) -> Path:
+    """``main``'s shipped draft (the default, or the one called ``name``) as a checkpoint directory,
+    rebuilt once and cached."""
+    if not has_shipped_draft(main, name):
+        what = "no draft" if name is None else f"no draft called {name!r}"
+        raise FileNotFoundError(f"{what} ships for {main!r} in {DRAFTS_DIR}: train one (specwhisper-train-draft)")
+    weights, _ = shipped_files(main, name)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
     key = input_key("shipped-draft", checkpoint_identity(resolve_checkpoint(main)), digest)
-    return cached_dir("drafts", key, lambda tmp: _unpack(main, tmp))
+    return cached_dir("drafts", key, lambda tmp: _unpack(main, name, tmp))
 
 
-def _unpack(main: str, out: Path) -> None:
-    weights, _ = shipped_files(main)
-    record = shipped_record(main)
+def _unpack(main: str, name: str | None, out: Path) -> None:
+    weights, _ = shipped_files(main, name)
+    record = shipped_record(main, name)
     tensors = load_file(str(weights))
     token_ids = tensors.pop(TOKEN_IDS).to(torch.int64)
     main_model, processor = load_whisper(main)
@@ -90,10 +111,10 @@ def _unpack(main: str, out: Path) -> None:
     draft.config.tie_word_embeddings = False
     draft.proj_out = torch.nn.Linear(draft.config.d_model, draft.config.vocab_size, bias=False)
     draft.proj_out.weight = torch.nn.Parameter(main_model.model.decoder.embed_tokens.weight.detach().clone())
-    expected = {name for name in draft.state_dict() if name not in SHARED}
+    expected = {tensor for tensor in draft.state_dict() if tensor not in SHARED}
     if set(tensors) != expected:
         raise ValueError(f"{weights}: tensors {sorted(set(tensors) ^ expected)} do not fit a draft of {main!r}")
-    draft.load_state_dict({name: value.to(torch.float32) for name, value in tensors.items()}, strict=False)
+    draft.load_state_dict({tensor: value.to(torch.float32) for tensor, value in tensors.items()}, strict=False)
     draft.save_pretrained(out)
     processor.save_pretrained(out)
     (out / DRAFT_VOCAB_FILE).write_text(json.dumps({"token_ids": np.asarray(token_ids).tolist()}))
@@ -102,3 +123,11 @@ def _unpack(main: str, out: Path) -> None:
 def default_assistant(main: str) -> str | None:
     """What ``main`` drafts with unless told otherwise: its shipped draft, if one ships."""
     return str(shipped_draft(main)) if has_shipped_draft(main) else None
+
+
+def default_routes(main: str) -> tuple[tuple[tuple[str, ...], str], ...]:
+    """The drafts routed by language beside ``main``'s shipped draft unless told otherwise
+    (``ExportRequest.routes``): each named draft that ships for it, for the languages it was packed for."""
+    return tuple(
+        (tuple(shipped_record(main, name)["route"]), str(shipped_draft(main, name))) for name in routed_names(main)
+    )

@@ -31,7 +31,9 @@ log = logging.getLogger(__name__)
 
 SOUNDS_ROOT = Path("/usr/share/asterisk/sounds")
 DOCS_ROOT = Path("/usr/share/doc")
-LANGUAGES = ("en", "es", "fr")
+LANGUAGES = ("en", "es", "fr")  # the languages whose recordings drafts train on
+# Languages Debian ships recordings of: the two beyond LANGUAGES are for evaluation alone.
+RECORDED = (*LANGUAGES, "it", "ru")
 LONG_FORM_PAUSE = 0.3  # seconds of silence between joined prompts
 # A second voice per language: (Debian package, its language folder). Raw GSM 6.10 at 8 kHz.
 OTHER_VOICES = {"es": ("asterisk-prompt-es-co", "es"), "fr": ("asterisk-prompt-fr-armelle", "fr")}

@@ -110,8 +110,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--pack",
-        action="store_true",
-        help=f"ship the draft with the project: write {DRAFTS_DIR}/<main>.{{safetensors,json}}",
+        nargs="?",
+        const="",
+        metavar="NAME",
+        help=f"ship the draft with the project: write {DRAFTS_DIR}/<main>.{{safetensors,json}}; with a NAME, "
+        "<main>-routed/NAME.*: a draft the export routes the languages it trained on to, beside the default one",
     )
     return parser
 
@@ -191,11 +194,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report:
         report = evaluate_draft(args.main, checkpoint, options.corpus, engine_windows=args.engine_windows)
         print(report.format())
-    if args.pack:
-        weights, record_file = pack(args.main, checkpoint, record)
+    if args.pack is not None:
+        weights, record_file = pack(args.main, checkpoint, record, args.pack or None)
         print(f"shipped draft: {weights} ({weights.stat().st_size / 1e6:.1f} MB), {record_file}:")
         print(json.dumps(json.loads(record_file.read_text())["heldout"], indent=1))
-    if args.languages:  # a draft for a few languages is served beside the default one, for them alone
+    if args.pack:
+        print(f"specwhisper-export --main {args.main} now routes {','.join(options.corpus.languages)} to it")
+    elif args.languages:  # a draft for a few languages is served beside the default one, for them alone
         codes = ",".join(options.corpus.languages)
         print(f"serve it for {codes}: specwhisper-export --main {args.main} --route {codes}={checkpoint} --out ...")
     print(f"done in {time.perf_counter() - started:.0f} s")

@@ -55,20 +55,34 @@ def served_figures(main: str, assistant: str, languages: tuple[str, ...]) -> dic
     return figures
 
 
-def pack(main: str, checkpoint: Path, training: dict) -> tuple[Path, Path]:
-    """Pack ``checkpoint`` as ``main``'s shipped draft, then record its held-out figures as shipped."""
-    files = pack_draft(checkpoint, main, {"training": training})
-    record_heldout(main)
+def pack(main: str, checkpoint: Path, training: dict, name: str | None = None) -> tuple[Path, Path]:
+    """Pack ``checkpoint`` as ``main``'s shipped draft (or, with a ``name``, as a draft the export routes
+    the languages it trained on to), then record its held-out figures as shipped."""
+    record = {"training": training}
+    if name is not None:
+        record["route"] = list(training["options"]["corpus"]["languages"])
+    files = pack_draft(checkpoint, main, record, name)
+    record_heldout(main, name)
     return files
 
 
-def record_heldout(main: str) -> dict:
-    """Measure the shipped draft of ``main`` on its held-out recordings and write the figures into its
+def heldout_languages(record: dict) -> tuple[str, ...]:
+    """The languages a shipped draft is measured in: those it trained on (a routed draft: is routed to)
+    that have recordings. Recordings in a language the draft trained on synthetic speech alone were
+    never trained on."""
+    languages = record.get("route") or record["training"]["options"]["corpus"]["languages"]
+    return tuple(language for language in languages if language in asterisk.RECORDED)
+
+
+def record_heldout(main: str, name: str | None = None) -> dict:
+    """Measure a shipped draft of ``main`` on its held-out recordings and write the figures into its
     record (again after a change to how the engine drafts); returns them."""
-    record_file = shipped_files(main)[1]
+    record_file = shipped_files(main, name)[1]
     record = json.loads(record_file.read_text())
-    languages = tuple(record["training"]["options"]["corpus"]["languages"])
-    figures = served_figures(main, str(shipped_draft(main)), languages)
+    languages = heldout_languages(record)
+    if not languages:
+        raise ValueError(f"{record_file}: none of its languages has recordings to measure it on ({asterisk.RECORDED})")
+    figures = served_figures(main, str(shipped_draft(main, name)), languages)
     record["heldout"] = {"recordings_per_language": HELDOUT_CLIPS, "int8": True, "languages": figures}
     record_file.write_text(json.dumps(record, indent=1) + "\n")
     return record["heldout"]
@@ -79,7 +93,9 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m specwhisper_training.pack", description="Re-measure a shipped draft's held-out figures."
     )
     parser.add_argument("--main", default="base")
-    print(json.dumps(record_heldout(parser.parse_args(argv).main), indent=1))
+    parser.add_argument("--name", help="a draft that ships routed beside the default one (default: the default one)")
+    args = parser.parse_args(argv)
+    print(json.dumps(record_heldout(args.main, args.name), indent=1))
     return 0
 
 
