@@ -20,6 +20,7 @@ from specwhisper_bench.load import server_rss_mb
 from specwhisper_client import SpeechClient, StreamEnd, TranscriptionError
 from specwhisper_client.cli import main as cli_main
 from specwhisper_export.repository import ExportRequest, write_repository
+from specwhisper_export.shipped import default_routes
 from specwhisper_export.triton_config import ServingOptions
 from specwhisper_serve.tritonserver import TritonServer
 from specwhisper_training.asterisk import long_form
@@ -37,8 +38,8 @@ LOAD_SECONDS = float(os.environ.get("SPECWHISPER_LOAD_SECONDS", "10"))
 @pytest.fixture(scope="module")
 def server(tmp_path_factory, serving_assistant):
     repository = tmp_path_factory.mktemp("model_repository")
-    write_repository(
-        ExportRequest(main="base", assistant=serving_assistant),
+    write_repository(  # as specwhisper-export writes it: with the drafts that ship routed beside the assistant
+        ExportRequest(main="base", assistant=serving_assistant, routes=default_routes("base")),
         repository,
         serving=ServingOptions(
             instances=2,
@@ -77,7 +78,7 @@ def test_model_config_sets_the_drafting_policy(server, client):
     assert len(grids) == 1, "the first instance measures its step costs, the other three read them"
 
 
-@pytest.mark.parametrize("language", ["en", "es", "fr"])
+@pytest.mark.parametrize("language", ["en", "es", "fr", "it"])  # Italian: base's routed draft, where one ships
 def test_real_recordings_same_text_speculative_or_not(client, language):
     for prompt, _ in clips(language, 3):
         fast = client.transcribe(prompt.path, language=language)

@@ -14,10 +14,19 @@ from transformers import WhisperForCausalLM
 from specwhisper_backend.facts import ModelFacts
 from specwhisper_export import cli as export_cli
 from specwhisper_export.repository import DRAFT_VOCAB_FILE, ExportRequest, export_artefacts
-from specwhisper_export.shipped import SHARED, has_shipped_draft, pack_draft, shipped_record
-from specwhisper_training.pack import served_figures
+from specwhisper_export.shipped import (
+    SHARED,
+    has_shipped_draft,
+    pack_draft,
+    routed_names,
+    shipped_draft,
+    shipped_record,
+)
+from specwhisper_training.pack import heldout_languages, served_figures
 
 pytestmark = pytest.mark.slow
+
+ROUTED = routed_names("base")  # the drafts that ship routed beside base's default one
 
 
 def test_base_ships_a_draft_that_loads_with_the_main_models_shared_weights(trained_draft, base):
@@ -32,17 +41,28 @@ def test_base_ships_a_draft_that_loads_with_the_main_models_shared_weights(train
 
 
 def test_the_export_drafts_with_it_by_default(trained_draft, tmp_path):
+    """The shipped draft is the assistant, and each draft that ships routed beside it drafts for the
+    languages it was packed for."""
     assert export_cli.main(["--main", "base", "--out", str(tmp_path), "--no-stream"]) == 0
     served = tmp_path / "specwhisper" / "1"
     expected = export_artefacts(ExportRequest(main="base", assistant=trained_draft, assistant_int8=True))
     facts = ModelFacts.load(served)
     assert facts.assistant is not None and facts.assistant.logit_ids_file
     assert filecmp.cmp(served / facts.assistant.decoder_file, expected / facts.assistant.decoder_file, shallow=False)
+    routes = [(tuple(shipped_record("base", name)["route"]), shipped_draft("base", name)) for name in ROUTED]
+    assert [route.languages for route in facts.routes] == [languages for languages, _ in routes]
+    for route, (_, draft) in zip(facts.routes, routes, strict=True):
+        alone = export_artefacts(ExportRequest(main="base", assistant=str(draft), assistant_int8=True))
+        decoder = ModelFacts.load(alone).assistant.decoder_file
+        assert filecmp.cmp(served / route.decoder.decoder_file, alone / decoder, shallow=False)
 
 
-def test_it_reproduces_its_recorded_heldout_figures(trained_draft):
-    recorded = shipped_record("base")["heldout"]["languages"]
-    measured = served_figures("base", trained_draft, tuple(recorded))
+@pytest.mark.parametrize("name", [None, *ROUTED])
+def test_it_reproduces_its_recorded_heldout_figures(trained_draft, name):
+    recorded = shipped_record("base", name)["heldout"]["languages"]
+    assert tuple(recorded) == heldout_languages(shipped_record("base", name)), "measured in all its recorded languages"
+    draft = trained_draft if name is None else str(shipped_draft("base", name))
+    measured = served_figures("base", draft, tuple(recorded))
     for language, figures in recorded.items():
         assert measured[language]["acceptance"] == pytest.approx(figures["acceptance"], abs=0.03), language
         assert measured[language]["tokens_per_main_pass"] == pytest.approx(figures["tokens_per_main_pass"], abs=0.1)

@@ -73,9 +73,9 @@ def pack_draft(checkpoint: Path, main: str, record: dict, name: str | None = Non
     main_model, _ = load_whisper(main)
     state = draft.state_dict()
     embeddings = main_model.model.decoder.embed_tokens.weight
-    for name in SHARED:
-        if not torch.equal(state[name], embeddings):
-            raise ValueError(f"{checkpoint}: {name} is not the main model's; this draft cannot ship as a delta")
+    for tensor in SHARED:
+        if not torch.equal(state[tensor], embeddings):
+            raise ValueError(f"{checkpoint}: {tensor} is not the main model's; this draft cannot ship as a delta")
     token_ids = json.loads((Path(checkpoint) / DRAFT_VOCAB_FILE).read_text())["token_ids"]
     tensors = {name: value.to(torch.float16).contiguous() for name, value in state.items() if name not in SHARED}
     tensors[TOKEN_IDS] = torch.as_tensor(token_ids, dtype=torch.int32)
