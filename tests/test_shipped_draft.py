@@ -22,7 +22,7 @@ from specwhisper_export.shipped import (
     shipped_draft,
     shipped_record,
 )
-from specwhisper_training.pack import heldout_languages, served_figures
+from specwhisper_training.pack import heldout_languages, served_figures, toolchain
 
 pytestmark = pytest.mark.slow
 
@@ -63,9 +63,15 @@ def test_it_reproduces_its_recorded_heldout_figures(trained_draft, name):
     assert tuple(recorded) == heldout_languages(shipped_record("base", name)), "measured in all its recorded languages"
     draft = trained_draft if name is None else str(shipped_draft("base", name))
     measured = served_figures("base", draft, tuple(recorded))
+    # Another toolchain exports and quantises the draft a little differently, which moved these figures
+    # by up to 0.05 and 0.14 (experiments.md, 2026-12-05); a draft that loads wrongly loses far more.
+    where = f"recorded with {shipped_record('base', name)['heldout'].get('toolchain')}, measured with {toolchain()}"
     for language, figures in recorded.items():
-        assert measured[language]["acceptance"] == pytest.approx(figures["acceptance"], abs=0.03), language
-        assert measured[language]["tokens_per_main_pass"] == pytest.approx(figures["tokens_per_main_pass"], abs=0.1)
+        assert measured[language]["acceptance"] == pytest.approx(figures["acceptance"], abs=0.06), (language, where)
+        assert measured[language]["tokens_per_main_pass"] == pytest.approx(figures["tokens_per_main_pass"], abs=0.2), (
+            language,
+            where,
+        )
 
 
 def test_the_export_takes_the_drafts_that_ship_routed_beside_the_default_one(monkeypatch):

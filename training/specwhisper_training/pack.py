@@ -3,7 +3,8 @@
 The record written beside the weights says what the shipped draft achieved on held-out Asterisk
 recordings (files the draft never trained on, by the corpus's own split rule), decoded through the
 engine as served with its int8 weights. A test decodes the same recordings again and expects the
-same figures, so a shipped file that no longer loads, or loads into another model, is caught.
+same figures, so a shipped file that no longer loads, or loads into another model, is caught. The
+record names the toolchain it was measured with, since other versions move the figures a little.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from __future__ import annotations
 import argparse
 import json
 from dataclasses import asdict
+from importlib import metadata
 from pathlib import Path
 
 from specwhisper_backend.drafting import DraftPolicy
@@ -24,6 +26,7 @@ from specwhisper_training.data import CorpusOptions
 
 HELDOUT_CLIPS = 8  # held-out recordings per language, at least MIN_SECONDS long
 MIN_SECONDS = 2.0
+TOOLCHAIN = ("onnxruntime", "onnx", "onnxscript", "torch", "transformers")
 
 
 def heldout_recordings(language: str, count: int = HELDOUT_CLIPS, every: int = CorpusOptions.heldout_every) -> list:
@@ -74,6 +77,12 @@ def heldout_languages(record: dict) -> tuple[str, ...]:
     return tuple(language for language in languages if language in asterisk.RECORDED)
 
 
+def toolchain() -> dict[str, str]:
+    """The versions that export, quantise and run the draft's graph: the figures move a little with
+    them (a draft token near the confidence stop's threshold goes either way)."""
+    return {package: metadata.version(package) for package in TOOLCHAIN}
+
+
 def record_heldout(main: str, name: str | None = None) -> dict:
     """Measure a shipped draft of ``main`` on its held-out recordings and write the figures into its
     record (again after a change to how the engine drafts); returns them."""
@@ -83,7 +92,12 @@ def record_heldout(main: str, name: str | None = None) -> dict:
     if not languages:
         raise ValueError(f"{record_file}: none of its languages has recordings to measure it on ({asterisk.RECORDED})")
     figures = served_figures(main, str(shipped_draft(main, name)), languages)
-    record["heldout"] = {"recordings_per_language": HELDOUT_CLIPS, "int8": True, "languages": figures}
+    record["heldout"] = {
+        "recordings_per_language": HELDOUT_CLIPS,
+        "int8": True,
+        "toolchain": toolchain(),
+        "languages": figures,
+    }
     record_file.write_text(json.dumps(record, indent=1) + "\n")
     return record["heldout"]
 
