@@ -16,6 +16,7 @@ from specwhisper_export import cli as export_cli
 from specwhisper_export.repository import DRAFT_VOCAB_FILE, ExportRequest, export_artefacts
 from specwhisper_export.shipped import (
     SHARED,
+    default_routes,
     has_shipped_draft,
     pack_draft,
     routed_names,
@@ -49,23 +50,25 @@ def test_the_export_drafts_with_it_by_default(trained_draft, tmp_path):
     facts = ModelFacts.load(served)
     assert facts.assistant is not None and facts.assistant.logit_ids_file
     assert filecmp.cmp(served / facts.assistant.decoder_file, expected / facts.assistant.decoder_file, shallow=False)
-    routes = [(tuple(shipped_record("base", name)["route"]), shipped_draft("base", name)) for name in ROUTED]
+    routes = default_routes("base")
+    assert len(routes) == len(ROUTED)
     assert [route.languages for route in facts.routes] == [languages for languages, _ in routes]
     for route, (_, draft) in zip(facts.routes, routes, strict=True):
-        alone = export_artefacts(ExportRequest(main="base", assistant=str(draft), assistant_int8=True))
+        alone = export_artefacts(ExportRequest(main="base", assistant=draft, assistant_int8=True))
         decoder = ModelFacts.load(alone).assistant.decoder_file
         assert filecmp.cmp(served / route.decoder.decoder_file, alone / decoder, shallow=False)
 
 
 @pytest.mark.parametrize("name", [None, *ROUTED])
 def test_it_reproduces_its_recorded_heldout_figures(trained_draft, name):
-    recorded = shipped_record("base", name)["heldout"]["languages"]
-    assert tuple(recorded) == heldout_languages(shipped_record("base", name)), "measured in all its recorded languages"
+    record = shipped_record("base", name)
+    recorded = record["heldout"]["languages"]
+    assert tuple(recorded) == heldout_languages(record), "measured in all its recorded languages"
     draft = trained_draft if name is None else str(shipped_draft("base", name))
     measured = served_figures("base", draft, tuple(recorded))
     # Another toolchain exports and quantises the draft a little differently, which moved these figures
     # by up to 0.05 and 0.14 (experiments.md, 2026-12-05); a draft that loads wrongly loses far more.
-    where = f"recorded with {shipped_record('base', name)['heldout'].get('toolchain')}, measured with {toolchain()}"
+    where = f"recorded with {record['heldout'].get('toolchain')}, measured with {toolchain()}"
     for language, figures in recorded.items():
         assert measured[language]["acceptance"] == pytest.approx(figures["acceptance"], abs=0.06), (language, where)
         assert measured[language]["tokens_per_main_pass"] == pytest.approx(figures["tokens_per_main_pass"], abs=0.2), (

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from specwhisper_backend.features import SAMPLE_RATE
 from specwhisper_client import SpeechClient
+from specwhisper_export.cli import add_route_arguments, resolve_routes
 from specwhisper_export.repository import ExportRequest, write_repository
-from specwhisper_export.shipped import default_assistant, default_routes
+from specwhisper_export.shipped import default_assistant
 from specwhisper_serve.tritonserver import TritonServer
 from specwhisper_training import asterisk
 
@@ -35,6 +36,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="specwhisper-demo", description=__doc__)
     parser.add_argument("--main", default="base")
     parser.add_argument("--assistant", help="default: the draft that ships for --main")
+    add_route_arguments(parser)
     parser.add_argument("--repository", type=Path, default=Path("model_repository"))
     parser.add_argument("--seconds", type=float, default=180.0, help="speech-dense English audio to transcribe")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs of each mode, interleaved")
@@ -45,8 +47,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"specwhisper-demo: error: no draft ships for {args.main!r}; pass --assistant", file=sys.stderr)
         return 2
     print(f"exporting {args.main} with its draft into {args.repository} ...", flush=True)
-    routes = () if args.assistant else default_routes(args.main)  # as specwhisper-export serves it
-    request = ExportRequest(main=args.main, assistant=assistant, assistant_int8=True, routes=routes)
+    request = ExportRequest(main=args.main, assistant=assistant, assistant_int8=True, routes=resolve_routes(args))
     write_repository(request, args.repository)
     audio = asterisk.long_form("en", args.seconds)
     seconds = len(audio) / SAMPLE_RATE
