@@ -353,22 +353,34 @@ def test_vocabulary_keeps_specials_frequent_merges_and_what_the_main_model_said(
     assert set(alternatives) - set(ids) == {121, 200}  # runners-up (_target: id + 1) not kept already
 
 
-def test_prose_lexicon_keeps_the_ids_fortunes_use_often(monkeypatch):
-    """Text is tokenised as Whisper writes it (after a space); ids under the count, and languages
-    without fortunes, add nothing."""
-    prose = {"en": ["a b", "b c", "b"], "es": ["c"]}
-    monkeypatch.setattr(draft_data, "fortune_texts", lambda language: prose.get(language, []))
+def test_prose_lexicon_keeps_the_ids_prose_uses_often():
+    """Text is tokenised as Whisper writes it (after a space); ids under the count add nothing."""
     seen = []
 
     def tokenizer(texts, add_special_tokens):
         seen.extend(texts)
         return {"input_ids": [[ord(word) for word in text.split()] for text in texts]}  # one-letter words
 
-    lexicon = vocabulary.prose_lexicon(tokenizer, ("en", "es", "fr"), min_count=2)
+    lexicon = vocabulary.prose_lexicon(tokenizer, ["a b", "b c", "b", "c"], min_count=2)
     assert list(lexicon) == [ord("b"), ord("c")] and seen == [" a b", " b c", " b", " c"]
-    assert list(vocabulary.prose_lexicon(tokenizer, ("en",), min_count=0)) == []
+    assert list(vocabulary.prose_lexicon(tokenizer, ["a b"], min_count=0)) == []
     targets = [_target(0, [EOT + 1, 7, EOT], 1)]
     assert {ord("b"), ord("c")} < set(draft_vocabulary(targets, VOCAB, EOT, 0, lexicon=lexicon))
+    assert vocabulary.text_coverage(tokenizer, ["b c", "a"], lexicon) == 2 / 3
+
+
+def test_the_lexicons_prose_is_the_training_split_of_fortunes_and_program_messages(monkeypatch):
+    """In a language held out on texts, every 5th fortune and message is never counted; in one held out
+    on recordings, all of them are."""
+    fortunes = {lang: [f"{lang} fortune {i}" for i in range(10)] for lang in ("en", "de")}
+    messages = {lang: [f"{lang} message {i}" for i in range(5)] for lang in ("en", "de")}
+    monkeypatch.setattr(draft_data, "fortune_texts", lambda language: fortunes[language])
+    monkeypatch.setattr(draft_data, "catalog_texts", lambda language: messages[language])
+    prose = draft_data.training_prose(draft_data.CorpusOptions(languages=("en", "de")))
+    held = {"de fortune 4", "de fortune 9", "de message 4"}
+    assert set(prose) == set(fortunes["en"] + messages["en"] + fortunes["de"] + messages["de"]) - held
+    options = draft_data.CorpusOptions(languages=("en", "de"))
+    assert set(draft_data.heldout_prose(options, "de")) == held and draft_data.heldout_prose(options, "en") == []
 
 
 def test_tokens_per_pass_follows_speculative_rounds():
@@ -566,6 +578,38 @@ def test_checkpoint_is_a_full_vocabulary_model_with_the_trained_rows(tiny_main, 
     torch.testing.assert_close(got, expected)
 
 
+def test_a_widened_head_adds_the_main_models_rows_and_scores_the_old_ids_as_before(tiny_main, tmp_path):
+    """Widening is untrained: the new ids score by the main model's own output rows, the old ones as
+    the trained draft did, and the record says the head grew."""
+    ids = np.asarray([3, 5, 40, *range(EOT, VOCAB)])
+    trained = TrimmedDraft.from_main(tiny_main, (1,), ids)
+    with torch.no_grad():
+        for parameter in trained.model.model.decoder.layers.parameters():
+            parameter.add_(torch.randn_like(parameter))
+    trained.save(tmp_path / "trained", _NoProcessor())
+    record = {"vocabulary": len(ids), "heldout_coverage": 0.9, "final_loss": 1.0}
+    (tmp_path / "trained" / draft_training.TRAINING_FILE).write_text(json.dumps(record))
+
+    widened_record = draft_training.widen_head(
+        tmp_path / "trained", np.asarray([5, 7, 41]), tmp_path / "wide", _NoProcessor()
+    )
+    wide = TrimmedDraft.load(tmp_path / "wide")
+    assert wide.token_ids.tolist() == sorted({*ids.tolist(), 7, 41})
+    assert torch.equal(wide.head, tiny_main.proj_out.weight[wide.token_ids])
+    assert widened_record == {
+        "vocabulary": len(ids) + 2,
+        "final_loss": 1.0,
+        "widened_head": {"from": len(ids), "lexicon": 3},
+    }
+    assert json.loads((tmp_path / "wide" / draft_training.TRAINING_FILE).read_text()) == widened_record
+
+    tokens, states = torch.tensor([[EOT + 1, 3, 40, 5]]), torch.randn(1, FRAMES, WIDTH)
+    rows, where = torch.zeros(1, dtype=torch.int64), torch.ones(1, 4, dtype=torch.bool)
+    with torch.no_grad():
+        before, after = trained.logits(tokens, states, rows, where), wide.logits(tokens, states, rows, where)
+    torch.testing.assert_close(after[:, np.searchsorted(wide.token_ids.numpy(), ids)], before)
+
+
 def test_a_warm_start_takes_a_trained_drafts_decoder_and_this_trainings_head(tiny_main, tiny_data, tmp_path):
     trained = TrimmedDraft.from_main(tiny_main, (0, 1), np.asarray([3, 5, *range(EOT, VOCAB)]))
     with torch.no_grad():
@@ -689,3 +733,13 @@ print(faults, inside, resident_mb())
     # The kept blocks (over 100 MB) stay resident within, and go back to the system after.
     assert measured["keep"]["inside"] > measured["default"]["inside"] + 100, measured
     assert measured["keep"]["after"] < measured["default"]["inside"] + 20, measured
+
+
+def test_widening_needs_a_checkpoint_and_an_empty_folder(tmp_path, capsys):
+    """Refused before anything trains or is written."""
+    assert draft_cli.main(["--widen-head", str(tmp_path / "wide")]) == 2
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "x").write_text("")
+    assert draft_cli.main(["--checkpoint", str(tmp_path), "--widen-head", str(tmp_path / "full")]) == 2
+    assert capsys.readouterr().err.count("--widen-head needs --checkpoint and an empty OUT") == 2
+    assert not (tmp_path / "wide").exists()

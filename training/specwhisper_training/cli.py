@@ -10,11 +10,13 @@ import time
 from dataclasses import replace
 from pathlib import Path
 
+from transformers import WhisperProcessor
+
 from specwhisper_export.shipped import DRAFTS_DIR
 from specwhisper_training.evaluate import evaluate_draft
 from specwhisper_training.options import DRAFT_PRESETS, DRAFT_RECIPES, PRESET_RECIPES, DraftTrainingOptions
 from specwhisper_training.pack import pack
-from specwhisper_training.train import TRAINING_FILE, draft_checkpoint, train_draft
+from specwhisper_training.train import TRAINING_FILE, draft_checkpoint, recipe_lexicon, train_draft, widen_head
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -109,6 +111,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--checkpoint", type=Path, help="a draft trained before (with its draft_training.json): report or pack it"
     )
     parser.add_argument(
+        "--widen-head",
+        type=Path,
+        metavar="OUT",
+        help="with --checkpoint: write it to OUT with its head also covering this recipe's prose lexicon "
+        "(the main model's rows, untrained), then report or pack that",
+    )
+    parser.add_argument(
         "--pack",
         nargs="?",
         const="",
@@ -169,6 +178,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         print(f"specwhisper-train-draft: error: {error}", file=sys.stderr)
         return 2
+    widened = args.widen_head
+    if widened is not None and (args.checkpoint is None or (widened.exists() and any(widened.iterdir()))):
+        print("specwhisper-train-draft: error: --widen-head needs --checkpoint and an empty OUT", file=sys.stderr)
+        return 2
     started = time.perf_counter()
     if args.checkpoint is not None:
         checkpoint = args.checkpoint
@@ -184,6 +197,11 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         checkpoint.mkdir(parents=True, exist_ok=True)
         train_draft(args.main, options, checkpoint)
+    if args.widen_head is not None:
+        args.widen_head.mkdir(parents=True, exist_ok=True)
+        processor = WhisperProcessor.from_pretrained(checkpoint)
+        widen_head(checkpoint, recipe_lexicon(options, processor.tokenizer), args.widen_head, processor)
+        checkpoint = args.widen_head
     record = json.loads((checkpoint / TRAINING_FILE).read_text())
     print(f"draft checkpoint: {checkpoint}")
     print(

@@ -627,16 +627,10 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
         for language in options.languages
         if options.espeak_windows and texts[language]
     ]
-    # Languages with recordings are held out on them, the others on texts never trained on; only the
-    # others need Festival's voices.
-    recorded = {language for language in options.languages if options.use_asterisk and language in asterisk.LANGUAGES}
+    recorded = _recorded(options)
     for language in options.languages:
         held_out: list[str] = []
-        for prose, count in (
-            (fortune_texts(language), options.fortune_windows),
-            (catalog_texts(language), options.catalog_windows),
-        ):
-            train, held = (prose, []) if language in recorded else split_texts(prose, options.heldout_every)
+        for train, held, count in _prose_sources(options, language):
             held_out += held
             if count and train:
                 sources.append((partial(fortune_passage, train, language=language), language, count, "train"))
@@ -648,6 +642,39 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
         share = 0.0 if language in recorded else options.festival_share
         for text, audio in spoken_windows(make_text, language, count, draws, options.max_seconds, share):
             yield Window(language, split, "espeak", (text,), len(audio) / SAMPLE_RATE), audio
+
+
+def _recorded(options: CorpusOptions) -> set[str]:
+    """The corpus's languages held out on recordings; the others are held out on texts never trained
+    on, and only they need Festival's voices."""
+    return {language for language in options.languages if options.use_asterisk and language in asterisk.LANGUAGES}
+
+
+def _prose_sources(options: CorpusOptions, language: str) -> list[tuple[list[str], list[str], int]]:
+    """``language``'s prose sources (fortunes, program messages): each one's training texts, held-out
+    texts and training windows."""
+    sources = []
+    for prose, count in (
+        (fortune_texts(language), options.fortune_windows),
+        (catalog_texts(language), options.catalog_windows),
+    ):
+        train, held = (prose, []) if language in _recorded(options) else split_texts(prose, options.heldout_every)
+        sources.append((train, held, count))
+    return sources
+
+
+def heldout_prose(options: CorpusOptions, language: str) -> list[str]:
+    """``language``'s prose texts that the corpus holds out (none where it is held out on recordings)."""
+    return [text for _, held, _ in _prose_sources(options, language) for text in held]
+
+
+def training_prose(options: CorpusOptions) -> list[str]:
+    """Every prose text of the corpus's languages that training may read, whether or not it speaks
+    it: the held-out split left out, so what the vocabulary rule counts never covers a held-out text
+    by reading it."""
+    return [
+        text for language in options.languages for train, _, _ in _prose_sources(options, language) for text in train
+    ]
 
 
 def prompt_forms(windows: Sequence[Window], seed: int, training_forms: int = 2) -> list[list[tuple[Task, bool]]]:

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from transformers import AutoTokenizer
 
 from specwhisper_backend.decoder_session import DecoderSession
 from specwhisper_backend.drafting import DraftPolicy
@@ -19,7 +20,7 @@ from specwhisper_export.repository import ExportRequest, export_artefacts
 from specwhisper_training import data as draft_data
 from specwhisper_training.data import CorpusOptions, DraftData, Target
 from specwhisper_training.model import TrimmedDraft, attended_states, by_window, make_batch
-from specwhisper_training.vocabulary import coverage
+from specwhisper_training.vocabulary import coverage, text_coverage
 
 
 def agreement(
@@ -71,6 +72,10 @@ class LanguageFigures:
     coverage: float  # share of the main model's tokens inside the trimmed vocabulary
     tokens_per_pass: float  # at the report's K
     tokens_per_pass_by_k: tuple[float, ...] = ()  # at K = 1, 2, ...: what a longer draft would give
+    # Share of the ids of all the language's held-out prose (tokenised as Whisper writes text) inside
+    # the head: coverage of what is said, over far more text than the windows spoken; None where the
+    # language is held out on recordings.
+    prose_coverage: float | None = None
     # Through the engine (ONNX Runtime) with the served draft-length policy, None if not run.
     engine_acceptance: float | None = None
     engine_tokens_per_pass: float | None = None
@@ -119,15 +124,16 @@ class DraftReport:
             f"costs on the held-out window of median length ({r.window_seconds:.1f} s): the draft reads "
             f"{r.frames} encoder frames; over all frames (a full 30 s window) int8 {r.int8_full_window_ms:.2f} ms, "
             f"{r.int8_full_window_ms / self.main_step_ms:.3f} main steps",
-            f"{'lang':<5}{'texts':>6}{'tokens':>7}{'agree':>8}{'cover':>8}{'tok/pass':>9}{'speedup':>8}"
+            f"{'lang':<5}{'texts':>6}{'tokens':>7}{'agree':>8}{'cover':>8}{'prose':>8}{'tok/pass':>9}{'speedup':>8}"
             f"{'engine, as served: accept':>35}{'tok/pass':>9}{'speedup':>8}",
         ]
         for f in self.languages:
             engine = ""
             if f.engine_acceptance is not None:
                 engine = f"{f.engine_acceptance:>35.1%}{f.engine_tokens_per_pass:>9.2f}{f.engine_speedup:>8.2f}"
+            prose = "-" if f.prose_coverage is None else f"{f.prose_coverage:.1%}"
             lines.append(
-                f"{f.language:<5}{f.texts:>6}{f.tokens:>7}{f.agreement:>8.1%}{f.coverage:>8.1%}"
+                f"{f.language:<5}{f.texts:>6}{f.tokens:>7}{f.agreement:>8.1%}{f.coverage:>8.1%}{prose:>8}"
                 f"{f.tokens_per_pass:>9.2f}{self.speedup(f):>8.2f}{engine}"
             )
         for f in self.languages:
@@ -209,6 +215,17 @@ def _engine_figures(exported: ExportedModel, audio: Sequence[np.ndarray], langua
     return accepted / max(drafted, 1), tokens / max(passes, 1), plain_seconds / max(speculative_seconds, 1e-9)
 
 
+def _prose_coverage(
+    checkpoint: Path, corpus: CorpusOptions, languages: Sequence[str], token_ids: np.ndarray
+) -> dict[str, float]:
+    """Per language held out on texts, the head's coverage of all its held-out prose."""
+    held = {language: draft_data.heldout_prose(corpus, language) for language in languages}
+    if not any(held.values()):
+        return {}
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    return {language: text_coverage(tokenizer, texts, token_ids) for language, texts in held.items() if texts}
+
+
 def evaluate_draft(
     main: str, checkpoint: Path, corpus: CorpusOptions, max_k: int = 8, engine_windows: int = 10, int8: bool = True
 ) -> DraftReport:
@@ -241,6 +258,7 @@ def evaluate_draft(
     draft_ms, int8_ms, int8_full_ms = costs.draft_ms
 
     languages = sorted({data.windows[t.window].language for t in heldout})
+    prose_coverage = _prose_coverage(checkpoint, corpus, languages, draft.token_ids.numpy())
 
     def figures(k: int) -> list[LanguageFigures]:
         rows = []
@@ -254,6 +272,7 @@ def evaluate_draft(
                     tokens=sum(len(h) for _, h in mine),
                     agreement=float(np.concatenate([h for _, h in mine]).mean()),
                     coverage=coverage([t for t, _ in mine], draft.token_ids.numpy()),
+                    prose_coverage=prose_coverage.get(language),
                     tokens_per_pass=sum(c[0] for c in counted) / sum(c[1] for c in counted),
                 )
             )

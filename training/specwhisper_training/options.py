@@ -22,9 +22,9 @@ class DraftTrainingOptions:
     # Also keep the main model's k likeliest alternatives at every training position: a better lexicon
     # than merge rank (held-out coverage by k: docs/experiments.md).
     vocab_teacher_top_k: int = 16
-    # And every id that Debian's fortune-cookie prose (the corpus languages that have it) uses at least
-    # this often (0: none): common words the training audio lacks ("compatible", "debugging",
-    # "provider" were missed).
+    # And every id that the corpus languages' training prose (fortunes and program messages, the
+    # held-out split left out) uses at least this often (0: none): common words the training audio
+    # lacks ("compatible", "debugging", "provider" were missed).
     vocab_prose_min_count: int = 5
     # The draft reads each window's audio and this many encoder frames after it, as it is served
     # (DraftPolicy.frames_after_audio).

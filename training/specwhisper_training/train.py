@@ -169,7 +169,7 @@ def train(
 
 # Part of a cached draft's key besides its options and the data module: bump it when a change here
 # changes what training produces (not for changes to the report, which needs no retraining).
-TRAINING_VERSION = 3
+TRAINING_VERSION = 4
 
 
 def train_draft(main: str, options: DraftTrainingOptions, out: Path) -> dict:
@@ -182,7 +182,7 @@ def train_draft(main: str, options: DraftTrainingOptions, out: Path) -> dict:
         model, processor = load_whisper(main)
         train_targets = data.split("train")
         eot = model.config.eos_token_id
-        lexicon = prose_lexicon(processor.tokenizer, options.corpus.languages, options.vocab_prose_min_count)
+        lexicon = recipe_lexicon(options, processor.tokenizer)
         token_ids = draft_vocabulary(
             train_targets, model.config.vocab_size, eot, options.vocab_rank_floor, options.vocab_teacher_top_k, lexicon
         )
@@ -204,6 +204,33 @@ def train_draft(main: str, options: DraftTrainingOptions, out: Path) -> dict:
         "seconds_data": round(data_seconds, 1),
         "seconds_total": round(time.perf_counter() - started, 1),
     }
+    (Path(out) / TRAINING_FILE).write_text(json.dumps(record, indent=1))
+    return record
+
+
+def recipe_lexicon(options: DraftTrainingOptions, tokenizer) -> np.ndarray:
+    """The ids the vocabulary rule keeps from the corpus's training prose (:func:`prose_lexicon`)."""
+    return prose_lexicon(tokenizer, draft_data.training_prose(options.corpus), options.vocab_prose_min_count)
+
+
+def widen_head(checkpoint: Path, lexicon: np.ndarray, out: Path, processor) -> dict:
+    """Write ``checkpoint`` again in ``out`` with its head also covering ``lexicon``, untrained; returns
+    its record.
+
+    No training is needed: the head's rows are the main model's output projection, frozen, and the
+    draft is trained to reach the main model's final hidden state, so a row added is scored as the
+    main model would score it. What it costs (a draft step's head grows) and whether agreement holds
+    (an added id may take a position from the right one) is for the held-out report to say.
+    """
+    draft = TrimmedDraft.load(checkpoint)
+    before = draft.token_ids.numpy()
+    token_ids = np.union1d(before, lexicon)
+    widened = TrimmedDraft(draft.model, token_ids, draft.model.proj_out.weight[torch.as_tensor(token_ids)])
+    widened.save(out, processor)
+    record = json.loads((Path(checkpoint) / TRAINING_FILE).read_text())
+    record.pop("heldout_coverage", None)  # measured over the narrower head
+    record["vocabulary"] = len(token_ids)
+    record["widened_head"] = {"from": len(before), "lexicon": len(lexicon)}
     (Path(out) / TRAINING_FILE).write_text(json.dumps(record, indent=1))
     return record
 
