@@ -20,7 +20,7 @@ from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 
 from specwhisper_backend.features import SAMPLE_RATE
 from specwhisper_export.repository import DRAFT_VOCAB_FILE
-from specwhisper_training import asterisk, vocabulary
+from specwhisper_training import asterisk, evaluate, vocabulary
 from specwhisper_training import cli as draft_cli
 from specwhisper_training import data as draft_data
 from specwhisper_training import train as draft_training
@@ -381,6 +381,22 @@ def test_the_lexicons_prose_is_the_training_split_of_fortunes_and_program_messag
     assert set(prose) == set(fortunes["en"] + messages["en"] + fortunes["de"] + messages["de"]) - held
     options = draft_data.CorpusOptions(languages=("en", "de"))
     assert set(draft_data.heldout_prose(options, "de")) == held and draft_data.heldout_prose(options, "en") == []
+
+
+def test_the_report_leaves_out_texts_whisper_would_not_keep_as_too_repetitive():
+    """Whisper's gate (gzip ratio over 2.4) on the text without specials or timestamps."""
+
+    class Words:
+        def decode(self, ids):
+            assert all(i < EOT for i in ids), "specials and timestamps are not text"
+            return " ".join("".join(chr(97 + (i * i * 7 + k * 13) % 26) for k in range(3 + i % 5)) for i in ids)
+
+    prompt = [EOT + 1, EOT + 2]
+    loop = _target(0, [*prompt, *([5, 6] * 40), EOT], len(prompt))
+    varied = _target(0, [*prompt, EOT + 10, *range(20, 60), EOT + 20, EOT], len(prompt))
+    assert evaluate.REPETITIVE == 2.4
+    assert evaluate.repetitive(Words(), loop, EOT)
+    assert not evaluate.repetitive(Words(), varied, EOT)
 
 
 def test_tokens_per_pass_follows_speculative_rounds():

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import statistics
 import time
+from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -15,7 +16,7 @@ from transformers import AutoTokenizer
 from specwhisper_backend.decoder_session import DecoderSession
 from specwhisper_backend.drafting import DraftPolicy
 from specwhisper_backend.runtime import ExportedModel
-from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
+from specwhisper_backend.transcriber import TranscribeOptions, Transcriber, compression_ratio
 from specwhisper_export.repository import ExportRequest, export_artefacts
 from specwhisper_training import data as draft_data
 from specwhisper_training.data import CorpusOptions, DraftData, Target
@@ -76,6 +77,9 @@ class LanguageFigures:
     # the head: coverage of what is said, over far more text than the windows spoken; None where the
     # language is held out on recordings.
     prose_coverage: float | None = None
+    # Held-out texts left out of every figure above: the main model's greedy text is more repetitive
+    # than Whisper keeps (compression ratio over REPETITIVE), as it often is on synthetic speech.
+    repetitive: int = 0
     # Through the engine (ONNX Runtime) with the served draft-length policy, None if not run.
     engine_acceptance: float | None = None
     engine_tokens_per_pass: float | None = None
@@ -101,6 +105,7 @@ class DraftReport:
     languages: tuple[LanguageFigures, ...]
     reading: DraftReading
     int8: bool = False  # the draft is served with int8 weights: its cost is draft_int8_ms
+    unscored: tuple[str, ...] = ()  # languages whose held-out texts were all repetitive
 
     @property
     def served_draft_ms(self) -> float:
@@ -124,7 +129,7 @@ class DraftReport:
             f"costs on the held-out window of median length ({r.window_seconds:.1f} s): the draft reads "
             f"{r.frames} encoder frames; over all frames (a full 30 s window) int8 {r.int8_full_window_ms:.2f} ms, "
             f"{r.int8_full_window_ms / self.main_step_ms:.3f} main steps",
-            f"{'lang':<5}{'texts':>6}{'tokens':>7}{'agree':>8}{'cover':>8}{'prose':>8}{'tok/pass':>9}{'speedup':>8}"
+            f"{'lang':<5}{'texts':>6}{'loops':>6}{'tokens':>7}{'agree':>8}{'cover':>8}{'prose':>8}{'tok/pass':>9}{'speedup':>8}"
             f"{'engine, as served: accept':>35}{'tok/pass':>9}{'speedup':>8}",
         ]
         for f in self.languages:
@@ -133,9 +138,11 @@ class DraftReport:
                 engine = f"{f.engine_acceptance:>35.1%}{f.engine_tokens_per_pass:>9.2f}{f.engine_speedup:>8.2f}"
             prose = "-" if f.prose_coverage is None else f"{f.prose_coverage:.1%}"
             lines.append(
-                f"{f.language:<5}{f.texts:>6}{f.tokens:>7}{f.agreement:>8.1%}{f.coverage:>8.1%}{prose:>8}"
+                f"{f.language:<5}{f.texts:>6}{f.repetitive:>6}{f.tokens:>7}{f.agreement:>8.1%}{f.coverage:>8.1%}{prose:>8}"
                 f"{f.tokens_per_pass:>9.2f}{self.speedup(f):>8.2f}{engine}"
             )
+        if self.unscored:
+            lines.append(f"no held-out text to score (every one repetitive): {' '.join(self.unscored)}")
         for f in self.languages:
             by_k = " ".join(f"{value:.2f}" for value in f.tokens_per_pass_by_k)
             lines.append(f"{f.language}: tokens per pass at K = 1..{len(f.tokens_per_pass_by_k)}: {by_k}")
@@ -216,14 +223,24 @@ def _engine_figures(exported: ExportedModel, audio: Sequence[np.ndarray], langua
 
 
 def _prose_coverage(
-    checkpoint: Path, corpus: CorpusOptions, languages: Sequence[str], token_ids: np.ndarray
+    tokenizer, corpus: CorpusOptions, languages: Sequence[str], token_ids: np.ndarray
 ) -> dict[str, float]:
     """Per language held out on texts, the head's coverage of all its held-out prose."""
     held = {language: draft_data.heldout_prose(corpus, language) for language in languages}
-    if not any(held.values()):
-        return {}
-    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
     return {language: text_coverage(tokenizer, texts, token_ids) for language, texts in held.items() if texts}
+
+
+# Whisper's own repetition gate: served decoding decodes a window whose text is more repetitive
+# again, at a higher temperature (TranscribeOptions.compression_ratio_threshold).
+REPETITIVE = TranscribeOptions().compression_ratio_threshold
+
+
+def repetitive(tokenizer, target: Target, eot: int) -> bool:
+    """Whether the main model's greedy text of ``target`` is a loop Whisper would not keep. Such texts
+    are easy to draft (a loop repeats itself), so counting them would flatter the draft in just the
+    languages the main model hears worst; served decoding keeps none of them."""
+    text = tokenizer.decode([int(i) for i in target.text_tokens if i < eot])
+    return compression_ratio(text) > REPETITIVE
 
 
 def evaluate_draft(
@@ -258,17 +275,31 @@ def evaluate_draft(
     draft_ms, int8_ms, int8_full_ms = costs.draft_ms
 
     languages = sorted({data.windows[t.window].language for t in heldout})
-    prose_coverage = _prose_coverage(checkpoint, corpus, languages, draft.token_ids.numpy())
+    tokenizer = AutoTokenizer.from_pretrained(checkpoint)
+    prose_coverage = _prose_coverage(tokenizer, corpus, languages, draft.token_ids.numpy())
+    eot = draft.model.config.eos_token_id
+    looped = [repetitive(tokenizer, t, eot) for t in heldout]
+    scored = {language: [] for language in languages}
+    for target, target_hits, loop in zip(heldout, hits, looped, strict=True):
+        if not loop:
+            scored[data.windows[target.window].language].append((target, target_hits))
+    loops = Counter(data.windows[t.window].language for t, loop in zip(heldout, looped, strict=True) if loop)
+    unscored = tuple(language for language in languages if not scored[language])
+    if len(unscored) == len(languages):
+        raise ValueError(f"every held-out text is repetitive (compression ratio over {REPETITIVE}): nothing to score")
 
     def figures(k: int) -> list[LanguageFigures]:
         rows = []
         for language in languages:
-            mine = [(t, h) for t, h in zip(heldout, hits, strict=True) if data.windows[t.window].language == language]
+            mine = scored[language]
+            if not mine:
+                continue
             counted = [tokens_per_pass(h, k) for _, h in mine]
             rows.append(
                 LanguageFigures(
                     language=language,
                     texts=len(mine),
+                    repetitive=loops[language],
                     tokens=sum(len(h) for _, h in mine),
                     agreement=float(np.concatenate([h for _, h in mine]).mean()),
                     coverage=coverage([t for t, _ in mine], draft.token_ids.numpy()),
@@ -288,6 +319,7 @@ def evaluate_draft(
             tuple(rows),
             DraftReading(cut.shape[1], data.windows[target.window].seconds, int8_full_ms[k]),
             int8,
+            unscored,
         )
 
     candidates = [report(k, figures(k)) for k in range(1, max_k + 1)]
