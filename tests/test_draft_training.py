@@ -20,7 +20,7 @@ from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 
 from specwhisper_backend.features import SAMPLE_RATE
 from specwhisper_export.repository import DRAFT_VOCAB_FILE
-from specwhisper_training import asterisk, evaluate, vocabulary
+from specwhisper_training import asterisk, vocabulary
 from specwhisper_training import cli as draft_cli
 from specwhisper_training import data as draft_data
 from specwhisper_training import train as draft_training
@@ -394,9 +394,9 @@ def test_the_report_leaves_out_texts_whisper_would_not_keep_as_too_repetitive():
     prompt = [EOT + 1, EOT + 2]
     loop = _target(0, [*prompt, *([5, 6] * 40), EOT], len(prompt))
     varied = _target(0, [*prompt, EOT + 10, *range(20, 60), EOT + 20, EOT], len(prompt))
-    assert evaluate.REPETITIVE == 2.4
-    assert evaluate.repetitive(Words(), loop, EOT)
-    assert not evaluate.repetitive(Words(), varied, EOT)
+    assert draft_data.REPETITIVE == 2.4
+    assert draft_data.repetitive(Words(), loop, EOT)
+    assert not draft_data.repetitive(Words(), varied, EOT)
 
 
 def test_tokens_per_pass_follows_speculative_rounds():
@@ -539,6 +539,23 @@ def test_training_brings_the_draft_to_the_main_models_hidden_state(tiny_main, ti
     )
     losses = train(draft, tiny_data, hidden, options)
     assert np.mean(losses[-5:]) < 0.5 * np.mean(losses[:5]), (losses[:5], losses[-5:])
+
+
+def test_training_on_some_targets_draws_every_batch_from_their_windows(tiny_main, tiny_data, monkeypatch):
+    """What ``leave_out_loops`` relies on: the targets left out are never trained on."""
+    kept = [t for t in tiny_data.targets if t.window in (1, 3)]
+    seen = []
+    real_batch = draft_training.make_batch
+
+    def recording(data, targets, *args):
+        seen.extend(t.window for t in targets)
+        return real_batch(data, targets, *args)
+
+    draft = TrimmedDraft.from_main(tiny_main, (1,), draft_vocabulary(tiny_data.targets, VOCAB, EOT, rank_floor=16))
+    hidden = main_hidden_states(tiny_main, tiny_data, kept)
+    monkeypatch.setattr(draft_training, "make_batch", recording)
+    train(draft, tiny_data, hidden, DraftTrainingOptions(steps=6, batch_windows=2, warmup_steps=1), kept)
+    assert set(seen) == {1, 3} and len(seen) == 6 * 2 * 2  # 2 windows a step, 2 forms each
 
 
 @pytest.mark.parametrize("decay", [0.0, 0.8])

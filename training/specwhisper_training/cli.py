@@ -99,6 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
         default=defaults.ema_decay,
         help="keep a moving average of the weights after warm-up (0: the last weights)",
     )
+    parser.add_argument(
+        "--leave-out-loops",
+        action="store_true",
+        help="train on no target Whisper's repetition gate would discard (compression ratio over 2.4)",
+    )
     parser.add_argument("--seed", type=int, default=defaults.seed)
     parser.add_argument(
         "--engine-windows",
@@ -166,6 +171,7 @@ def options_from(args: argparse.Namespace) -> DraftTrainingOptions:
         vocab_teacher_top_k=args.vocab_teacher_top_k,
         vocab_prose_min_count=args.vocab_prose_min_count,
         ema_decay=args.ema_decay,
+        leave_out_loops=args.leave_out_loops,
         seed=args.seed,
     )
 

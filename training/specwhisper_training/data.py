@@ -46,7 +46,7 @@ from specwhisper_backend.features import SAMPLE_RATE, log_mel, window
 from specwhisper_backend.logit_filters import LogitFilter
 from specwhisper_backend.runtime import ExportedModel
 from specwhisper_backend.stats import DecodeStats
-from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
+from specwhisper_backend.transcriber import TranscribeOptions, Transcriber, compression_ratio
 from specwhisper_export.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_export.presets import resolve_checkpoint
 from specwhisper_export.repository import ExportRequest, export_artefacts
@@ -237,6 +237,20 @@ class DraftData:
 
     def split(self, split: Split) -> list[Target]:
         return [t for t in self.targets if self.windows[t.window].split == split]
+
+
+# Whisper's own repetition gate: served decoding decodes a window whose text is more repetitive
+# again, at a higher temperature (TranscribeOptions.compression_ratio_threshold).
+REPETITIVE = TranscribeOptions().compression_ratio_threshold
+
+
+def repetitive(tokenizer, target: Target, eot: int) -> bool:
+    """Whether the main model's text of ``target`` is a loop Whisper would not keep. Such texts are
+    easy to draft (a loop repeats itself): the held-out report leaves them out, since counting them
+    would flatter the draft in just the languages the main model hears worst, and training may
+    (``leave_out_loops``). Served decoding keeps none of them."""
+    text = tokenizer.decode([int(i) for i in target.text_tokens if i < eot])
+    return compression_ratio(text) > REPETITIVE
 
 
 def split_by_file(clips: Sequence[Clip], every: int) -> dict[Split, list[Clip]]:

@@ -16,10 +16,10 @@ from transformers import AutoTokenizer
 from specwhisper_backend.decoder_session import DecoderSession
 from specwhisper_backend.drafting import DraftPolicy
 from specwhisper_backend.runtime import ExportedModel
-from specwhisper_backend.transcriber import TranscribeOptions, Transcriber, compression_ratio
+from specwhisper_backend.transcriber import TranscribeOptions, Transcriber
 from specwhisper_export.repository import ExportRequest, export_artefacts
 from specwhisper_training import data as draft_data
-from specwhisper_training.data import CorpusOptions, DraftData, Target
+from specwhisper_training.data import REPETITIVE, CorpusOptions, DraftData, Target, repetitive
 from specwhisper_training.model import TrimmedDraft, attended_states, by_window, make_batch
 from specwhisper_training.vocabulary import coverage, text_coverage
 
@@ -228,19 +228,6 @@ def _prose_coverage(
     """Per language held out on texts, the head's coverage of all its held-out prose."""
     held = {language: draft_data.heldout_prose(corpus, language) for language in languages}
     return {language: text_coverage(tokenizer, texts, token_ids) for language, texts in held.items() if texts}
-
-
-# Whisper's own repetition gate: served decoding decodes a window whose text is more repetitive
-# again, at a higher temperature (TranscribeOptions.compression_ratio_threshold).
-REPETITIVE = TranscribeOptions().compression_ratio_threshold
-
-
-def repetitive(tokenizer, target: Target, eot: int) -> bool:
-    """Whether the main model's greedy text of ``target`` is a loop Whisper would not keep. Such texts
-    are easy to draft (a loop repeats itself), so counting them would flatter the draft in just the
-    languages the main model hears worst; served decoding keeps none of them."""
-    text = tokenizer.decode([int(i) for i in target.text_tokens if i < eot])
-    return compression_ratio(text) > REPETITIVE
 
 
 def evaluate_draft(

@@ -48,6 +48,9 @@ class DraftTrainingOptions:
     # The draft kept is an exponential moving average of the weights after warm-up (0: the last weights):
     # the training split is memorised, and the average generalises better (docs/experiments.md).
     ema_decay: float = 0.99
+    # Leave out of training the targets Whisper's repetition gate would not keep (data.repetitive):
+    # on synthetic speech the main model often loops, and served decoding keeps no loop.
+    leave_out_loops: bool = False
     threads: int = 2
     seed: int = 0
 

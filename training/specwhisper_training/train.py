@@ -122,14 +122,18 @@ def balanced_batches(windows: dict[str, list[int]], size: int, rng: random.Rando
 
 
 def train(
-    draft: TrimmedDraft, data: DraftData, main_hidden: dict[int, np.ndarray], options: DraftTrainingOptions
+    draft: TrimmedDraft,
+    data: DraftData,
+    main_hidden: dict[int, np.ndarray],
+    options: DraftTrainingOptions,
+    targets: Sequence[Target] | None = None,
 ) -> list[float]:
-    """Optimise ``draft`` in place on the training split (``main_hidden``: :func:`main_hidden_states`
-    of it); returns the loss per step."""
+    """Optimise ``draft`` in place on ``targets`` (default: the training split; ``main_hidden``:
+    :func:`main_hidden_states` of the same); returns the loss per step."""
     torch.manual_seed(options.seed)
     rng = random.Random(options.seed)
     to_trimmed = draft.trimmed_index()
-    grouped = by_window(data.split("train"))
+    grouped = by_window(data.split("train") if targets is None else targets)
     languages: dict[str, list[int]] = {}
     for window in sorted(grouped):
         languages.setdefault(data.windows[window].language, []).append(window)
@@ -182,6 +186,9 @@ def train_draft(main: str, options: DraftTrainingOptions, out: Path) -> dict:
         model, processor = load_whisper(main)
         train_targets = data.split("train")
         eot = model.config.eos_token_id
+        loops = [draft_data.repetitive(processor.tokenizer, t, eot) for t in train_targets]
+        if options.leave_out_loops:
+            train_targets = [t for t, loop in zip(train_targets, loops, strict=True) if not loop]
         lexicon = recipe_lexicon(options, processor.tokenizer)
         token_ids = draft_vocabulary(
             train_targets, model.config.vocab_size, eot, options.vocab_rank_floor, options.vocab_teacher_top_k, lexicon
@@ -191,7 +198,7 @@ def train_draft(main: str, options: DraftTrainingOptions, out: Path) -> dict:
             warm_start(draft, init_checkpoint(main, options.init))
         main_hidden = main_hidden_states(model, data, train_targets)
         del model
-        losses = train(draft, data, main_hidden, options)
+        losses = train(draft, data, main_hidden, options, train_targets)
     draft.save(out, processor)
     record = {
         "main": main,
@@ -199,6 +206,7 @@ def train_draft(main: str, options: DraftTrainingOptions, out: Path) -> dict:
         "vocabulary": len(token_ids),
         "train_windows": len({t.window for t in train_targets}),
         "train_texts": len(train_targets),
+        "repetitive_train_texts": sum(loops),  # left out when leave_out_loops
         "heldout_coverage": coverage(data.split("heldout"), token_ids),
         "final_loss": statistics.fmean(losses[-20:]),
         "seconds_data": round(data_seconds, 1),
