@@ -664,6 +664,8 @@ def test_a_warm_start_takes_a_trained_drafts_decoder_and_this_trainings_head(tin
         draft_training.warm_start(TrimmedDraft.from_main(tiny_main, (1,), ids), tmp_path / "trained")
     with pytest.raises(FileNotFoundError, match="not a draft checkpoint"):
         draft_training.init_checkpoint("base", str(tmp_path))
+    with pytest.raises(FileNotFoundError, match="no draft called 'nonesuch'"):
+        draft_training.init_checkpoint("base", "shipped:nonesuch")
     options = draft_cli.options_from(
         draft_cli.build_parser().parse_args(["--init", "shipped", "--learning-rate", "1e-4"])
     )

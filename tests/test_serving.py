@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import statistics
@@ -31,7 +32,8 @@ pytestmark = pytest.mark.slow
 MAX_AUDIO_SECONDS = 300
 DRAFT_CONFIDENCE = 0.45  # not the default: the test below checks that the model was configured with it
 MAX_BATCH_ROWS = 4  # likewise
-# The load check runs this long (seconds) after a warm-up as long; raise it for a soak, e.g. SPECWHISPER_LOAD_SECONDS=180.
+# The load check runs this long (seconds) after a warm-up as long; raise it for a soak,
+# e.g. SPECWHISPER_LOAD_SECONDS=180.
 LOAD_SECONDS = float(os.environ.get("SPECWHISPER_LOAD_SECONDS", "10"))
 
 
@@ -350,7 +352,7 @@ def test_concurrent_clients_are_batched_and_get_their_own_plain_tokens(server, c
     samples.append((time.monotonic(), server_rss_mb(server)))
     for outcome in (*warm_up.values(), *report.values()):
         assert not outcome.pop("failures") and not outcome.pop("mismatches")
-    slopes = [(b - a) / (t1 - t0) for (t0, a), (t1, b) in zip(samples, samples[1:])]
+    slopes = [(b - a) / (t1 - t0) for (t0, a), (t1, b) in itertools.pairwise(samples)]
     report["rss_growth_mb"] = round(samples[-1][1] - samples[0][1], 1)
     report["rss_slope_mb_per_s"] = round(statistics.median(slopes), 1)
     report["rss_samples_mb"] = [round(rss) for _, rss in samples]

@@ -18,6 +18,7 @@ from specwhisper_export.shipped import (
     SHARED,
     default_routes,
     has_shipped_draft,
+    narrowest_routes,
     pack_draft,
     routed_names,
     shipped_draft,
@@ -96,3 +97,15 @@ def test_the_export_takes_the_drafts_that_ship_routed_beside_the_default_one(mon
 def test_a_named_draft_must_say_its_languages():
     with pytest.raises(ValueError, match="needs a 'route'"):
         pack_draft(Path("unused"), "base", {"training": {}}, name="multilingual")
+
+
+def test_a_language_goes_to_the_draft_packed_for_fewest_languages():
+    """Routes that ship overlap where a draft for a few languages ships beside a wider one: the export
+    gets each language once, from the narrower draft, and a draft left with none is dropped."""
+    packed = {"wide": ("zh", "de", "it", "ru"), "it-ru": ("it", "ru"), "ru": ("ru",)}
+    assert narrowest_routes(packed) == {"wide": ("zh", "de"), "it-ru": ("it",), "ru": ("ru",)}
+    tied = {"b": ("it", "de"), "a": ("it", "ru"), "c": ("de", "ru", "it")}
+    assert narrowest_routes(tied) == {"b": ("de",), "a": ("it", "ru")}
+    routes = default_routes("base")
+    languages = [language for route, _ in routes for language in route]
+    assert len(languages) == len(set(languages)), "the export refuses a language routed twice"

@@ -127,7 +127,19 @@ def default_assistant(main: str) -> str | None:
 
 def default_routes(main: str) -> tuple[tuple[tuple[str, ...], str], ...]:
     """The drafts routed by language beside ``main``'s shipped draft unless told otherwise
-    (``ExportRequest.routes``): each named draft that ships for it, for the languages it was packed for."""
-    return tuple(
-        (tuple(shipped_record(main, name)["route"]), str(shipped_draft(main, name))) for name in routed_names(main)
-    )
+    (``ExportRequest.routes``): each named draft that ships for it, for the languages it was packed for
+    that no draft packed for fewer languages also serves (``narrowest_routes``)."""
+    packed = {name: tuple(shipped_record(main, name)["route"]) for name in routed_names(main)}
+    return tuple((languages, str(shipped_draft(main, name))) for name, languages in narrowest_routes(packed).items())
+
+
+def narrowest_routes(packed: dict[str, tuple[str, ...]]) -> dict[str, tuple[str, ...]]:
+    """Each language to the draft packed for the fewest languages among those packed for it (ties: the
+    first name), since a draft that trained its steps on fewer languages agrees more in each of them;
+    drafts left with no language are dropped. ``packed``: name to the languages it was packed for."""
+    owner = {}
+    for name, languages in sorted(packed.items(), key=lambda item: (len(item[1]), item[0])):
+        for language in languages:
+            owner.setdefault(language, name)
+    narrowed = {name: tuple(lang for lang in languages if owner[lang] == name) for name, languages in packed.items()}
+    return {name: languages for name, languages in narrowed.items() if languages}

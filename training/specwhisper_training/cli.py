@@ -46,7 +46,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--init",
         help="start from a trained draft instead of the main decoder's layers: a recipe's, 'shipped' (--main's "
-        "shipped draft) or a checkpoint directory; 'none': the main decoder's layers (default: the recipe's)",
+        "shipped draft), 'shipped:NAME' (its draft called NAME, routed beside it) or a checkpoint directory; "
+        "'none': the main decoder's layers (default: the recipe's)",
     )
     parser.add_argument("--learning-rate", type=float, help="default: the recipe's")
     parser.add_argument("--train-windows", type=int, default=None, help="per language")

@@ -30,10 +30,11 @@ class DraftTrainingOptions:
     # (DraftPolicy.frames_after_audio).
     frames_after_audio: int = DraftPolicy().frames_after_audio
     # A trained draft to start from instead of the main decoder's layers: a recipe of DRAFT_RECIPES
-    # (trained for the same main model first, and cached), "shipped" (the main model's shipped draft)
-    # or a checkpoint directory. A draft trained on fewer languages keeps what it learnt while a wider
-    # corpus adds the others (docs/experiments.md). Its decoder must have as many layers as
-    # ``layers``; the head is rebuilt over this training's vocabulary either way.
+    # (trained for the same main model first, and cached), "shipped" (the main model's shipped draft),
+    # "shipped:NAME" (its draft called NAME, routed beside it) or a checkpoint directory. A draft
+    # trained on fewer languages keeps what it learnt while a wider corpus adds the others
+    # (docs/experiments.md). Its decoder must have as many layers as ``layers``; the head is rebuilt
+    # over this training's vocabulary either way.
     init: str | None = None
     steps: int = 600
     batch_windows: int = 4  # windows per step, each with all its targets (prompt forms)

@@ -70,10 +70,10 @@ def pack(main: str, checkpoint: Path, training: dict, name: str | None = None) -
 
 
 def heldout_languages(record: dict) -> tuple[str, ...]:
-    """The languages a shipped draft is measured in: those it trained on (a routed draft: is routed to)
-    that have recordings. Recordings in a language the draft trained on synthetic speech alone were
-    never trained on."""
-    languages = record.get("route") or record["training"]["options"]["corpus"]["languages"]
+    """The languages a shipped draft is measured in: those it trained on that have recordings, whether
+    or not the export routes them to it (a draft packed for fewer languages may serve some). Recordings
+    in a language the draft trained on synthetic speech alone were never trained on."""
+    languages = record["training"]["options"]["corpus"]["languages"]
     return tuple(language for language in languages if language in asterisk.RECORDED)
 
 

@@ -72,10 +72,14 @@ def main_hidden_states(main: nn.Module, data: DraftData, targets: Sequence[Targe
 
 def init_checkpoint(main: str, init: str) -> Path:
     """The checkpoint ``DraftTrainingOptions.init`` names: a recipe's draft for ``main`` (trained now if
-    it is not cached), ``"shipped"`` (``main``'s shipped draft), or a checkpoint directory."""
+    it is not cached), ``"shipped"`` (``main``'s shipped draft), ``"shipped:NAME"`` (the draft called
+    NAME that ships routed beside it), or a checkpoint directory."""
     if init in DRAFT_RECIPES:
         return draft_checkpoint(main, DRAFT_RECIPES[init])
-    path = shipped_draft(main) if init == "shipped" else Path(init)
+    if init == "shipped" or init.startswith("shipped:"):
+        path = shipped_draft(main, init.partition(":")[2] or None)
+    else:
+        path = Path(init)
     if not (path / "config.json").is_file():
         raise FileNotFoundError(f"--init {init}: {path} is not a draft checkpoint (no config.json)")
     return path
