@@ -667,9 +667,11 @@ def test_a_warm_start_takes_a_trained_drafts_decoder_and_this_trainings_head(tin
     with pytest.raises(FileNotFoundError, match="no draft called 'nonesuch'"):
         draft_training.init_checkpoint("base", "shipped:nonesuch")
     options = draft_cli.options_from(
-        draft_cli.build_parser().parse_args(["--init", "shipped", "--learning-rate", "1e-4"])
+        draft_cli.build_parser().parse_args(["--init", "shipped", "--learning-rate", "1e-4", "--max-seconds", "29"])
     )
-    assert (options.init, options.learning_rate) == ("shipped", 1e-4)
+    assert (options.init, options.learning_rate, options.corpus.max_seconds) == ("shipped", 1e-4, 29.0)
+    with pytest.raises(ValueError, match="max_seconds <= 29"):
+        draft_cli.options_from(draft_cli.build_parser().parse_args(["--max-seconds", "30"]))
 
 
 @pytest.mark.slow

@@ -80,6 +80,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="of the synthetic windows in a language Festival speaks and with no recordings, the share it reads",
     )
+    parser.add_argument(
+        "--max-seconds",
+        type=float,
+        default=None,
+        help="a training window's longest audio, up to 29 (default: the recipe's); long-form's full 30 s windows "
+        "reach token places that shorter windows seldom train",
+    )
     parser.add_argument("--max-files", type=int, default=corpus.max_files, help="per language and split; 0: all")
     parser.add_argument("--vocab-rank-floor", type=int, default=defaults.vocab_rank_floor)
     parser.add_argument(
@@ -150,6 +157,7 @@ def options_from(args: argparse.Namespace) -> DraftTrainingOptions:
             "training_forms",
             "spoken_targets",
             "festival_share",
+            "max_seconds",
         )
         if getattr(args, name) is not None
     }
