@@ -17,7 +17,7 @@ import soundfile as sf
 import tritonclient.grpc as grpcclient
 
 from specwhisper_backend.features import SAMPLE_RATE
-from specwhisper_bench.load import server_rss_mb
+from specwhisper_bench.load import sampled_rss
 from specwhisper_client import SpeechClient, StreamEnd, TranscriptionError
 from specwhisper_client.cli import main as cli_main
 from specwhisper_export.repository import ExportRequest, write_repository
@@ -335,21 +335,8 @@ def test_concurrent_clients_are_batched_and_get_their_own_plain_tokens(server, c
     steps, rows = _metric(server, "specwhisper_batch_steps_total"), _metric(server, "specwhisper_batch_rows_total")
     # Memory sampled every second of the measured phase: the allocators settle in steps when a batch
     # shape is first met, a leak grows with every request; the median slope tells them apart.
-    samples = [(time.monotonic(), server_rss_mb(server))]
-    measured = threading.Event()
-
-    def sample() -> None:
-        while not measured.wait(1.0):
-            samples.append((time.monotonic(), server_rss_mb(server)))
-
-    sampler = threading.Thread(target=sample)
-    sampler.start()
-    try:
+    with sampled_rss(server, every=1.0) as samples:
         report = _load(server, files, expected, LOAD_SECONDS)
-    finally:
-        measured.set()
-        sampler.join()
-    samples.append((time.monotonic(), server_rss_mb(server)))
     for outcome in (*warm_up.values(), *report.values()):
         assert not outcome.pop("failures") and not outcome.pop("mismatches")
     slopes = [(b - a) / (t1 - t0) for (t0, a), (t1, b) in itertools.pairwise(samples)]

@@ -202,6 +202,32 @@ def server_rss_mb(server: TritonServer) -> float:
     return total / 1024
 
 
+@contextmanager
+def sampled_rss(server: TritonServer, every: float) -> Iterator[list[tuple[float, float]]]:
+    """``server``'s resident memory (elapsed s, MB) while the block runs: read on entry, every ``every``
+    seconds from a thread (the block may be busy waiting for requests), and once more on exit."""
+    samples: list[tuple[float, float]] = []
+    started = time.monotonic()
+    done = threading.Event()
+
+    def read() -> None:
+        samples.append((time.monotonic() - started, server_rss_mb(server)))
+
+    def keep_reading() -> None:
+        while not done.wait(every):
+            read()
+
+    read()
+    reader = threading.Thread(target=keep_reading, daemon=True)
+    reader.start()
+    try:
+        yield samples
+    finally:
+        done.set()
+        reader.join()
+        read()
+
+
 def soak(server: TritonServer, audios: dict[str, list[np.ndarray]], clients: int, seconds: float) -> Soak:
     """``clients`` clients sending long and short requests, speculative, for ``seconds``; memory sampled."""
     result = Soak(clients, seconds)
@@ -224,12 +250,12 @@ def soak(server: TritonServer, audios: dict[str, list[np.ndarray]], clients: int
                 turn += 1
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    started = time.monotonic()
-    for thread in threads:
-        thread.start()
-    while any(thread.is_alive() for thread in threads):
-        result.rss_mb.append((round(time.monotonic() - started, 1), round(server_rss_mb(server), 1)))
-        time.sleep(max(1.0, seconds / 12))
+    with sampled_rss(server, every=max(1.0, seconds / 12)) as samples:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+    result.rss_mb = [(round(elapsed, 1), round(mb, 1)) for elapsed, mb in samples]
     return result
 
 
