@@ -52,6 +52,8 @@ def test_options_refuse_what_cannot_train():
         CorpusOptions(languages=("de", "xx"))
     with pytest.raises(ValueError, match="training_forms"):
         CorpusOptions(training_forms=5)
+    with pytest.raises(ValueError, match="passage_words"):
+        CorpusOptions(passage_words=(60, 15))
 
 
 def test_the_command_trains_a_recipe_with_overrides_and_the_preset_by_default():
@@ -317,11 +319,13 @@ def test_fortunes_other_packages_put_in_the_english_folder_are_read_as_their_lan
 def test_fortune_passages_join_whole_fortunes_up_to_a_length():
     texts = ["one two three four five.", "six seven eight.", "nine ten eleven twelve thirteen fourteen."]
     for seed in range(20):
-        passage = draft_data.fortune_passage(texts, random.Random(seed))
-        assert len(passage.split()) >= 15
-        rest = passage
-        while rest:  # whole fortunes only, one after another
-            rest = next(rest[len(t) :].lstrip() for t in texts if rest.startswith(t))
+        for fewest, most in ((15, 60), (70, 90)):
+            passage = draft_data.fortune_passage(texts, random.Random(seed), words=(fewest, most))
+            # at least the words drawn, and at most one fortune (six words here) beyond the most
+            assert fewest <= len(passage.split()) < most + 6
+            rest = passage
+            while rest:  # whole fortunes only, one after another
+                rest = next(rest[len(t) :].lstrip() for t in texts if rest.startswith(t))
 
 
 def test_installed_fortunes_give_english_and_spanish_prose():
@@ -670,6 +674,9 @@ def test_a_warm_start_takes_a_trained_drafts_decoder_and_this_trainings_head(tin
         draft_cli.build_parser().parse_args(["--init", "shipped", "--learning-rate", "1e-4", "--max-seconds", "29"])
     )
     assert (options.init, options.learning_rate, options.corpus.max_seconds) == ("shipped", 1e-4, 29.0)
+    assert options.corpus.passage_words == (15, 60)
+    args = draft_cli.build_parser().parse_args(["--passage-words", "20", "90"])
+    assert draft_cli.options_from(args).corpus.passage_words == (20, 90)
     with pytest.raises(ValueError, match="max_seconds <= 29"):
         draft_cli.options_from(draft_cli.build_parser().parse_args(["--max-seconds", "30"]))
 

@@ -87,6 +87,15 @@ def build_parser() -> argparse.ArgumentParser:
         help="a training window's longest audio, up to 29 (default: the recipe's); long-form's full 30 s windows "
         "reach token places that shorter windows seldom train",
     )
+    parser.add_argument(
+        "--passage-words",
+        type=int,
+        nargs=2,
+        metavar=("FEWEST", "MOST"),
+        default=None,
+        help="words a synthetic window's prose passage holds (default: the recipe's, 15 60); more words fill the "
+        "long windows that --max-seconds allows",
+    )
     parser.add_argument("--max-files", type=int, default=corpus.max_files, help="per language and split; 0: all")
     parser.add_argument("--vocab-rank-floor", type=int, default=defaults.vocab_rank_floor)
     parser.add_argument(
@@ -161,6 +170,8 @@ def options_from(args: argparse.Namespace) -> DraftTrainingOptions:
         )
         if getattr(args, name) is not None
     }
+    if args.passage_words is not None:
+        given["passage_words"] = tuple(args.passage_words)
     corpus = replace(
         base,
         **given,

@@ -141,6 +141,10 @@ class CorpusOptions:
     training_forms: int = 2
     min_seconds: float = 5.0
     max_seconds: float = 25.0
+    # Words a synthetic window's passage holds, drawn evenly between the two (then cut at max_seconds):
+    # about 2.5 spoken words a second, so 60 words fill some 24 s, and only longer passages fill the
+    # full windows of long-form speech, whose late token places short ones never train.
+    passage_words: tuple[int, int] = (15, 60)
     heldout_every: int = 5  # every n-th file (by sorted name, per language) is held out
     max_files: int = 0  # per language and split before windowing; 0 keeps all (tests use a few)
     top_k: int = 16  # the main model's likeliest ids kept per position (the draft's vocabulary draws on them)
@@ -177,6 +181,8 @@ class CorpusOptions:
             raise ValueError("heldout_every must be >= 2")
         if not 1 <= self.training_forms <= 1 + len(OTHER_FORMS):
             raise ValueError(f"training_forms must be in 1..{1 + len(OTHER_FORMS)}")
+        if not 1 <= self.passage_words[0] <= self.passage_words[1]:
+            raise ValueError("passage_words must be two counts, 1 <= fewest <= most")
         if not 0.0 <= self.festival_share <= 1.0:
             raise ValueError("festival_share must be in [0, 1]")
         if not 1 <= self.top_k <= 256:
@@ -361,11 +367,13 @@ def text_length(text: str, language: str) -> int:
     return len(text) // 3 if language in UNSPACED else len(text.split())
 
 
-def fortune_passage(texts: Sequence[str], rng: random.Random, language: str = "en") -> str:
-    """Random texts one after another, 15-60 words in all."""
-    words = rng.randint(15, 60)
+def fortune_passage(
+    texts: Sequence[str], rng: random.Random, language: str = "en", words: tuple[int, int] = (15, 60)
+) -> str:
+    """Random texts one after another, ``words`` (fewest, most) words in all."""
+    goal = rng.randint(*words)
     chosen: list[str] = []
-    while sum(text_length(t, language) for t in chosen) < words:
+    while sum(text_length(t, language) for t in chosen) < goal:
         chosen.append(rng.choice(texts))
     return " ".join(chosen)
 
@@ -647,8 +655,10 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
         for train, held, count in _prose_sources(options, language):
             held_out += held
             if count and train:
-                sources.append((partial(fortune_passage, train, language=language), language, count, "train"))
+                passage = partial(fortune_passage, train, language=language, words=options.passage_words)
+                sources.append((passage, language, count, "train"))
         if held_out and options.heldout_synthetic_windows:
+            # Held-out passages keep the default lengths: a training option never changes what reports read.
             passage = partial(fortune_passage, held_out, language=language)
             sources.append((passage, language, options.heldout_synthetic_windows, "heldout"))
     for make_text, language, count, split in sources:
