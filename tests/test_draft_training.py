@@ -682,7 +682,7 @@ def test_a_warm_start_takes_a_trained_drafts_decoder_and_this_trainings_head(tin
 
 
 @pytest.mark.slow
-def test_reduced_run_of_the_command_beats_an_untrained_cut(tmp_path, capsys, base):
+def test_reduced_run_of_the_command_beats_an_untrained_cut(tmp_path, capsys, monkeypatch, base):
     """End to end on base: few files, few steps; the report is printed, and on held-out windows the
     trained draft agrees with base more often than the same layers cut and left untrained."""
     out = tmp_path / "draft"
@@ -705,6 +705,14 @@ def test_reduced_run_of_the_command_beats_an_untrained_cut(tmp_path, capsys, bas
     print(f"held-out agreement: trained {trained_rate:.1%}, untrained cut {untrained_rate:.1%}")
     assert trained_rate > untrained_rate + 0.1
     assert {"config.json", "model.safetensors", "tokenizer.json", DRAFT_VOCAB_FILE} <= {p.name for p in out.iterdir()}
+
+    # Packing a checkpoint names the languages it trained on as its route, whatever the recipe given.
+    weights, record_file = tmp_path / "x.safetensors", tmp_path / "x.json"
+    weights.write_bytes(b"weights")
+    record_file.write_text('{"heldout": {}}')
+    monkeypatch.setattr(draft_cli, "pack", lambda main, checkpoint, record, name: (weights, record_file))
+    assert draft_cli.main(["--recipe", "multilingual", "--checkpoint", str(out), "--pack", "x", "--no-report"]) == 0
+    assert "now routes en,es,fr to it" in capsys.readouterr().out
 
 
 @pytest.mark.slow

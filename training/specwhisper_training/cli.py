@@ -242,8 +242,9 @@ def main(argv: list[str] | None = None) -> int:
         weights, record_file = pack(args.main, checkpoint, record, args.pack or None)
         print(f"shipped draft: {weights} ({weights.stat().st_size / 1e6:.1f} MB), {record_file}:")
         print(json.dumps(json.loads(record_file.read_text())["heldout"], indent=1))
-    if args.pack:
-        print(f"specwhisper-export --main {args.main} now routes {','.join(options.corpus.languages)} to it")
+    if args.pack:  # the languages the draft trained on (with --checkpoint, its record's, not these options')
+        routed = ",".join(record["options"]["corpus"]["languages"])
+        print(f"specwhisper-export --main {args.main} now routes {routed} to it")
     elif args.languages:  # a draft for a few languages is served beside the default one, for them alone
         codes = ",".join(options.corpus.languages)
         print(f"serve it for {codes}: specwhisper-export --main {args.main} --route {codes}={checkpoint} --out ...")
