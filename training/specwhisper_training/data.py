@@ -113,6 +113,7 @@ HELDOUT_AUDIO_FILE = "heldout_audio.npz"
 # fortunes, fortunes-{es,de,it,ru,pl,br}). Text the main model has never been asked about is what
 # teaches a draft to read audio rather than recall the training sentences.
 FORTUNES = Path("/usr/share/games/fortunes")
+PASSAGE_WORDS = (15, 60)  # a prose passage's fewest and most words, unless CorpusOptions.passage_words says
 FORTUNE_FOLDERS = {"en": FORTUNES, **{language: FORTUNES / language for language in ("es", "de", "it", "ru", "pl")}}
 # Files other packages put in the English folder: fortunes-br's, read as Portuguese, and fortunes-zh's,
 # not read (ANSI-coloured, with classical poems; Chinese has its catalogs).
@@ -141,10 +142,10 @@ class CorpusOptions:
     training_forms: int = 2
     min_seconds: float = 5.0
     max_seconds: float = 25.0
-    # Words a synthetic window's passage holds, drawn evenly between the two (then cut at max_seconds):
-    # about 2.5 spoken words a second, so 60 words fill some 24 s, and only longer passages fill the
-    # full windows of long-form speech, whose late token places short ones never train.
-    passage_words: tuple[int, int] = (15, 60)
+    # Words a synthetic training window's passage holds, drawn evenly between the two (then cut at
+    # max_seconds): read aloud, the default's longest passages stop short of a full window, so only
+    # longer ones train the late token places of long-form speech's full windows.
+    passage_words: tuple[int, int] = PASSAGE_WORDS
     heldout_every: int = 5  # every n-th file (by sorted name, per language) is held out
     max_files: int = 0  # per language and split before windowing; 0 keeps all (tests use a few)
     top_k: int = 16  # the main model's likeliest ids kept per position (the draft's vocabulary draws on them)
@@ -368,7 +369,7 @@ def text_length(text: str, language: str) -> int:
 
 
 def fortune_passage(
-    texts: Sequence[str], rng: random.Random, language: str = "en", words: tuple[int, int] = (15, 60)
+    texts: Sequence[str], rng: random.Random, language: str = "en", words: tuple[int, int] = PASSAGE_WORDS
 ) -> str:
     """Random texts one after another, ``words`` (fewest, most) words in all."""
     goal = rng.randint(*words)
@@ -658,8 +659,8 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
                 passage = partial(fortune_passage, train, language=language, words=options.passage_words)
                 sources.append((passage, language, count, "train"))
         if held_out and options.heldout_synthetic_windows:
-            # Held-out passages keep the default lengths: a training option never changes what reports read.
-            passage = partial(fortune_passage, held_out, language=language)
+            # Held-out passages keep PASSAGE_WORDS: a training option never changes what reports read.
+            passage = partial(fortune_passage, held_out, language=language, words=PASSAGE_WORDS)
             sources.append((passage, language, options.heldout_synthetic_windows, "heldout"))
     for make_text, language, count, split in sources:
         draws = heldout_rng if split == "heldout" else rng
