@@ -8,6 +8,15 @@ machine's drifting load hits both alike. Every client streams its requests (``sp
 back to back: latency is the whole request, time to first segment is when its first segment
 arrives. A soak then holds the batched server at the largest load and samples its resident memory.
 Writes ``load.md``, ``load.json`` and ``load.png``.
+
+Throughput is given twice. Over the whole run, it includes the start, where every request's first
+window waits for the encoder, and the drain: once a client has sent its last request, fewer
+requests than the load are open, and at the end one long request may decode alone, so the figure
+mixes loads below the one named. Between the first request's end and the first client's last one
+(:func:`steady_rate`), all clients have a request open: that is the throughput *at* the load, what
+a server held at N concurrent requests delivers, as Triton's perf_analyzer measures it. Each
+request of a point has audio of its own where the pool allows, so that no two rows decode the same
+text in lockstep and leave the batch together.
 """
 
 from __future__ import annotations
@@ -41,7 +50,8 @@ class LoadOptions:
     main: str = "base"
     loads: tuple[int, ...] = (1, 2, 4, 8, 16)
     long_seconds: float = 60.0  # each long-form request (speech-dense, timestamps on)
-    long_per_client: int = 1  # requests each client sends, back to back
+    long_per_client: int = 3  # requests each client sends, back to back
+    long_variants: int = 4  # different long-form recordings per language
     short_clips: int = 12  # short real recordings, 2-10 s, four a language
     short_per_client: int = 4
     max_batch_rows: int = 16
@@ -49,15 +59,27 @@ class LoadOptions:
     soak_seconds: float = 180.0  # the batched server at the largest load (0: no soak)
 
     def smoke(self) -> LoadOptions:
-        return replace(self, loads=(1, 2), long_seconds=20.0, short_clips=3, short_per_client=1, soak_seconds=6.0)
+        return replace(
+            self,
+            loads=(1, 2),
+            long_seconds=20.0,
+            long_per_client=1,
+            long_variants=1,
+            short_clips=3,
+            short_per_client=1,
+            soak_seconds=6.0,
+        )
 
 
 @dataclass(frozen=True)
 class Outcome:
+    client: int
     latency: float
     first_segment: float
     audio_seconds: float
     stats: dict
+    finished: float  # seconds from the point's start
+    decoded: tuple[tuple[float, float], ...]  # (seconds from the point's start, audio seconds decoded by then)
 
 
 @dataclass(frozen=True)
@@ -73,6 +95,9 @@ class LoadPoint:
     requests_per_second: float
     p50_s: float
     p95_s: float
+    steady_audio_seconds_per_second: float  # while every client had a request open (steady_rate)
+    steady_from_s: float  # that span, from the point's start
+    steady_to_s: float
     first_segment_p50_s: float
     rows_per_step: float  # the mean batch size of the steps its requests took part in
     acceptance: float | None
@@ -89,9 +114,17 @@ class Soak:
     rss_mb: list[tuple[float, float]] = field(default_factory=list)  # (elapsed s, resident MB)
 
 
+# Long-form recordings start this many prompts apart (the first at the 60th), each about 60 s.
+LONG_VARIANT_STRIDE = 40
+
+
 def audio_sets(options: LoadOptions) -> dict[str, list[np.ndarray]]:
-    """Speech-dense long-form audio (one per language) and short real recordings."""
-    long = [asterisk.long_form(language, options.long_seconds, skip=60) for language in asterisk.LANGUAGES]
+    """Speech-dense long-form audio (``long_variants`` per language) and short real recordings."""
+    long = [
+        asterisk.long_form(language, options.long_seconds, skip=60 + LONG_VARIANT_STRIDE * variant)
+        for variant in range(options.long_variants)
+        for language in asterisk.LANGUAGES
+    ]
     per_language = max(1, options.short_clips // len(asterisk.LANGUAGES))
     short = [
         asterisk.load_audio(prompt.path)
@@ -101,17 +134,54 @@ def audio_sets(options: LoadOptions) -> dict[str, list[np.ndarray]]:
     return {f"long-form {options.long_seconds:.0f} s": long, "short clips": short}
 
 
-def _one(client: SpeechClient, audio: np.ndarray, speculative: bool, long: bool) -> Outcome:
+def _one(
+    client: SpeechClient, audio: np.ndarray, speculative: bool, long: bool, index: int = 0, origin: float | None = None
+) -> Outcome:
+    """One streamed request by client ``index``; times in the outcome count from ``origin``."""
     started = time.perf_counter()
+    origin = started if origin is None else origin
+    seconds = len(audio) / SAMPLE_RATE
     first = None
     stats: dict = {}
+    decoded, done = [], 0.0
     for item in client.stream(audio, sample_rate=SAMPLE_RATE, timestamps=long, speculative=speculative):
+        now = time.perf_counter()
         if first is None:
-            first = time.perf_counter() - started
+            first = now - started
         if isinstance(item, StreamEnd):
-            stats = item.stats
-    latency = time.perf_counter() - started
-    return Outcome(latency, first if first is not None else latency, len(audio) / SAMPLE_RATE, stats)
+            stats, done = item.stats, seconds  # the rest was silence, or no speech
+        else:
+            done = min(seconds, max(done, item.end))
+        decoded.append((now - origin, done))
+    ended = time.perf_counter()
+    latency = ended - started
+    first = first if first is not None else latency
+    return Outcome(index, latency, first, seconds, stats, ended - origin, tuple(decoded))
+
+
+def steady_rate(outcomes: Sequence[Outcome], clients: int) -> tuple[float, float, float]:
+    """(audio seconds decoded per second, from, to): the throughput between the first request's end
+    and the first client's last request's end, while all ``clients`` had a request open.
+
+    Decoded audio is read from each request's streamed segments (a request counts what its segments
+    had covered at each end). A window still decoding at either end is not counted there: in a
+    steady state as much is in flight at the start as at the end, so the two cancel, where counting
+    from the point's start would leave out only what the end cut (all of a busy batch's rows).
+    """
+    finished: dict[int, float] = {}
+    for outcome in outcomes:
+        finished[outcome.client] = max(finished.get(outcome.client, 0.0), outcome.finished)
+    nan = float("nan")
+    if len(finished) < clients:  # a client had no request answered: no span with all of them busy
+        return nan, nan, nan
+    begin, end = min(o.finished for o in outcomes), min(finished.values())
+    if end <= begin:  # one request per client: the first to end was its client's last
+        return nan, begin, end
+
+    def decoded(outcome: Outcome, at: float) -> float:
+        return max((done for when, done in outcome.decoded if when <= at), default=0.0)
+
+    return sum(decoded(o, end) - decoded(o, begin) for o in outcomes) / (end - begin), begin, end
 
 
 def run_point(
@@ -121,16 +191,18 @@ def run_point(
     outcomes: list[Outcome] = []
     failures = [0]
 
+    started = time.perf_counter()
+
     def worker(index: int) -> None:
         with SpeechClient(url, timeout=1800) as client:
             for turn in range(per_client):
+                audio = audios[(index + turn * clients) % len(audios)]  # the pool's next unsent recording
                 try:
-                    outcomes.append(_one(client, audios[(index + turn) % len(audios)], speculative, long))
+                    outcomes.append(_one(client, audio, speculative, long, index, started))
                 except Exception:  # counted; the sweep goes on
                     failures[0] += 1
 
     threads = [threading.Thread(target=worker, args=(i,)) for i in range(clients)]
-    started = time.perf_counter()
     for thread in threads:
         thread.start()
     for thread in threads:
@@ -145,6 +217,7 @@ def summarise(server: str, audio: str, speculative: bool, clients: int, run: tup
     total |= {key: sum(o.stats.get(key, 0) for o in outcomes) for key in ("tokens_drafted", "tokens_accepted")}
     rows = sum(o.stats.get("rows_per_step", 0) * o.stats.get("main_passes", 0) for o in outcomes)
     passes = max(total["main_passes"], 1)
+    steady, begin, end = steady_rate(outcomes, clients)
     return LoadPoint(
         server=server,
         audio=audio,
@@ -157,6 +230,9 @@ def summarise(server: str, audio: str, speculative: bool, clients: int, run: tup
         requests_per_second=round(len(outcomes) / seconds, 3),
         p50_s=round(float(np.percentile(latencies, 50)), 3),
         p95_s=round(float(np.percentile(latencies, 95)), 3),
+        steady_audio_seconds_per_second=round(steady, 3),
+        steady_from_s=round(begin, 2),
+        steady_to_s=round(end, 2),
         first_segment_p50_s=round(statistics.median(o.first_segment for o in outcomes), 3) if outcomes else 0.0,
         rows_per_step=round(rows / passes, 2),
         acceptance=round(total["tokens_accepted"] / total["tokens_drafted"], 3) if total["tokens_drafted"] else None,
@@ -266,8 +342,8 @@ def markdown(points: Sequence[LoadPoint], soaked: Soak | None, options: LoadOpti
         "",
     ]
     columns = (
-        "server | mode | clients | audio s/s | requests/s | p50 s | p95 s | first segment p50 s | rows/step | "
-        "acceptance | tokens/main pass | drafts/main pass | failures"
+        "server | mode | clients | audio s/s, all clients busy (s) | audio s/s, whole run | requests/s | p50 s | "
+        "p95 s | first segment p50 s | rows/step | acceptance | tokens/main pass | drafts/main pass | failures"
     )
     for audio in dict.fromkeys(p.audio for p in points):
         lines += [f"## {audio}", "", f"| {columns} |", "|" + "---|" * (columns.count("|") + 1)]
@@ -275,6 +351,7 @@ def markdown(points: Sequence[LoadPoint], soaked: Soak | None, options: LoadOpti
             acceptance = "n/a" if p.acceptance is None else f"{p.acceptance:.0%}"
             lines.append(
                 f"| {p.server} | {'speculative' if p.speculative else 'plain'} | {p.clients} | "
+                f"{p.steady_audio_seconds_per_second:.2f} ({p.steady_from_s:.0f}-{p.steady_to_s:.0f} s) | "
                 f"{p.audio_seconds_per_second:.2f} | {p.requests_per_second:.3f} | {p.p50_s:.2f} | {p.p95_s:.2f} | "
                 f"{p.first_segment_p50_s:.2f} | {p.rows_per_step:.2f} | {acceptance} | {p.tokens_per_main_pass:.2f} | "
                 f"{p.drafted_per_pass:.2f} | {p.failures} |"
@@ -308,10 +385,10 @@ def plot(points: Sequence[LoadPoint], path: Path) -> None:
                 label = f"{server.split(' (')[0]}, {'speculative' if speculative else 'plain'}"
                 style = "o-" if speculative else "s--"
                 axes[0][column].plot(
-                    [p.clients for p in mine], [p.audio_seconds_per_second for p in mine], style, label=label
+                    [p.clients for p in mine], [p.steady_audio_seconds_per_second for p in mine], style, label=label
                 )
                 axes[1][column].plot([p.clients for p in mine], [p.p95_s for p in mine], style, label=label)
-        for row, ylabel in ((0, "audio seconds per second"), (1, "p95 latency (s)")):
+        for row, ylabel in ((0, "audio seconds per second, all clients busy"), (1, "p95 latency (s)")):
             axis = axes[row][column]
             axis.set_title(audio)
             axis.set_xscale("log", base=2)
@@ -372,6 +449,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--loads", type=int, nargs="+", default=list(defaults.loads), help="concurrent clients")
     parser.add_argument("--long-seconds", type=float, default=defaults.long_seconds)
     parser.add_argument("--long-per-client", type=int, default=defaults.long_per_client)
+    parser.add_argument(
+        "--long-variants", type=int, default=defaults.long_variants, help="long-form recordings per language"
+    )
     parser.add_argument("--short-per-client", type=int, default=defaults.short_per_client)
     parser.add_argument("--max-batch-rows", type=int, default=defaults.max_batch_rows)
     parser.add_argument("--threads", type=int, default=defaults.threads)
@@ -388,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
         loads=tuple(args.loads),
         long_seconds=args.long_seconds,
         long_per_client=args.long_per_client,
+        long_variants=args.long_variants,
         short_per_client=args.short_per_client,
         max_batch_rows=args.max_batch_rows,
         threads=args.threads,

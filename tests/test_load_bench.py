@@ -1,0 +1,29 @@
+"""``specwhisper-load``'s throughput while all clients are busy, read from streamed segments."""
+
+import math
+
+from specwhisper_bench.load import Outcome, steady_rate
+
+
+def _outcome(client: int, finished: float, decoded: list[tuple[float, float]], seconds: float = 60.0) -> Outcome:
+    return Outcome(client, finished, decoded[0][0], seconds, {}, finished, tuple(decoded))
+
+
+def test_steady_rate_counts_between_the_first_end_and_the_first_client_done():
+    outcomes = [
+        _outcome(0, 4.0, [(2.0, 30.0), (4.0, 40.0)], seconds=40.0),  # the first request to end: from 4 s
+        _outcome(0, 10.0, [(7.0, 30.0), (10.0, 60.0)]),  # client 0's last: to 10 s
+        _outcome(1, 15.0, [(3.0, 20.0), (9.5, 40.0), (12.0, 50.0), (15.0, 60.0)]),  # 20 s by 4 s, 40 s by 10 s
+        _outcome(2, 25.0, [(11.0, 30.0), (25.0, 60.0)]),  # nothing decoded by 10 s
+    ]
+    rate, begin, end = steady_rate(outcomes, clients=3)
+    assert (begin, end) == (4.0, 10.0)
+    assert math.isclose(rate, ((40.0 - 40.0) + (60.0 - 0.0) + (40.0 - 20.0) + 0.0) / 6.0)
+
+
+def test_steady_rate_needs_a_span_with_every_client_busy():
+    rate, _, _ = steady_rate([_outcome(0, 5.0, [(5.0, 60.0)])], clients=2)  # client 1 never answered
+    assert math.isnan(rate)
+    one_each = [_outcome(0, 5.0, [(5.0, 60.0)]), _outcome(1, 8.0, [(8.0, 60.0)])]
+    rate, begin, end = steady_rate(one_each, clients=2)  # the first request to end was its client's last
+    assert math.isnan(rate) and (begin, end) == (5.0, 5.0)
