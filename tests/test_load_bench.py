@@ -1,8 +1,9 @@
 """``specwhisper-load``'s throughput while all clients are busy, read from streamed segments."""
 
 import math
+from pathlib import Path
 
-from specwhisper_bench.load import Outcome, steady_rate
+from specwhisper_bench.load import LoadOptions, LoadPoint, Outcome, markdown, steady_rate
 
 
 def _outcome(client: int, finished: float, decoded: list[tuple[float, float]], seconds: float = 60.0) -> Outcome:
@@ -27,3 +28,15 @@ def test_steady_rate_needs_a_span_with_every_client_busy():
     one_each = [_outcome(0, 5.0, [(5.0, 60.0)]), _outcome(1, 8.0, [(8.0, 60.0)])]
     rate, begin, end = steady_rate(one_each, clients=2)  # the first request to end was its client's last
     assert math.isnan(rate) and (begin, end) == (5.0, 5.0)
+
+
+def test_markdown_gives_both_throughputs():
+    def point(steady: float, begin: float, end: float, clients: int) -> LoadPoint:
+        return LoadPoint(
+            "batched (16 rows)", "long-form 60 s", False, clients, 3 * clients, 0, 100.0, 18.2, 0.3, 15.0, 41.6,
+            steady, begin, end, 6.8, 5.9, None, 0.99, 0.0,
+        )  # fmt: skip
+
+    text = markdown([point(20.57, 15.2, 49.0, 8), point(float("nan"), 8.0, 8.0, 2)], None, LoadOptions(Path("x"), "d"))
+    assert "| 8 | 20.57 (15-49 s) | 18.20 |" in text
+    assert "| 2 | n/a | 18.20 |" in text

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import tempfile
 import threading
@@ -349,9 +350,14 @@ def markdown(points: Sequence[LoadPoint], soaked: Soak | None, options: LoadOpti
         lines += [f"## {audio}", "", f"| {columns} |", "|" + "---|" * (columns.count("|") + 1)]
         for p in (p for p in points if p.audio == audio):
             acceptance = "n/a" if p.acceptance is None else f"{p.acceptance:.0%}"
+            steady = (
+                "n/a"
+                if math.isnan(p.steady_audio_seconds_per_second)
+                else (f"{p.steady_audio_seconds_per_second:.2f} ({p.steady_from_s:.0f}-{p.steady_to_s:.0f} s)")
+            )
             lines.append(
                 f"| {p.server} | {'speculative' if p.speculative else 'plain'} | {p.clients} | "
-                f"{p.steady_audio_seconds_per_second:.2f} ({p.steady_from_s:.0f}-{p.steady_to_s:.0f} s) | "
+                f"{steady} | "
                 f"{p.audio_seconds_per_second:.2f} | {p.requests_per_second:.3f} | {p.p50_s:.2f} | {p.p95_s:.2f} | "
                 f"{p.first_segment_p50_s:.2f} | {p.rows_per_step:.2f} | {acceptance} | {p.tokens_per_main_pass:.2f} | "
                 f"{p.drafted_per_pass:.2f} | {p.failures} |"
