@@ -759,6 +759,29 @@ def test_costs_follow_the_machine():
     assert costs.main(32, 1) == pytest.approx(2 * costs.main(16, 1))
 
 
+def test_a_slower_machine_is_followed_however_much_slower():
+    costs = flat_costs(0.1)
+    before = costs.draft(1)
+    for _ in range(200):  # every draft pass five times what the grid says: the machine is loaded
+        costs.observe(1, 1, costs.main(1, 1), 1, 1, 5 * before)
+    assert costs.draft(1) == pytest.approx(5 * before, rel=0.01)
+
+
+def test_an_interrupted_draft_pass_does_not_stop_a_lone_row_drafting():
+    """A pause of a tenth of a second (the process preempted) in a draft pass of a few milliseconds
+    is not what drafting costs. Taken at its word, three of them made drafting look several times
+    dearer; the policy then kept the row plain, and only drafting could have corrected it."""
+    rows, tokens = (1, 2), (1, 2, 3, 5, 9, 17)
+    main = np.asarray([[0.012, 0.013, 0.013, 0.0145, 0.017, 0.021]] * 2)
+    costs = StepCosts(rows, tokens, main, np.full(main.shape, 0.0025))
+    decide = dict(rows=1, min_tokens=1, acceptance=[0.85], lengths=[5], draft_rows=1)
+    assert choose_cap(costs, **decide) >= 3
+    for _ in range(3):
+        costs.observe(1, 5, costs.main(1, 5), 1, 1, 0.150)
+    assert costs.draft(1) < 1.2 * 0.0025
+    assert choose_cap(costs, **decide) >= 3
+
+
 def test_invalid_policy_is_refused():
     with pytest.raises(ValueError, match="minimum"):
         DraftPolicy(start=0)
@@ -901,7 +924,13 @@ def test_short_requests_draft_where_their_instance_saw_drafts_accepted(monkeypat
 
 
 def test_overruns_set_drafting_steps_against_plain_steps_of_their_batch_size():
-    from specwhisper_backend.load_policy import OVERRUN_FORGET, OVERRUN_SAMPLES, Overruns
+    from specwhisper_backend.load_policy import (
+        OUTLIER,
+        OVERRUN_FORGET,
+        OVERRUN_MEMORY,
+        OVERRUN_SAMPLES,
+        Overruns,
+    )
 
     overruns = Overruns()
     for _ in range(OVERRUN_SAMPLES - 1):
@@ -913,6 +942,12 @@ def test_overruns_set_drafting_steps_against_plain_steps_of_their_batch_size():
         overruns.observe(9, False, predicted=2.0, wall=3.0)
     assert overruns.factor(12) == pytest.approx(2.0), "against plain steps' own overrun, 8-15 rows alike"
     assert overruns.factor(4) == overruns.factor(16) == 1.0, "other batch sizes are told apart"
+    stalled = Overruns()
+    for _ in range(OVERRUN_SAMPLES - 1):
+        stalled.observe(2, True, predicted=1.0, wall=1.1)
+    stalled.observe(2, True, predicted=1.0, wall=100.0)  # interrupted: counts as OUTLIER times their overrun
+    faded = [OVERRUN_MEMORY ** (OVERRUN_SAMPLES - 1 - i) for i in range(OVERRUN_SAMPLES)]  # oldest first
+    assert stalled.factor(2) == pytest.approx(1.1 * (sum(faded[:-1]) + OUTLIER) / sum(faded))
     for _ in range(400):  # the machine changed: drafting steps now cost what they were predicted to
         overruns.observe(8, True, predicted=1.0, wall=1.5)
     assert overruns.factor(8) == pytest.approx(1.0, abs=0.01)

@@ -9,7 +9,10 @@ as the batch grows, to none at all when verifying drafts costs more than they sa
 The policy decides from measurements, not assumptions. :class:`StepCosts` holds the measured time of
 a main pass for a grid of rows and tokens per row, and of a draft pass for a grid of rows, taken when
 an instance loads (:func:`measure_step_costs`), then scaled by how the steps actually served compare
-with it, so that a machine under other load is seen as such. Each row brings its own draft length
+with it, so that a machine under other load is seen as such; a pass that took many times its
+estimate was interrupted rather than slowed, and moves the scale by a few percent only (``OUTLIER``):
+the draft's scale is corrected only by drafting, so one inflated by a pause would keep a row from
+the drafts that would correct it. Each row brings its own draft length
 (:class:`~specwhisper_backend.drafting.RowDraft`) and its acceptance estimate ``a``: drafting ``k``
 tokens then yields ``(1 - a^(k+1)) / (1 - a)`` tokens on average (the accepted drafts and the main
 model's own token). For every cap ``c`` on the drafts (0 is plain decoding), :func:`choose_cap`
@@ -79,6 +82,12 @@ from specwhisper_backend.decoder_session import DecoderSession
 
 # How fast measured steps move the scale: a step is a sample of the machine's current load.
 SCALE_MEMORY = 0.95
+# A pass or step that took more than this many times what was expected of it was interrupted (the
+# process preempted, a page fault, a collector's pause), not slowed by the machine's load: it counts
+# as this many times. Unclipped, one pause of a tenth of a second in a draft pass of a few
+# milliseconds tripled the draft's cost estimate, and since only drafting corrects that estimate,
+# a lone request then decoded plainly for seconds to come (docs/experiments.md, 2026-12-05).
+OUTLIER = 3.0
 # Overruns: each step's weight fades by this for every later step of its kind and batch size, and a
 # batch size's overrun counts once it has seen this many steps of each kind.
 OVERRUN_MEMORY = 0.98
@@ -174,15 +183,14 @@ class StepCosts:
         accepted tokens: counted as a draft pass, it would make drafting look dearer each time it
         resumes after plain steps, and it would seldom resume)."""
         expected = self.main(rows, tokens) / self.main_scale
-        self.main_scale = SCALE_MEMORY * self.main_scale + (1 - SCALE_MEMORY) * main_seconds / expected
+        self.main_scale = _follow(self.main_scale, main_seconds / expected)
         if draft_passes:
             expected = draft_passes * self.draft(draft_rows) / self.draft_scale
-            self.draft_scale = SCALE_MEMORY * self.draft_scale + (1 - SCALE_MEMORY) * draft_seconds / expected
+            self.draft_scale = _follow(self.draft_scale, draft_seconds / expected)
 
     def observe_join(self, seconds: float) -> None:
         """Fold in what a row's joining the draft took."""
-        memory = SCALE_MEMORY if self.join_seconds else 0.0
-        self.join_seconds = memory * self.join_seconds + (1 - memory) * seconds
+        self.join_seconds = _follow(self.join_seconds, seconds) if self.join_seconds else seconds
 
     def step(self, rows: int, tokens: int, draft_rows: int = 0, catch_up: int = 1, draft_passes: int = 0) -> float:
         """A step: a main pass over ``rows`` x ``tokens``, after ``draft_passes`` draft passes over
@@ -207,6 +215,9 @@ class Overruns:
     def observe(self, rows: int, drafted: bool, predicted: float, wall: float) -> None:
         sums = self._sums.setdefault(_bucket(rows), np.zeros(7))
         kind = slice(3, 6) if drafted else slice(0, 3)
+        # A step that overran OUTLIER times further than its kind has was interrupted: so much counts.
+        seen = sums[kind][1] and sums[kind][0] / sums[kind][1]
+        wall = min(wall, OUTLIER * max(seen, 1.0) * predicted)
         sums[kind] = sums[kind] * (OVERRUN_MEMORY, OVERRUN_MEMORY, 1) + (wall, predicted, 1)
         sums[6] = 0 if drafted else sums[6] + 1
         if sums[6] >= OVERRUN_FORGET:
@@ -222,6 +233,15 @@ class Overruns:
             return 1.0
         plain = sums[0] / sums[1] if sums[2] >= OVERRUN_SAMPLES else 1.0
         return float((sums[3] / sums[4]) / plain)
+
+
+def _follow(estimate: float, sample: float) -> float:
+    """``estimate`` moved toward ``sample`` by a step's weight (``SCALE_MEMORY``), geometrically (a
+    cost is a factor, and a slow-down and a speed-up of the same factor should weigh alike), and the
+    sample held within ``OUTLIER`` times the estimate either way: a pause moves it by a few percent,
+    while a machine that stays slower is followed within a few dozen samples."""
+    sample = min(max(sample, estimate / OUTLIER), estimate * OUTLIER)
+    return float(estimate**SCALE_MEMORY * sample ** (1 - SCALE_MEMORY))
 
 
 def _bucket(rows: int) -> int:
