@@ -15,6 +15,7 @@ from specwhisper_backend.decoding import BatchDecoder, Window, keep_tokens
 from specwhisper_backend.drafting import DraftPolicy, Proposal, RowDraft, SeenAcceptance, propose, timed_propose
 from specwhisper_backend.facts import DecoderFacts, DraftRoute, ModelFacts, SpecialTokens
 from specwhisper_backend.load_policy import (
+    PROBE_DRAFTS,
     PROBE_EVERY,
     PROBE_EVERY_MAX,
     PROBE_SHARE,
@@ -738,6 +739,22 @@ def test_probes_that_keep_showing_nothing_take_a_smaller_share():
     assert cap(3) == 3 and probes.share == PROBE_SHARE
     gap = next(wait for wait in range(1, 10 * PROBE_EVERY) if cap())
     assert gap <= price / PROBE_SHARE + 1, "after the policy drafted, probes are paid at the start's share"
+
+
+def test_a_row_new_to_drafting_probes_once_its_price_is_saved_without_the_wait():
+    """A new request's estimate is only its instance's, which one request the draft did badly on can
+    pull below what drafting needs: its row probes as soon as the price is saved, not after the wait
+    (short requests end before it); the price still bounds what it costs."""
+    probes = Probes()
+    caps = [probes.cap(0, 1.0, price=lambda: 0.19, worth=lambda: True, untried=True) for _ in range(6)]
+    assert caps.index(PROBE_DRAFTS) == 3, "0.19 saved after four plain steps at a share of 0.05"
+    probes = Probes()
+    caps = [probes.cap(0, 1.0, price=lambda: 0.19, worth=lambda: True) for _ in range(PROBE_EVERY + 1)]
+    assert caps.index(PROBE_DRAFTS) == PROBE_EVERY, "rows that have drafted wait as before"
+    probes = Probes()
+    assert not any(probes.cap(0, 1.0, price=lambda: 100.0, worth=lambda: True, untried=True) for _ in range(99))
+    probes = Probes()
+    assert not any(probes.cap(0, 1.0, price=lambda: 0.19, worth=lambda: False, untried=True) for _ in range(99))
 
 
 def test_a_probe_is_priced_with_the_rows_joining_the_draft():

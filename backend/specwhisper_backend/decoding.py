@@ -305,6 +305,7 @@ class BatchDecoder:
                 self.costs.step(rows, min_tokens),
                 price=lambda: probe_price(self.costs, rows, min_tokens, draft_rows, catch_up, joining),
                 worth=lambda: choose_cap(*step, catch_up, hopeful=True) > 0,
+                untried=any(row.window.drafting.untried for _, row in candidates),
             )
         self.last_cap = cap
         proposals, owners = [], []

@@ -163,6 +163,11 @@ class RowDraft:
             self._accepted, self._rejected = weight * prior, weight * (1 - prior)
 
     @property
+    def untried(self) -> bool:
+        """No round of this row's request has drafted yet: its estimate is the instance's alone."""
+        return not self._rounds
+
+    @property
     def acceptance(self) -> float:
         """Estimated chance that the main model accepts the next drafted token, given the previous."""
         return self._accepted / (self._accepted + self._rejected)

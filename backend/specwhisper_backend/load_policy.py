@@ -43,7 +43,8 @@ drafting could gain, the margin stops them as well (until ``OVERRUN_FORGET`` pla
 passed, and the margin is measured again).
 
 Estimates only move when rows draft, so after ``PROBE_EVERY`` steps in a row without drafts the next
-step drafts ``PROBE_DRAFTS`` tokens a row (:class:`Probes`): a probe that keeps the acceptance
+step drafts ``PROBE_DRAFTS`` tokens a row (:class:`Probes`; sooner where a row's request has not
+drafted yet, whose estimate is only its instance's): a probe that keeps the acceptance
 estimates and the draft's measured cost current (its second pass is one token a row, which is what
 teaches the draft's cost). A probe is not cheap: its first draft pass feeds every drafting row all
 it decoded since the draft last ran, and its main pass pads every row to the probe's width. So a
@@ -340,10 +341,23 @@ class Probes:
         """The share of plain steps' predicted seconds saved up for the next probe."""
         return PROBE_SHARE * PROBE_EVERY / self.every
 
-    def cap(self, chosen: int, plain_seconds: float, price: Callable[[], float], worth: Callable[[], bool]) -> int:
+    def cap(
+        self,
+        chosen: int,
+        plain_seconds: float,
+        price: Callable[[], float],
+        worth: Callable[[], bool],
+        untried: bool = False,
+    ) -> int:
         """This step's cap: ``chosen`` (the policy's), or a probe's where ``worth()``: whether drafting
         could pay here (:func:`choose_cap`, ``hopeful``), and its ``price()`` (:func:`probe_price`) is
-        saved up. ``plain_seconds``: this step's predicted cost without drafts."""
+        saved up. ``plain_seconds``: this step's predicted cost without drafts.
+
+        ``untried``: a row here has not drafted in its request yet. Its estimate is only what the
+        instance saw of its kind lately, and one request the draft did badly on can pull that below
+        what drafting needs; every request after it would then start plain, and short ones end before
+        the wait is over. So such a row probes as soon as the price is saved up, without the wait: the
+        price still bounds what probes cost."""
         if chosen:
             self.every, self.waited, self.saved, self._probed = PROBE_EVERY, 0, 0.0, False
             return chosen
@@ -351,7 +365,7 @@ class Probes:
             self.every, self._probed = min(2 * self.every, PROBE_EVERY_MAX), False
         self.waited += 1
         self.saved += self.share * plain_seconds
-        if self.waited > self.every and price() <= self.saved and worth():
+        if (self.waited > self.every or untried) and price() <= self.saved and worth():
             self.waited, self.saved, self._probed = 0, 0.0, True
             return PROBE_DRAFTS
         return 0
