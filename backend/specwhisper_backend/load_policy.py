@@ -85,9 +85,9 @@ from specwhisper_backend.decoder_session import DecoderSession
 SCALE_MEMORY = 0.95
 # A pass or step that took more than this many times what was expected of it was interrupted (the
 # process preempted, a page fault, a collector's pause), not slowed by the machine's load: it counts
-# as this many times. Unclipped, one pause of a tenth of a second in a draft pass of a few
-# milliseconds tripled the draft's cost estimate, and since only drafting corrects that estimate,
-# a lone request then decoded plainly for seconds to come (docs/experiments.md, 2026-12-05).
+# as this many times. Unclipped, one pause in a short draft pass multiplied the draft's cost
+# estimate, and since only drafting corrects that estimate, a lone request then decoded plainly
+# for long after (docs/experiments.md, 2026-12-05).
 OUTLIER = 3.0
 # Overruns: each step's weight fades by this for every later step of its kind and batch size, and a
 # batch size's overrun counts once it has seen this many steps of each kind.
@@ -217,7 +217,7 @@ class Overruns:
         sums = self._sums.setdefault(_bucket(rows), np.zeros(7))
         kind = slice(3, 6) if drafted else slice(0, 3)
         # A step that overran OUTLIER times further than its kind has was interrupted: so much counts.
-        seen = sums[kind][1] and sums[kind][0] / sums[kind][1]
+        seen = sums[kind][0] / sums[kind][1] if sums[kind][1] else 1.0
         wall = min(wall, OUTLIER * max(seen, 1.0) * predicted)
         sums[kind] = sums[kind] * (OVERRUN_MEMORY, OVERRUN_MEMORY, 1) + (wall, predicted, 1)
         sums[6] = 0 if drafted else sums[6] + 1
