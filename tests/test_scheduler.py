@@ -19,7 +19,7 @@ from specwhisper_backend.drafting import DraftPolicy
 from specwhisper_backend.errors import RequestCancelled
 from specwhisper_backend.load_policy import server_costs_file
 from specwhisper_backend.runtime import ExportedModel
-from specwhisper_backend.scheduler import Overloaded, Scheduler, SchedulerOptions, Unloading
+from specwhisper_backend.scheduler import EncoderStall, Overloaded, Scheduler, SchedulerOptions, Unloading
 from specwhisper_backend.transcriber import Segment, TranscribeOptions, Transcriber
 from specwhisper_export.repository import link_tree
 from tests.collect import Collect
@@ -138,6 +138,91 @@ def test_a_fault_ends_the_requests_in_the_failing_step_and_the_next_ones_are_ser
     assert tokens(after.result.segments) == tokens(
         toy.transcribe(toy_speech(5, seed=2), TranscribeOptions(language="en")).segments
     )
+
+
+def test_the_encoder_stall_bound_weighs_the_rows_a_pass_would_stall_against_a_windows_decoding():
+    stall = EncoderStall(3.0)
+    assert stall.allows(16, held=0.0), "nothing is held back before both are measured"
+    stall.observe_pass(0.4)
+    stall.observe_window(0.2)
+    assert stall.allows(1, held=0.0)  # 0.4 s of one row's time against 3 x 0.2 s
+    assert not stall.allows(2, held=0.0)  # 0.8 s
+    assert not stall.allows(2, held=0.5) and stall.allows(2, held=0.61), "held at most as long as it would stall"
+    stall.observe_pass(1.4)  # a running mean: 0.9 x 0.4 + 0.1 x 1.4 = 0.5
+    assert stall.allows(1, held=0.0) and not stall.allows(2, held=0.0)
+    assert stall.encoder_pass == pytest.approx(0.5)
+    unbounded = EncoderStall(0.0)
+    unbounded.observe_pass(10.0)
+    unbounded.observe_window(0.01)
+    assert unbounded.allows(16, held=0.0)
+    with pytest.raises(ValueError, match="encoder_stall >= 0"):
+        SchedulerOptions(encoder_stall=-1.0)
+
+
+class Timed(Collect):
+    """Also notes when the request finished."""
+
+    ended: float = 0.0
+
+    def finished(self, transcription) -> None:
+        self.ended = time.perf_counter()
+        super().finished(transcription)
+
+
+def _encoded_while(toy, monkeypatch, stall: float, window_decoding: float, first_seconds: float):
+    """Request A (``first_seconds`` of speech) decodes alone; B (3 s) arrives while A's first window
+    decodes. The bound's estimates are fixed (an encoder pass 100 s, a window's decoding as given).
+    Returns A's and B's listeners, and for each encoder pass whether A had finished by then."""
+    monkeypatch.setattr(EncoderStall, "MEMORY", 1.0)  # the estimates stay as set
+    scheduler = Scheduler(toy, SchedulerOptions(max_rows=4, encoder_stall=stall))
+    scheduler.stall.encoder_pass, scheduler.stall.window_decoding = 100.0, window_decoding
+    first, second = Timed(), Timed()
+    passes: list[tuple[str, bool]] = []
+    encode = toy.encode
+
+    def logged(requests):
+        passes.extend(("B" if request.stats is second_stats[0] else "A", first.done.is_set()) for request in requests)
+        return encode(requests)
+
+    second_stats: list = [None]
+    monkeypatch.setattr(toy, "encode", logged)
+    scheduler.submit(toy_speech(first_seconds, seed=5), TranscribeOptions(language="en", temperatures=GREEDY), first)
+    deadline = time.time() + 30
+    while scheduler.counters.steps < 2 and time.time() < deadline:  # A's first window is decoding
+        time.sleep(0.001)
+    original_start = toy.start
+
+    def start(audio, options, stats):
+        second_stats[0] = stats
+        return original_start(audio, options, stats)
+
+    monkeypatch.setattr(toy, "start", start)
+    scheduler.submit(toy_speech(3, seed=6), TranscribeOptions(language="en", temperatures=GREEDY), second)
+    assert first.done.wait(60) and second.done.wait(60)
+    scheduler.stop()
+    monkeypatch.undo()
+    assert first.error is None and second.error is None
+    expected = toy.transcribe(toy_speech(3, seed=6), TranscribeOptions(language="en", temperatures=GREEDY))
+    assert tokens(second.result.segments) == tokens(expected.segments)
+    return first, second, passes
+
+
+def test_where_encoder_passes_dominate_a_newer_request_waits_for_the_running_window(toy, monkeypatch):
+    """A pass would stall A for 100 s against 3 x 1 s of a window's decoding: B waits until A's
+    windows have ended (A's next window, an older request's, goes first); with the bound off, B is
+    encoded while A decodes."""
+    _, _, passes = _encoded_while(toy, monkeypatch, stall=3.0, window_decoding=1.0, first_seconds=25)
+    assert passes[-1] == ("B", True) and all(who == "A" for who, _ in passes[:-1])
+    _, _, passes = _encoded_while(toy, monkeypatch, stall=0.0, window_decoding=1.0, first_seconds=25)
+    assert ("B", False) in passes
+
+
+def test_a_held_request_does_not_wait_for_a_long_one_to_finish(toy, monkeypatch):
+    """The bound binds (100 s against 3 x 0.02 s), but B is held at most 0.06 s of steps: it is
+    encoded and finishes while A, four windows long, still decodes."""
+    first, second, passes = _encoded_while(toy, monkeypatch, stall=3.0, window_decoding=0.02, first_seconds=95)
+    assert [who for who, _ in passes].count("A") == 4 and ("B", False) in passes
+    assert second.ended < first.ended
 
 
 def test_stopping_answers_every_request_still_there(toy):

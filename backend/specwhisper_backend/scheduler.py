@@ -10,6 +10,18 @@ requests already running are. The encoder takes the oldest request's window firs
 finish in about the order they came. (An encoder on a thread of its own, running while the batch
 steps, was slower here: on two cores the two competed for them, see docs/experiments.md.)
 
+An encoder pass stalls every row in the batch for as long as it runs. Where a window decodes in
+little time next to an encoder pass (short clips on a CPU), encoding every newcomer at once
+stretches each running request by one pass per request that arrives while it decodes: the median
+request ends sooner than on a serial server, but the slowest end later, and the throughput gained
+is only the decoder passes' share. So (:class:`EncoderStall`) a window of a request newer than every
+running row is encoded only while the rows decoding, times one encoder pass, stay within
+``encoder_stall`` times one window's decoding, both measured as the instance runs; otherwise the batch
+steps on until rows leave, and the newcomer waits its turn, oldest first. Held back, a window waits
+at most as long as it would have stalled the rows (``encoder_stall`` windows' decoding), so that no
+request waits for a long one to finish. The oldest request's window is never held back, and where
+decoding dominates (long-form windows, GPUs) the bound does not bind.
+
 Every request is answered through its :class:`Listener`: its segments as they are decoded, then its
 transcription, or the error that ended it. A request the caller cancels leaves the batch at the
 next step. A fault in a step ends the requests whose rows were in it, and the batch starts afresh;
@@ -69,10 +81,46 @@ class SchedulerOptions:
     max_rows: int = 8  # windows decoded together; each row holds its cross-attention K/V (docs/architecture.md)
     max_queue: int = 64  # requests waiting beyond the active ones; more are refused (Overloaded)
     encoder_batch: int = 1  # windows encoded in one pass: 1 on a CPU, where batching the encoder does not pay
+    # A newer request's encoder pass may stall the rows decoding for this many windows' decoding (see
+    # the module docstring); 0: no bound, every waiting window is encoded at the next pass.
+    encoder_stall: float = 3.0
 
     def __post_init__(self) -> None:
-        if self.max_rows < 1 or self.max_queue < 0 or self.encoder_batch < 1:
-            raise ValueError(f"need max_rows >= 1, max_queue >= 0 and encoder_batch >= 1, got {self}")
+        if self.max_rows < 1 or self.max_queue < 0 or self.encoder_batch < 1 or not self.encoder_stall >= 0:
+            raise ValueError(
+                f"need max_rows >= 1, max_queue >= 0, encoder_batch >= 1 and encoder_stall >= 0, got {self}"
+            )
+
+
+class EncoderStall:
+    """Whether an encoder pass for a newer request may stall the batch now (the module docstring says
+    why): the rows decoding times one pass, against ``limit`` times one window's decoding, which is
+    also the longest a window is held back. Both are running means of what this instance measured;
+    until it has measured both, nothing is held back."""
+
+    MEMORY = 0.9  # each sample's weight fades by this for every later one
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self.encoder_pass: float | None = None  # seconds an encoder pass takes
+        self.window_decoding: float | None = None  # seconds of steps a window takes, from joining to leaving
+
+    def observe_pass(self, seconds: float) -> None:
+        self.encoder_pass = _mean(self.encoder_pass, seconds, self.MEMORY)
+
+    def observe_window(self, seconds: float) -> None:
+        self.window_decoding = _mean(self.window_decoding, seconds, self.MEMORY)
+
+    def allows(self, rows: int, held: float) -> bool:
+        """``rows`` decoding; ``held``: seconds the window has been held back already."""
+        if not self.limit or self.encoder_pass is None or self.window_decoding is None:
+            return True
+        stall = self.limit * self.window_decoding
+        return rows * self.encoder_pass <= stall or held >= stall
+
+
+def _mean(mean: float | None, sample: float, memory: float) -> float:
+    return sample if mean is None else memory * mean + (1 - memory) * sample
 
 
 @dataclass(eq=False)
@@ -82,6 +130,8 @@ class Job:
     arrived: float
     stats: DecodeStats
     started: bool = False  # its first window has joined the batch
+    decoding: float = 0.0  # seconds of steps its window in the batch has taken so far
+    held: float = 0.0  # seconds of steps its next window has been held back from the encoder (EncoderStall)
     first_segment: bool = False
     next_cancel_check: float = 0.0
 
@@ -122,6 +172,8 @@ class Scheduler:
         self._waiting: deque[Job] = deque()
         self._active: list[Job] = []
         self._to_encode: list[tuple[float, int, Job]] = []  # a heap: the oldest request first
+        self.stall = EncoderStall(self.options.encoder_stall)
+        self._held: Job | None = None  # the window held back from the encoder before this step
         self._order = itertools.count()
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="specwhisper-scheduler", daemon=True)
@@ -204,10 +256,19 @@ class Scheduler:
                 self._end(job, RequestCancelled(f"cancelled after {seconds:.1f} s of audio"))
 
     def _encode(self) -> None:
+        if not self._to_encode:
+            return
+        arrived, _, first = self._to_encode[0]
+        decoding = self._decoder.owners()
+        oldest = arrived <= min((job.arrived for job in decoding), default=float("inf"))
+        if not oldest and not self.stall.allows(len(decoding), first.held):
+            self._held = first
+            return
         count = min(self.options.encoder_batch, len(self._to_encode))
         batch = [heapq.heappop(self._to_encode)[2] for _ in range(count)]
-        if not batch:
-            return
+        for job in batch:
+            job.held = 0.0
+        started = time.perf_counter()
         try:
             windows = self.transcriber.encode([job.request for job in batch])
         except Exception as error:
@@ -216,6 +277,7 @@ class Scheduler:
                 self._end(job, error)
             return
         now = time.perf_counter()
+        self.stall.observe_pass(now - started)
         for job, window in zip(batch, windows, strict=True):
             if not job.started:
                 job.started = True
@@ -224,6 +286,7 @@ class Scheduler:
 
     def _step(self) -> None:
         rows = len(self._decoder.rows)
+        started = time.perf_counter()
         try:
             results = self._decoder.step()
         except Exception as error:  # the batch's state is unknown: its requests end, the batch starts over
@@ -233,6 +296,12 @@ class Scheduler:
             for job in in_batch:
                 self._end(job, error)
             return
+        seconds = time.perf_counter() - started
+        for job in self._decoder.owners():
+            job.decoding += seconds
+        if self._held is not None:
+            self._held.held += seconds
+            self._held = None
         self.counters.steps += 1
         self.counters.rows += rows
         cap = self._decoder.last_cap
@@ -240,6 +309,7 @@ class Scheduler:
         if self.on_step is not None:
             self.on_step(rows, cap)
         for job, result in results:
+            job.decoding += seconds
             try:
                 segments = job.request.finish(result)
                 for segment in segments:
@@ -249,7 +319,10 @@ class Scheduler:
                     job.listener.segment(segment, job.request.language)
                 if job.request.retrying:  # the same window again, at a higher temperature
                     self._decoder.join(job.request.retry(), job)
-                elif job.request.done:
+                    continue
+                self.stall.observe_window(job.decoding)
+                job.decoding = 0.0
+                if job.request.done:
                     self._finish(job)
                 else:
                     self._queue_encode(job)

@@ -122,6 +122,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--encoder-batch", type=int, default=batching.encoder_batch, help="windows per encoder pass (GPUs: more)"
     )
     parser.add_argument(
+        "--encoder-stall",
+        type=float,
+        default=batching.encoder_stall,
+        help="a newer request's encoder pass may stall the batch for this many windows' decoding (0: no bound)",
+    )
+    parser.add_argument(
         "--no-stream", action="store_true", help="skip the decoupled <name>_stream model that streams segments"
     )
     return parser
@@ -140,6 +146,7 @@ def main(argv: list[str] | None = None) -> int:
             max_batch_rows=args.max_batch_rows,
             max_queue=args.max_queue,
             encoder_batch=args.encoder_batch,
+            encoder_stall=args.encoder_stall,
         )
         assistant, int8 = resolve_assistant(args, args.precision)
         request = ExportRequest(

@@ -47,10 +47,11 @@ class ServingOptions:
     # The drafting policy's confidence stop (see DraftPolicy): worth tuning per assistant and device.
     draft_confidence: float = DraftPolicy().confidence
     # In-flight batching (SchedulerOptions): rows decoded together per instance, requests that may wait
-    # beyond them, windows per encoder pass.
+    # beyond them, windows per encoder pass, how long a newer request's encoder pass may stall the batch.
     max_batch_rows: int = SchedulerOptions().max_rows
     max_queue: int = SchedulerOptions().max_queue
     encoder_batch: int = SchedulerOptions().encoder_batch
+    encoder_stall: float = SchedulerOptions().encoder_stall
 
     def __post_init__(self) -> None:
         if self.instances < 1:
@@ -62,7 +63,7 @@ class ServingOptions:
         if self.max_audio_seconds <= 0:
             raise ValueError(f"max_audio_seconds must be positive, got {self.max_audio_seconds}")
         DraftPolicy(confidence=self.draft_confidence)  # refuses a value out of range
-        SchedulerOptions(self.max_batch_rows, self.max_queue, self.encoder_batch)  # likewise
+        SchedulerOptions(self.max_batch_rows, self.max_queue, self.encoder_batch, self.encoder_stall)  # likewise
 
 
 def _tensors(entries: tuple[tuple[str, str, str], ...], optional: bool) -> str:
@@ -80,6 +81,7 @@ def render_config(model_name: str, options: ServingOptions, decoupled: bool = Fa
         "max_batch_rows": str(options.max_batch_rows),
         "max_queue": str(options.max_queue),
         "encoder_batch": str(options.encoder_batch),
+        "encoder_stall": str(options.encoder_stall),
     }
     params = "\n".join(
         f'parameters {{ key: "{key}" value: {{ string_value: "{value}" }} }}' for key, value in parameters.items()

@@ -84,6 +84,7 @@ class TritonPythonModel:
                 max_rows=int(params.get("max_batch_rows", SchedulerOptions.max_rows)),
                 max_queue=int(params.get("max_queue", SchedulerOptions.max_queue)),
                 encoder_batch=int(params.get("encoder_batch", SchedulerOptions.encoder_batch)),
+                encoder_stall=float(params.get("encoder_stall", SchedulerOptions.encoder_stall)),
             )
         except (ValueError, RuntimeError) as error:
             raise pb_utils.TritonModelException(f"bad model parameter: {error}") from error
