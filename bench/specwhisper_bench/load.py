@@ -56,6 +56,7 @@ class LoadOptions:
     short_clips: int = 12  # short real recordings, 2-10 s, four a language
     short_per_client: int = 4
     max_batch_rows: int = 16
+    encoder_stall: float = ServingOptions().encoder_stall  # the batched server's (0: no bound)
     threads: int = 2
     soak_seconds: float = 180.0  # the batched server at the largest load (0: no soak)
 
@@ -254,7 +255,13 @@ def servers(options: LoadOptions, repository_root: Path) -> Iterator[dict[str, T
         running = {}
         for index, (name, rows) in enumerate(configs.items()):
             repository = repository_root / f"repository-{index}"
-            serving = ServingOptions(instances=1, intra_op_threads=options.threads, max_batch_rows=rows, max_queue=256)
+            serving = ServingOptions(
+                instances=1,
+                intra_op_threads=options.threads,
+                max_batch_rows=rows,
+                max_queue=256,
+                encoder_stall=options.encoder_stall,
+            )
             write_repository(request, repository, serving=serving)
             grpc, http, metrics = free_ports(3)
             log = options.out / f"tritonserver-{index}.log"
@@ -339,7 +346,7 @@ def soak(server: TritonServer, audios: dict[str, list[np.ndarray]], clients: int
 def markdown(points: Sequence[LoadPoint], soaked: Soak | None, options: LoadOptions) -> str:
     lines = [
         f"# specwhisper-load: main {options.main}, draft {Path(options.assistant).name} (int8), "
-        f"{options.threads} ONNX Runtime threads, one instance per server",
+        f"{options.threads} ONNX Runtime threads, one instance per server, encoder_stall {options.encoder_stall:g}",
         "",
     ]
     columns = (
@@ -460,6 +467,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--short-per-client", type=int, default=defaults.short_per_client)
     parser.add_argument("--max-batch-rows", type=int, default=defaults.max_batch_rows)
+    parser.add_argument(
+        "--encoder-stall", type=float, default=defaults.encoder_stall, help="the batched server's (0: no bound)"
+    )
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--soak-seconds", type=float, default=defaults.soak_seconds)
     parser.add_argument("--smoke", action="store_true", help="loads 1 2, 20 s long-form, a short soak")
@@ -477,6 +487,7 @@ def main(argv: list[str] | None = None) -> int:
         long_variants=args.long_variants,
         short_per_client=args.short_per_client,
         max_batch_rows=args.max_batch_rows,
+        encoder_stall=args.encoder_stall,
         threads=args.threads,
         soak_seconds=args.soak_seconds,
     )
