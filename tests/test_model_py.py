@@ -66,6 +66,16 @@ def _error(response) -> TritonError:
     return response.error
 
 
+def test_the_warm_up_teaches_the_instance_nothing_about_drafting(unary):
+    """The warm-up's tone ran both paths; the acceptance the instance has seen is still none (the
+    tone's rejected drafts would have lowered where every request of its language starts)."""
+    transcriber = unary.scheduler.transcriber
+    assert transcriber.model.assistant is not None
+    fresh = type(transcriber.seen_acceptance)()
+    assert transcriber.seen_acceptance.prior(("transcribe", "en")) == fresh.prior(("transcribe", "en"))
+    assert not transcriber.seen_acceptance._sums
+
+
 def test_a_batch_answers_each_request_on_its_own(unary):
     good = Request(_pcm(toy_speech(3), language="en"))
     bad = Request(_pcm(np.full(SAMPLE_RATE, np.nan, np.float32)))

@@ -285,6 +285,13 @@ class Transcriber:
         # Held by whoever decodes on the model's sessions: segments() for a request, a scheduler for its life.
         self.lock = threading.Lock()
 
+    def forget_traffic(self) -> None:
+        """Drop what decoding taught this instance of drafting (the acceptance seen, the probes' waits):
+        what a warm-up ran is not traffic. (A tone's one rejected round took English requests' starting
+        estimate from two in three to one in two, where one row's drafting only just pays.)"""
+        self.seen_acceptance = SeenAcceptance()
+        self._probes = Probes()
+
     @property
     def aligner(self) -> WordAligner | None:
         """Word timing on the export's alignment graph (opened on first use), if it has one."""

@@ -106,6 +106,7 @@ class TritonPythonModel:
         tone = (0.1 * np.sin(np.linspace(0, 2000 * np.pi, SAMPLE_RATE))).astype(np.float32)
         for speculative in (False, transcriber.model.assistant is not None):
             transcriber.transcribe(tone, TranscribeOptions(language=None, speculative=speculative))
+        transcriber.forget_traffic()
 
     def _inputs(self, request):
         tensors = {}
