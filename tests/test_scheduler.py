@@ -148,6 +148,7 @@ def test_the_encoder_stall_bound_weighs_the_rows_a_pass_would_stall_against_a_wi
     assert stall.allows(1, held=0.0)  # 0.4 s of one row's time against 3 x 0.2 s
     assert not stall.allows(2, held=0.0)  # 0.8 s
     assert not stall.allows(2, held=0.5) and stall.allows(2, held=0.61), "held at most as long as it would stall"
+    assert stall.allows(2, held=0.0, running=0.3), "a window in the batch has decoded longer than the mean"
     stall.observe_pass(1.4)  # a running mean: 0.9 x 0.4 + 0.1 x 1.4 = 0.5
     assert stall.allows(1, held=0.0) and not stall.allows(2, held=0.0)
     assert stall.encoder_pass == pytest.approx(0.5)

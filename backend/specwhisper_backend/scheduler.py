@@ -111,11 +111,13 @@ class EncoderStall:
     def observe_window(self, seconds: float) -> None:
         self.window_decoding = _mean(self.window_decoding, seconds, self.MEMORY)
 
-    def allows(self, rows: int, held: float) -> bool:
-        """``rows`` decoding; ``held``: seconds the window has been held back already."""
+    def allows(self, rows: int, held: float, running: float = 0.0) -> bool:
+        """``rows`` decoding; ``held``: seconds the window has been held back already; ``running``: the
+        longest any window in the batch has decoded so far. A window takes at least that, so where
+        the traffic turns from short windows to long ones the bound follows before any long one ends."""
         if not self.limit or self.encoder_pass is None or self.window_decoding is None:
             return True
-        stall = self.limit * self.window_decoding
+        stall = self.limit * max(self.window_decoding, running)
         return rows * self.encoder_pass <= stall or held >= stall
 
 
@@ -261,7 +263,8 @@ class Scheduler:
         arrived, _, first = self._to_encode[0]
         decoding = self._decoder.owners()
         oldest = arrived <= min((job.arrived for job in decoding), default=float("inf"))
-        if not oldest and not self.stall.allows(len(decoding), first.held):
+        running = max((job.decoding for job in decoding), default=0.0)
+        if not oldest and not self.stall.allows(len(decoding), first.held, running):
             self._held = first
             return
         count = min(self.options.encoder_batch, len(self._to_encode))
