@@ -219,8 +219,9 @@ def test_where_encoder_passes_dominate_a_newer_request_waits_for_the_running_win
 
 
 def test_a_held_request_does_not_wait_for_a_long_one_to_finish(toy, monkeypatch):
-    """The bound binds (100 s against 3 x 0.02 s), but B is held at most 0.06 s of steps: it is
-    encoded and finishes while A, four windows long, still decodes."""
+    """The bound binds (100 s against 3 x 0.02 s, or 3 x what A's running window has decoded so far),
+    but B is held at most that long in steps: it is encoded and finishes while A, four windows long,
+    still decodes."""
     first, second, passes = _encoded_while(toy, monkeypatch, stall=3.0, window_decoding=0.02, first_seconds=95)
     assert [who for who, _ in passes].count("A") == 4 and ("B", False) in passes
     assert second.ended < first.ended
