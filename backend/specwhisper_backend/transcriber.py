@@ -287,8 +287,8 @@ class Transcriber:
 
     def forget_traffic(self) -> None:
         """Drop what decoding taught this instance of drafting (the acceptance seen, the probes' waits):
-        what a warm-up ran is not traffic. (A tone's one rejected round took English requests' starting
-        estimate from two in three to one in two, where one row's drafting only just pays.)"""
+        what a warm-up ran is not traffic. (A tone's rejected round lowered where every request of its
+        detected language starts, to about where one row's drafting stops paying.)"""
         self.seen_acceptance = SeenAcceptance()
         self._probes = Probes()
 
