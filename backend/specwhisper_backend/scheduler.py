@@ -288,19 +288,19 @@ class Scheduler:
             self._decoder.join(window, job)
 
     def _step(self) -> None:
-        rows = len(self._decoder.rows)
+        in_batch = self._decoder.owners()
+        rows = len(in_batch)
         started = time.perf_counter()
         try:
             results = self._decoder.step()
         except Exception as error:  # the batch's state is unknown: its requests end, the batch starts over
             log.error("decode step failed: %s", traceback.format_exc())
-            in_batch = self._decoder.owners()
             self._decoder = self.transcriber.batch_decoder(self.costs)
             for job in in_batch:
                 self._end(job, error)
             return
         seconds = time.perf_counter() - started
-        for job in self._decoder.owners():
+        for job in in_batch:
             job.decoding += seconds
         if self._held is not None:
             self._held.held += seconds
@@ -312,7 +312,6 @@ class Scheduler:
         if self.on_step is not None:
             self.on_step(rows, cap)
         for job, result in results:
-            job.decoding += seconds
             try:
                 segments = job.request.finish(result)
                 for segment in segments:

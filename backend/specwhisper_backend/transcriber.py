@@ -280,8 +280,7 @@ class Transcriber:
         self._costs: dict[int, StepCosts] = {}
         # What this instance learnt of drafting outlives each request's decoder: how often drafts
         # were accepted (where a request's estimate starts) and when to probe a plain batch.
-        self.seen_acceptance = SeenAcceptance()
-        self._probes = Probes()
+        self.forget_traffic()
         # Held by whoever decodes on the model's sessions: segments() for a request, a scheduler for its life.
         self.lock = threading.Lock()
 
