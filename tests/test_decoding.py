@@ -767,6 +767,21 @@ def test_a_probe_is_priced_with_the_rows_joining_the_draft():
     assert probe_price(costs, 8, 1, 8, 1, joining=4) == pytest.approx(alone + 4 * 0.5)
 
 
+def test_a_cold_first_join_does_not_price_the_joins_after_it():
+    """Rows join the draft once a window. The first join after the grid was timed at many rows runs
+    the graph cold, at two or three times a join's cost; a running mean started from it priced every
+    window's first probe (which is when a row joins) at that for a dozen windows, and the probes of a
+    lone row waited long past their turn."""
+    costs = flat_costs(0.1)
+    costs.observe_join(0.046)
+    for _ in range(2):
+        costs.observe_join(0.018)
+    assert costs.join_seconds == pytest.approx(0.018)
+    for _ in range(3):  # a machine that stays slower is followed
+        costs.observe_join(0.030)
+    assert costs.join_seconds == pytest.approx(0.030)
+
+
 def test_costs_follow_the_machine():
     costs = flat_costs(0.1)
     before = costs.main(4, 5)
@@ -782,6 +797,44 @@ def test_a_slower_machine_is_followed_however_much_slower():
     for _ in range(200):  # every draft pass five times what the grid says: the machine is loaded
         costs.observe(1, 1, costs.main(1, 1), 1, 1, 5 * before)
     assert costs.draft(1) == pytest.approx(5 * before, rel=0.01)
+
+
+def test_served_passes_correct_a_grid_point_timed_slow_at_load():
+    """At one row drafting is a close call that the ratio of a wide pass to a one-token pass decides,
+    and a grid point timed while the machine was busy misstates it: two instances of one server then
+    drafted differently for as long as they ran. The served passes correct each width's point against
+    the level the one-token passes set, so both come to the same decision."""
+    rows, tokens = (1, 2), (1, 2, 3, 5, 9, 17)
+    true = np.asarray([[0.010 * (1 + 0.05 * (t - 1)) for t in tokens]] * 2)
+    slow = true * np.asarray([1.0, 1.12, 1.15, 1.15, 1.15, 1.15])  # the wide points timed in a busy moment
+    accurate, misled = (StepCosts(rows, tokens, grid, np.full(grid.shape, 0.0025)) for grid in (true, slow))
+
+    def threshold(costs: StepCosts) -> float:
+        return next(a for a in np.arange(0.3, 1.0, 0.01) if choose_cap(costs, 1, 1, [a], [5], 1) > 0)
+
+    assert threshold(misled) > threshold(accurate) + 0.05
+    # The machine a little slower than at load: plain steps, then rounds of two to six tokens between them.
+    widths = [1] * 100 + [1, 3, 1, 6, 1, 2, 1, 5, 1, 4] * 60
+    for width in widths:
+        seconds = 1.3 * float(np.interp(width, tokens, true[0]))
+        for costs in (accurate, misled):
+            costs.observe(1, width, seconds, 1, 0, 0.0)
+    for costs in (accurate, misled):
+        assert costs.main(1, 1) == pytest.approx(1.3 * true[0, 0], rel=1e-6), "the level: the one-token passes"
+        for width in range(2, 7):
+            assert costs.main(1, width) == pytest.approx(1.3 * np.interp(width, tokens, true[0]), rel=0.02)
+    assert threshold(misled) == pytest.approx(threshold(accurate), abs=0.015)
+
+
+def test_a_batch_that_always_drafts_moves_the_level():
+    """With no one-token pass to set the level, the served passes move it, and the plain step's price
+    follows the machine as the drafting steps' does."""
+    costs = flat_costs(0.1)
+    plain, wide = costs.main(4, 1), costs.main(4, 5)
+    for _ in range(200):
+        costs.observe(4, 5, 1.5 * wide, 4, 0, 0.0)
+    assert costs.main(4, 5) == pytest.approx(1.5 * wide, rel=0.01)
+    assert costs.main(4, 1) == pytest.approx(1.5 * plain, rel=0.01)
 
 
 def test_an_interrupted_draft_pass_does_not_stop_a_lone_row_drafting():

@@ -9,7 +9,12 @@ as the batch grows, to none at all when verifying drafts costs more than they sa
 The policy decides from measurements, not assumptions. :class:`StepCosts` holds the measured time of
 a main pass for a grid of rows and tokens per row, and of a draft pass for a grid of rows, taken when
 an instance loads (:func:`measure_step_costs`), then scaled by how the steps actually served compare
-with it, so that a machine under other load is seen as such; a pass that took many times its
+with it, so that a machine under other load is seen as such. The served steps correct the grid's
+shape too, not only its level: a point timed at load is as noisy as the machine, and at one row
+drafting is a close call that a few percent on the ratio of a wide pass to a one-token pass decides,
+so two instances of one server, timed a minute apart, would draft differently for good. The level
+follows the one-token passes (plain decoding's), and each wider pass corrects its width's point
+against that level (:meth:`StepCosts.observe`). A pass that took many times its
 estimate was interrupted rather than slowed, and moves the scale by a few percent only (``OUTLIER``):
 the draft's scale is corrected only by drafting, so one inflated by a pause would keep a row from
 the drafts that would correct it. Each row brings its own draft length
@@ -73,6 +78,7 @@ import json
 import os
 import tempfile
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -103,9 +109,15 @@ PROBE_DRAFTS = 2
 # at the start's pace; PROBE_EVERY / wait of it after probes that showed nothing (Probes.share).
 PROBE_SHARE = 0.05
 MARGIN = 1.1
+# A width's correction of the grid's shape is measured against the level of the one-token passes, so
+# it is learned only while one-token passes at that batch size have come within this many steps;
+# otherwise (a batch that drafts every step) the level follows every pass, as the shape stands.
+ANCHOR_STEPS = 64
 # About the best a trained draft's acceptance gets on clean speech (docs/experiments.md): a probe is
 # made only where drafting would pay at this acceptance.
 HOPEFUL_ACCEPTANCE = 0.9
+# A row's joining the draft is priced at the median of this many recent joins (StepCosts.observe_join).
+JOIN_SAMPLES = 5
 
 
 @dataclass
@@ -122,12 +134,46 @@ class StepCosts:
     main_scale: float = 1.0
     draft_scale: float = 1.0
     join_seconds: float = 0.0  # a row's first draft: its cross K/V (learned as rows join; 0 until then)
+    _joins: deque[float] = field(default_factory=lambda: deque(maxlen=JOIN_SAMPLES), repr=False, compare=False)
     overruns: Overruns = field(default_factory=lambda: Overruns())
     _points: dict[tuple[str, int, int], float] = field(default_factory=dict, repr=False, compare=False)
+    # The served passes' correction of each main-grid point (the one-token column stays 1: it is the
+    # level's), and the steps at each grid row since its last one-token pass.
+    _shape: list[list[float]] = field(default_factory=list, repr=False, compare=False)
+    _since_level: list[int] = field(default_factory=list, repr=False, compare=False)
+    _columns: dict[int, tuple[tuple[int, float], ...]] = field(default_factory=dict, repr=False, compare=False)
+    _row_indices: dict[int, int] = field(default_factory=dict, repr=False, compare=False)
+
+    def __post_init__(self) -> None:
+        self._shape = [[1.0] * len(self.tokens) for _ in self.rows]
+        self._since_level = [ANCHOR_STEPS] * len(self.rows)
 
     def main(self, rows: int, tokens: int) -> float:
         """A main pass over ``rows`` rows of ``tokens`` tokens each (padding included)."""
-        return self._interpolated("main_seconds", rows, tokens) * self.main_scale
+        return self._interpolated("main_seconds", rows, tokens) * self.shape(rows, tokens) * self.main_scale
+
+    def shape(self, rows: int, tokens: int) -> float:
+        """How far the served passes have moved this point of the main grid from its measured shape."""
+        shape = self._shape[self._row_index(rows)]
+        return sum(weight * shape[column] for column, weight in self._token_columns(tokens))
+
+    def _row_index(self, rows: int) -> int:
+        """The grid row whose shape a pass over ``rows`` rows shares: the last one at or below it."""
+        if rows not in self._row_indices:
+            self._row_indices[rows] = max(0, int(np.searchsorted(self.rows, rows, side="right")) - 1)
+        return self._row_indices[rows]
+
+    def _token_columns(self, tokens: int) -> tuple[tuple[int, float], ...]:
+        """The grid's token columns on either side of ``tokens``, with their interpolation weights."""
+        if tokens not in self._columns:
+            upper = min(int(np.searchsorted(self.tokens, tokens)), len(self.tokens) - 1)
+            lower = max(upper - 1, 0)
+            if upper == lower or tokens >= self.tokens[upper]:
+                self._columns[tokens] = ((upper, 1.0),)
+            else:
+                weight = (tokens - self.tokens[lower]) / (self.tokens[upper] - self.tokens[lower])
+                self._columns[tokens] = ((lower, 1.0 - weight), (upper, weight))
+        return self._columns[tokens]
 
     def draft(self, rows: int, tokens: int = 1) -> float:
         """A draft pass over ``rows`` rows of ``tokens`` tokens each (padding included)."""
@@ -182,16 +228,33 @@ class StepCosts:
         """Fold a served step into the scales: its main pass, and its draft passes of one token a row
         over ``draft_rows`` rows, if any (not a round's first pass, which also catches up on the
         accepted tokens: counted as a draft pass, it would make drafting look dearer each time it
-        resumes after plain steps, and it would seldom resume)."""
-        expected = self.main(rows, tokens) / self.main_scale
-        self.main_scale = _follow(self.main_scale, main_seconds / expected)
+        resumes after plain steps, and it would seldom resume).
+
+        A one-token pass moves the level (``main_scale``). A wider one, where one-token passes at its
+        batch size came lately (``ANCHOR_STEPS``), corrects its width's point of the grid against
+        that level instead: the level is then what plain decoding is priced at, not a mixture of the
+        widths served. Where none came lately, the level follows this pass, as the shape stands."""
+        index = self._row_index(rows)
+        grid = self._interpolated("main_seconds", rows, tokens)
+        self._since_level[index] = 0 if tokens == 1 else self._since_level[index] + 1
+        if tokens == 1 or self._since_level[index] >= ANCHOR_STEPS:
+            self.main_scale = _follow(self.main_scale, main_seconds / (grid * self.shape(rows, tokens)))
+        else:
+            ratio, shape = main_seconds / (grid * self.main_scale), self._shape[index]
+            for column, weight in self._token_columns(tokens):
+                if column:  # the one-token column is the level's
+                    shape[column] = _follow(shape[column], ratio, weight)
         if draft_passes:
             expected = draft_passes * self.draft(draft_rows) / self.draft_scale
             self.draft_scale = _follow(self.draft_scale, draft_seconds / expected)
 
     def observe_join(self, seconds: float) -> None:
-        """Fold in what a row's joining the draft took."""
-        self.join_seconds = _follow(self.join_seconds, seconds) if self.join_seconds else seconds
+        """Fold in what a row's joining the draft took: the median of the last ``JOIN_SAMPLES``.
+        Rows join once a window, too seldom for a running mean to forget its first sample, and the
+        first is cold (the graph's first run at one row after the grid's at many): followed from it,
+        it overpriced each window's first probe (when a row joins) for many windows."""
+        self._joins.append(seconds)
+        self.join_seconds = float(np.median(self._joins))
 
     def step(self, rows: int, tokens: int, draft_rows: int = 0, catch_up: int = 1, draft_passes: int = 0) -> float:
         """A step: a main pass over ``rows`` x ``tokens``, after ``draft_passes`` draft passes over
@@ -236,13 +299,15 @@ class Overruns:
         return float((sums[3] / sums[4]) / plain)
 
 
-def _follow(estimate: float, sample: float) -> float:
-    """``estimate`` moved toward ``sample`` by a step's weight (``SCALE_MEMORY``), geometrically (a
-    cost is a factor, and a slow-down and a speed-up of the same factor should weigh alike), and the
-    sample held within ``OUTLIER`` times the estimate either way: a pause moves it by a few percent,
-    while a machine that stays slower is followed within a few dozen samples."""
+def _follow(estimate: float, sample: float, weight: float = 1.0) -> float:
+    """``estimate`` moved toward ``sample`` by a step's weight (``SCALE_MEMORY``; a share ``weight``
+    of it), geometrically (a cost is a factor, and a slow-down and a speed-up of the same factor
+    should weigh alike), and the sample held within ``OUTLIER`` times the estimate either way: a
+    pause moves it by a few percent, while a machine that stays slower is followed within a few
+    dozen samples."""
     sample = min(max(sample, estimate / OUTLIER), estimate * OUTLIER)
-    return float(estimate**SCALE_MEMORY * sample ** (1 - SCALE_MEMORY))
+    memory = SCALE_MEMORY**weight
+    return float(estimate**memory * sample ** (1 - memory))
 
 
 def _bucket(rows: int) -> int:
