@@ -152,6 +152,11 @@ def test_the_encoder_stall_bound_weighs_the_rows_a_pass_would_stall_against_a_wi
     stall.observe_pass(1.4)  # a running mean: 0.9 x 0.4 + 0.1 x 1.4 = 0.5
     assert stall.allows(1, held=0.0) and not stall.allows(2, held=0.0)
     assert stall.encoder_pass == pytest.approx(0.5)
+    for _ in range(20):  # long-form windows, then traffic turns to short clips
+        stall.observe_window(10.0)
+    for _ in range(EncoderStall.WINDOWS // 2 + 1):
+        stall.observe_window(0.5)
+    assert stall.window_decoding == pytest.approx(0.5), "the bound follows the traffic within a few windows"
     unbounded = EncoderStall(0.0)
     unbounded.observe_pass(10.0)
     unbounded.observe_window(0.01)
@@ -174,7 +179,8 @@ def _encoded_while(toy, monkeypatch, stall: float, window_decoding: float, first
     """Request A (``first_seconds`` of speech) decodes alone; B (3 s) arrives while A's first window
     decodes. The bound's estimates are fixed (an encoder pass 100 s, a window's decoding as given).
     Returns A's and B's listeners, and for each encoder pass whether A had finished by then."""
-    monkeypatch.setattr(EncoderStall, "MEMORY", 1.0)  # the estimates stay as set
+    for observe in ("observe_pass", "observe_window"):  # the estimates stay as set
+        monkeypatch.setattr(EncoderStall, observe, lambda self, seconds: None)
     scheduler = Scheduler(toy, SchedulerOptions(max_rows=4, encoder_stall=stall))
     scheduler.stall.encoder_pass, scheduler.stall.window_decoding = 100.0, window_decoding
     first, second = Timed(), Timed()

@@ -95,21 +95,31 @@ class SchedulerOptions:
 class EncoderStall:
     """Whether an encoder pass for a newer request may stall the batch now (the module docstring says
     why): the rows decoding times one pass, against ``limit`` times one window's decoding, which is
-    also the longest a window is held back. Both are running means of what this instance measured;
-    until it has measured both, nothing is held back."""
+    also the longest a window is held back. Both are what this instance measured: an encoder pass a
+    running mean, a window's decoding the median of the last ``WINDOWS`` windows; until it has
+    measured both, nothing is held back.
 
-    MEMORY = 0.9  # each sample's weight fades by this for every later one
+    A window's decoding is not a running mean: it is heavy-tailed across traffic (a long-form
+    window decodes for many times a short clip's whole request), and a mean held the long-form
+    windows' for dozens of short ones after traffic turned from long-form to short clips, so that
+    every newcomer was encoded at once, as with no bound. The median follows within half of
+    ``WINDOWS``; a long window in the batch is weighed as it runs (``running`` in :meth:`allows`)."""
+
+    MEMORY = 0.9  # each encoder pass's weight fades by this for every later one
+    WINDOWS = 9
 
     def __init__(self, limit: float) -> None:
         self.limit = limit
         self.encoder_pass: float | None = None  # seconds an encoder pass takes
         self.window_decoding: float | None = None  # seconds of steps a window takes, from joining to leaving
+        self._windows: deque[float] = deque(maxlen=self.WINDOWS)
 
     def observe_pass(self, seconds: float) -> None:
         self.encoder_pass = _mean(self.encoder_pass, seconds, self.MEMORY)
 
     def observe_window(self, seconds: float) -> None:
-        self.window_decoding = _mean(self.window_decoding, seconds, self.MEMORY)
+        self._windows.append(seconds)
+        self.window_decoding = float(np.median(self._windows))
 
     def allows(self, rows: int, held: float, running: float = 0.0) -> bool:
         """``rows`` decoding; ``held``: seconds the window has been held back already; ``running``: the
