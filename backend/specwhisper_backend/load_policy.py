@@ -133,7 +133,7 @@ class StepCosts:
     draft_seconds: np.ndarray  # [len(rows), len(tokens)]
     main_scale: float = 1.0
     draft_scale: float = 1.0
-    join_seconds: float = 0.0  # a row's first draft: its cross K/V (learned as rows join; 0 until then)
+    # A row's first draft: its cross K/V, the last joins timed (join_seconds).
     _joins: deque[float] = field(default_factory=lambda: deque(maxlen=JOIN_SAMPLES), repr=False, compare=False)
     overruns: Overruns = field(default_factory=lambda: Overruns())
     _points: dict[tuple[str, int, int], float] = field(default_factory=dict, repr=False, compare=False)
@@ -249,12 +249,17 @@ class StepCosts:
             self.draft_scale = _follow(self.draft_scale, draft_seconds / expected)
 
     def observe_join(self, seconds: float) -> None:
-        """Fold in what a row's joining the draft took: the median of the last ``JOIN_SAMPLES``.
-        Rows join once a window, too seldom for a running mean to forget its first sample, and the
-        first is cold (the graph's first run at one row after the grid's at many): followed from it,
-        it overpriced each window's first probe (when a row joins) for many windows."""
+        """Fold in what a row's joining the draft took."""
         self._joins.append(seconds)
-        self.join_seconds = float(np.median(self._joins))
+
+    @property
+    def join_seconds(self) -> float:
+        """What a row's joining the draft takes (0 until one has joined): the median of the last
+        ``JOIN_SAMPLES``. Rows join once a window, too seldom for a running mean to forget its first
+        sample, and the first is cold (the graph's first run at one row after the grid's at many):
+        followed from it, it overpriced each window's first probe (when a row joins) for many
+        windows."""
+        return float(np.median(self._joins)) if self._joins else 0.0
 
     def step(self, rows: int, tokens: int, draft_rows: int = 0, catch_up: int = 1, draft_passes: int = 0) -> float:
         """A step: a main pass over ``rows`` x ``tokens``, after ``draft_passes`` draft passes over
