@@ -5,7 +5,9 @@ at a step boundary once its window is encoded and leaves when its text ends, so 
 requests are decoded together, each at its own length. A step, for every row at once:
 
 1. rows that may draft propose up to their draft length, capped by what the step can afford
-   (:mod:`specwhisper_backend.load_policy`), in batched draft passes;
+   (:mod:`specwhisper_backend.load_policy`), in batched draft passes; a row whose last tokens
+   occurred before (in an earlier attempt at its window, above all) may copy what followed them
+   instead, which needs no draft pass (:mod:`specwhisper_backend.copying`);
 2. one main pass scores each row's pending token and its drafts (a row that detects its language or
    fills in its prompt brings those tokens instead);
 3. every scored position is filtered with its own prefix and the main model's greedy choice is
@@ -42,6 +44,7 @@ from enum import Enum
 
 import numpy as np
 
+from specwhisper_backend.copying import copied_continuation
 from specwhisper_backend.decoder_session import DecoderSession
 from specwhisper_backend.drafting import (
     DraftPolicy,
@@ -78,6 +81,7 @@ class Window:
     draft_states: np.ndarray | None = None  # [1, frames, d]: what the draft reads
     temperature: float = 0.0  # 0: greedy; above, sampled with ``noise``
     noise: PositionNoise | None = None
+    earlier: tuple[tuple[int, ...], ...] = ()  # the text of earlier attempts at it (fallbacks): copied from
 
 
 @dataclass(frozen=True)
@@ -114,6 +118,7 @@ class Row:
     sot_index: int = 0  # where <|startoftranscript|> is in the prompt
     sum_logprob: float = 0.0
     no_speech_prob: float | None = None
+    copied: bool = False  # this step's drafts were copied (specwhisper_backend.copying), not drafted
 
     def begin(self, language: str, sot: int) -> None:
         self.language = language
@@ -281,8 +286,15 @@ class BatchDecoder:
 
     def _propose(self, feeds: list[list[int]]) -> tuple[list[list[int]], ProposalTiming, int]:
         """This step's drafts for every row (none for rows that do not draft now), and what the first
-        draft pass fed the row furthest behind (0: the draft did not run)."""
+        draft pass fed the row furthest behind (0: the draft did not run).
+
+        A row whose last tokens occurred before (in an earlier attempt at its window, its prompt or
+        its text) may copy what followed them instead of drafting (:mod:`specwhisper_backend.copying`),
+        where the copy promises as many tokens as its draft would: a copy needs no draft pass, so a
+        step in which every drafting row copies runs none, and the cap is chosen with that cost."""
         none: list[list[int]] = [[] for _ in self.rows]
+        for row in self.rows:
+            row.copied = False
         candidates = [
             (i, row) for i, row in enumerate(self.rows) if row.phase is Phase.DECODE and row.window.drafting is not None
         ]
@@ -290,46 +302,53 @@ class BatchDecoder:
         if not candidates or not self.lanes:
             return none, NO_PROPOSAL, 0
         limit = self.facts.n_text_ctx
-        lengths = [min(row.window.drafting.length, limit - len(row.tokens) - 1) for _, row in candidates]
+        lengths, copies = [], []
+        for _, row in candidates:
+            drafting, room = row.window.drafting, limit - len(row.tokens) - 1
+            length = min(drafting.length, room)
+            copy = self._copy(row, length, room)
+            lengths.append(len(copy) if copy else length)
+            copies.append(copy)
+        drafting_rows = [row for (_, row), copy in zip(candidates, copies, strict=True) if not copy]
         cap = max(lengths)
         if self.policy.cost_aware:
-            acceptance = [row.window.drafting.acceptance for _, row in candidates]
+            acceptance = [
+                row.window.drafting.copy_acceptance if copy else row.window.drafting.acceptance
+                for (_, row), copy in zip(candidates, copies, strict=True)
+            ]
             min_tokens = max(len(feed) for feed in feeds)
-            joining = sum(row.draft_slot is None for _, row in candidates)
-            draft_rows = self.draft_rows + joining
+            joining = sum(row.draft_slot is None for row in drafting_rows)
+            draft_rows = self.draft_rows + joining if drafting_rows else 0  # copies alone run no draft pass
             rows = len(self.rows)
             step = (self.costs, rows, min_tokens, acceptance, lengths, draft_rows)
-            catch_up = self._behind(row for _, row in candidates)
+            catch_up = self._behind(drafting_rows) if drafting_rows else 0
             cap = self._probes.cap(
                 choose_cap(*step, catch_up),
                 self.costs.step(rows, min_tokens),
                 price=lambda: probe_price(self.costs, rows, min_tokens, draft_rows, catch_up, joining),
                 worth=lambda: choose_cap(*step, catch_up, hopeful=True) > 0,
-                untried=any(row.window.drafting.untried for _, row in candidates),
+                untried=any(row.window.drafting.untried for row in drafting_rows),
             )
         self.last_cap = cap
         proposals, owners = [], []
-        for (index, row), length in zip(candidates, lengths, strict=True):
-            if min(length, cap) > 0:
-                if row.draft_slot is None:
-                    self._join_draft(row)
-                window, drafting = row.window, row.window.drafting
-                # A sampled row's draft is judged against the main model's sample, not its choice:
-                # what greedy rows teach of the draft's confidence does not hold for it.
-                chance = drafting.chance if not window.temperature else None
-                proposals.append(
-                    Proposal(
-                        row.draft_slot,
-                        row.tokens,
-                        min(length, cap),
-                        row.filters,
-                        window.temperature,
-                        window.noise,
-                        chance,
-                    )
-                )
-                owners.append(index)
-                drafting.proposed_after = len(row.tokens)
+        for (index, row), length, copy in zip(candidates, lengths, copies, strict=True):
+            if min(length, cap) <= 0:
+                continue
+            window, drafting = row.window, row.window.drafting
+            if copy:
+                none[index], row.copied = copy[:cap], True
+                continue
+            if row.draft_slot is None:
+                self._join_draft(row)
+            # A sampled row's draft is judged against the main model's sample, not its choice:
+            # what greedy rows teach of the draft's confidence does not hold for it.
+            chance = drafting.chance if not window.temperature else None
+            count = min(length, cap)
+            proposals.append(
+                Proposal(row.draft_slot, row.tokens, count, row.filters, window.temperature, window.noise, chance)
+            )
+            owners.append(index)
+            drafting.proposed_after = len(row.tokens)
         if not proposals:
             return none, NO_PROPOSAL, 0
         behind = self._behind(self.rows[index] for index in owners)
@@ -348,6 +367,16 @@ class BatchDecoder:
                 stats.assistant_passes += timing.passes
                 stats.seconds_draft += timing.seconds / len(mine)
         return none, ProposalTiming.total(timings), behind
+
+    def _copy(self, row: Row, length: int, room: int) -> list[int]:
+        """What ``row`` copies this step instead of drafting ``length`` tokens (empty: it drafts)."""
+        if not self.policy.copies:
+            return []
+        # Each earlier attempt followed the same prompt, so its first tokens can be copied too.
+        prompt = row.tokens[: row.prompt_length]
+        earlier = [(*prompt, *attempt) for attempt in row.window.earlier]
+        copy = copied_continuation(earlier, row.tokens, min(self.policy.maximum, room))
+        return copy if copy and row.window.drafting.prefers_copy(len(copy), length) else []
 
     def _behind(self, rows: Iterable[Row]) -> int:
         """The most tokens any of ``rows`` has decoded that the draft's cache does not hold yet."""
@@ -385,7 +414,10 @@ class BatchDecoder:
         lengths = self.main.lengths.copy()
         lengths[slot] -= len(drafts) - accepted  # keep the pending token and the accepted drafts
         self.main.truncate(lengths)
-        if row.lane is not None and drafts:
+        if row.copied:  # the draft's cache holds a prefix of the text still: nothing to roll back
+            stats.add_copied(copied=len(drafts), accepted=accepted)
+            row.window.drafting.update_copied(accepted, len(drafts))
+        elif row.lane is not None and drafts:
             drafting, session = row.window.drafting, row.lane.session
             draft_lengths = session.lengths.copy()
             slot = row.draft_slot

@@ -28,6 +28,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from specwhisper_backend.decoder_session import DecoderSession
+from specwhisper_backend.load_policy import expected_tokens
 from specwhisper_backend.logit_filters import LogitFilter, filtered
 from specwhisper_backend.normalizer import probability
 from specwhisper_backend.sampling import PositionNoise, choose
@@ -60,6 +61,9 @@ class DraftPolicy:
     # probability (under the logit filters) as the instance has seen drafts of that probability
     # accepted (SeenAcceptance.chance). 0 turns it off. Why 0.6: docs/experiments.md.
     confidence: float = 0.6
+    # Where a row's last tokens occurred before (an earlier attempt at its window, its prompt, its
+    # text), it may copy what followed them instead of drafting (specwhisper_backend.copying).
+    copies: bool = True
 
     def __post_init__(self) -> None:
         if not 1 <= self.minimum <= self.start <= self.maximum:
@@ -148,6 +152,9 @@ class RowDraft:
         self.policy = policy
         self.length = policy.start
         self._accepted, self._rejected = PRIOR_ACCEPTED, PRIOR_REJECTED
+        # Copied drafts (specwhisper_backend.copying) are judged apart: how often a copy is right says
+        # nothing of the draft model, and the instance is told only of the draft model's rounds.
+        self._copies_accepted, self._copies_rejected = PRIOR_ACCEPTED, PRIOR_REJECTED
         self._seen, self._kind = seen, (task, "")
         self._rounds = 0  # verified rounds of its own
         self.proposed_after = 0  # text length when the current round's drafts were proposed
@@ -171,6 +178,25 @@ class RowDraft:
     def acceptance(self) -> float:
         """Estimated chance that the main model accepts the next drafted token, given the previous."""
         return self._accepted / (self._accepted + self._rejected)
+
+    @property
+    def copy_acceptance(self) -> float:
+        """Estimated chance that the main model accepts the next copied token, given the previous."""
+        return self._copies_accepted / (self._copies_accepted + self._copies_rejected)
+
+    def prefers_copy(self, copied: int, length: int) -> bool:
+        """Whether ``copied`` tokens at hand promise as many tokens as the draft model's ``length``
+        would: a copy costs no draft pass, so where it promises as much it is the cheaper draft."""
+        return bool(
+            expected_tokens(np.asarray(self.copy_acceptance), np.asarray(copied))
+            >= expected_tokens(np.asarray(self.acceptance), np.asarray(length))
+        )
+
+    def update_copied(self, accepted: int, copied: int) -> None:
+        """After a verified round of ``copied`` tokens: weigh the evidence about copies."""
+        if copied:
+            self._copies_accepted = self.MEMORY * self._copies_accepted + accepted
+            self._copies_rejected = self.MEMORY * self._copies_rejected + (accepted < copied)
 
     def chance(self, probability: float) -> float:
         """The chance a draft token the draft gave ``probability`` is accepted, as the instance has seen

@@ -265,7 +265,7 @@ class StepCosts:
         """A step: a main pass over ``rows`` x ``tokens``, after ``draft_passes`` draft passes over
         ``draft_rows`` rows, the first of which feeds ``catch_up`` tokens a row."""
         seconds = self.main(rows, tokens)
-        if draft_passes:
+        if draft_passes and draft_rows:  # a step whose drafts were all copied runs no draft pass
             seconds += self.draft(draft_rows, catch_up) + (draft_passes - 1) * self.draft(draft_rows)
         return seconds
 
@@ -361,8 +361,9 @@ def choose_cap(
         return 0
     acceptance, lengths = np.asarray(acceptance, dtype=np.float64), np.asarray(lengths)
     catching_up = 0.0  # a stretch's catch-up, a step's share (in the first draft pass's cost otherwise)
-    if hopeful:
+    if hopeful and draft_rows:
         catching_up = (costs.draft(draft_rows, catch_up) - costs.draft(draft_rows)) / PROBE_EVERY
+    if hopeful:
         acceptance, catch_up = np.maximum(acceptance, HOPEFUL_ACCEPTANCE), 1
     others = rows - len(lengths)  # rows that do not draft yield one token a step
     margin = max(MARGIN, costs.overruns.factor(rows))

@@ -10,6 +10,8 @@ class DecodeStats:
     tokens_out: int = 0
     tokens_drafted: int = 0
     tokens_accepted: int = 0
+    tokens_copied: int = 0  # of tokens_drafted, those copied from earlier text (copying), not drafted
+    copies_accepted: int = 0  # of tokens_accepted, those copied
     main_passes: int = 0
     assistant_passes: int = 0
     windows: int = 0
@@ -38,6 +40,10 @@ class DecodeStats:
     def add_round(self, drafted: int, accepted: int) -> None:
         self.tokens_drafted += drafted
         self.tokens_accepted += accepted
+
+    def add_copied(self, copied: int, accepted: int) -> None:
+        self.tokens_copied += copied
+        self.copies_accepted += accepted
 
     def add_tokens(self, count: int) -> None:
         self.tokens_out += count

@@ -134,6 +134,7 @@ class RequestDecode:
         self.last_speech = 0.0  # where the last word ended (word timestamps' heuristics)
         self.attempt = 0  # the current window's place in the temperature schedule
         self.retrying = False  # the current window is to be decoded again (no new encoder pass)
+        self.earlier: tuple[tuple[int, ...], ...] = ()  # the current window's failed attempts' text
         self._encoded: tuple[np.ndarray, np.ndarray | None] | None = None  # the current window's encoder output
 
     @property
@@ -171,6 +172,7 @@ class RequestDecode:
             draft_states=draft_states if self.drafting is not None else None,
             temperature=temperature,
             noise=noise,
+            earlier=self.earlier if self.drafting is not None else (),
         )
 
     def needs_fallback(self, result: WindowResult, ratio: float) -> bool:
@@ -198,10 +200,11 @@ class RequestDecode:
         if self.attempt + 1 < len(options.temperatures) and self.needs_fallback(result, ratio):
             self.attempt += 1
             self.retrying = True
+            self.earlier = (*self.earlier, tuple(result.tokens))  # what the next attempt may copy
             self.stats.fallback_decodes += 1
             return []
         states = self._encoded[0]  # the main encoder's output, for word timestamps
-        self.attempt, self.retrying, self._encoded = 0, False, None
+        self.attempt, self.retrying, self._encoded, self.earlier = 0, False, None, ()
         self.stats.temperatures.append(result.temperature)
         window_frames = min(features.N_FRAMES, self.content_frames - self.seek)
         skip = self._silent(result)

@@ -1,0 +1,36 @@
+"""Copy drafts: the tokens after the text's last tokens where they occurred before."""
+
+from specwhisper_backend.copying import MATCH_SHORTEST, copied_continuation
+
+
+def test_what_followed_the_last_tokens_in_an_earlier_attempt_is_copied():
+    earlier = [1, 2, 3, 4, 5, 6]
+    assert copied_continuation([earlier], [9, 3, 4], 2) == [5, 6]
+    assert copied_continuation([earlier], [9, 3, 4], 10) == [5, 6]  # no further than the attempt goes
+
+
+def test_the_longest_match_wins_then_the_latest():
+    # "3 4" occurs in both attempts; "2 3 4" only in the first, which says more about where the text is
+    assert copied_continuation([[1, 2, 3, 4, 5], [7, 3, 4, 8]], [0, 2, 3, 4], 1) == [5]
+    # equally long matches: the latest one (the nearest attempt)
+    assert copied_continuation([[3, 4, 5], [3, 4, 8]], [0, 3, 4], 1) == [8]
+
+
+def test_text_that_repeats_itself_is_copied_from_its_own_start():
+    assert copied_continuation([], [5, 6, 7, 8, 5, 6], 3) == [7, 8, 5]
+
+
+def test_a_copy_never_runs_from_one_attempt_into_the_next():
+    assert copied_continuation([[1, 2, 3], [4, 5]], [0, 2, 3], 3) == []
+
+
+def test_nothing_is_copied_on_a_match_shorter_than_the_shortest():
+    assert MATCH_SHORTEST == 2
+    assert copied_continuation([[1, 2, 3]], [0, 2], 3) == []  # "0 2" occurs nowhere
+    assert copied_continuation([[1, 2, 3]], [2], 3) == []  # one token is too short a match
+    assert copied_continuation([[1, 2, 3]], [1, 2], 0) == []
+
+
+def test_the_text_does_not_match_itself_at_its_end():
+    assert copied_continuation([], [1, 2], 4) == []
+    assert copied_continuation([], [2, 2, 2], 4) == [2]  # "2 2" occurred once before the end
