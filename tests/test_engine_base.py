@@ -340,12 +340,14 @@ def test_a_window_that_falls_back_passes_its_thresholds_both_ways(decoder_only, 
     """Concatenated Asterisk prompts repeat themselves: windows whose greedy text is too repetitive
     (or too unlikely) are decoded again at higher temperatures; each keeps a decode that passes the
     thresholds, or the last temperature's. Sampling is seeded per text position, so the speculative
-    transcript, fallbacks included, is the plain one token for token."""
+    transcript, fallbacks included, is the plain one token for token, whether a token was drafted or
+    copied from the attempt before."""
     audio = long_form(language, 40)  # the first window falls back, in both languages
     options = {"language": language, "timestamps": timestamps}
     results = [decoder_only.transcribe(audio, TranscribeOptions(speculative=s, **options)) for s in (False, True)]
     assert _tokens(results[1]) == _tokens(results[0])
     assert results[1].stats.tokens_accepted > 0
+    assert results[1].stats.copies_accepted > 0  # an attempt copied from the one before it
     for result in results:
         assert result.stats.fallback_decodes > 0
         assert len(result.stats.temperatures) == result.stats.windows

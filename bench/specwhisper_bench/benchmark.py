@@ -5,7 +5,7 @@ language), it times this engine plain and speculative, and transformers greedy a
 generation (``generate(assistant_model=...)``, the method this project builds on) on the same
 clips, and prints ratios: main-decoder passes saved, tokens per main pass, acceptance rate,
 decode-phase and end-to-end speed-up, and whether the tokens are identical. ``--versus`` runs a
-second draft (and ``--versus-confidence`` a second drafting policy) on the same audio in the same
+second draft (and ``--versus-confidence`` or ``--versus-copies`` a second drafting policy) on the same audio in the same
 run, against the same plain decoding: two drafts compared on one machine's load, not on two runs'
 noise. ``--route`` gives ``--assistant``'s run drafts routed by language, as ``specwhisper-export
 --route`` does; with the shipped draft, the drafts that ship routed beside it are its routes unless
@@ -17,7 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -109,6 +109,7 @@ def compare(plain: Run, fast: Run) -> dict:
             "main_passes_saved": round(1 - fast.stats.main_passes / plain.stats.main_passes, 3),
             "tokens_per_main_pass": round(fast.stats.tokens_per_main_pass, 2),
             "acceptance_rate": round(fast.stats.acceptance_rate, 3),
+            "tokens_copied": fast.stats.tokens_copied,
         }
     return report
 
@@ -137,6 +138,14 @@ def main(argv: list[str] | None = None) -> int:
         help="the second run's --confidence (default: the same); without --versus, the same draft runs twice",
     )
     parser.add_argument(
+        "--no-copies", action="store_true", help="never copy drafts from earlier text (specwhisper_backend.copying)"
+    )
+    parser.add_argument(
+        "--versus-copies",
+        choices=["on", "off"],
+        help="whether the second run copies drafts (default: as the first); without --versus, one draft runs twice",
+    )
+    parser.add_argument(
         "--no-cost-cap",
         action="store_true",
         help="draft as the lengths say, never capped by the measured step costs (to time the draft, not the policy)",
@@ -159,10 +168,12 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     try:
         cost_aware = not args.no_cost_cap
-        policy = DraftPolicy(confidence=args.confidence, cost_aware=cost_aware)
-        versus_policy = policy
-        if args.versus_confidence is not None:
-            versus_policy = DraftPolicy(confidence=args.versus_confidence, cost_aware=cost_aware)
+        policy = DraftPolicy(confidence=args.confidence, cost_aware=cost_aware, copies=not args.no_copies)
+        versus_policy = replace(
+            policy,
+            confidence=policy.confidence if args.versus_confidence is None else args.versus_confidence,
+            copies=policy.copies if args.versus_copies is None else args.versus_copies == "on",
+        )
         providers = execution_providers(args.device)
     except (ValueError, RuntimeError) as error:
         parser.error(str(error))
@@ -183,7 +194,7 @@ def main(argv: list[str] | None = None) -> int:
     versus = None
     if args.versus:
         versus = Transcriber(exported(resolve_checkpoint(args.versus)), versus_policy)
-    elif args.versus_confidence is not None:
+    elif versus_policy != policy:
         versus = Transcriber(main_model, versus_policy)
     model = processor = assistant = None
     if not args.no_transformers:
