@@ -1,6 +1,9 @@
 """Copy drafts: the tokens after the text's last tokens where they occurred before."""
 
-from specwhisper_backend.copying import MATCH_SHORTEST, copied_continuation
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from specwhisper_backend.copying import MATCH_LONGEST, MATCH_SHORTEST, CopyIndex, copied_continuation
 
 
 def test_what_followed_the_last_tokens_in_an_earlier_attempt_is_copied():
@@ -34,3 +37,39 @@ def test_nothing_is_copied_on_a_match_shorter_than_the_shortest():
 def test_the_text_does_not_match_itself_at_its_end():
     assert copied_continuation([], [1, 2], 4) == []
     assert copied_continuation([], [2, 2, 2], 4) == [2]  # "2 2" occurred once before the end
+
+
+def _searched(sources: list[list[int]], text: list[int], count: int) -> list[int]:
+    """The rule by brute force: the longest match of the text's last tokens (to ``MATCH_LONGEST``),
+    then the latest, ending before the text's last token, never across two sources."""
+    pieces = [source for source in sources] + [text]
+    best, best_length = None, 0
+    flat = [(p, i) for p, piece in enumerate(pieces) for i in range(len(piece))]
+    for p, i in flat:
+        piece = pieces[p]
+        if p == len(pieces) - 1 and i >= len(text) - 1:
+            continue
+        length = 0
+        while length < min(MATCH_LONGEST, len(text)) and i - length >= 0:
+            if piece[i - length] != text[len(text) - 1 - length]:
+                break
+            length += 1
+        if length >= MATCH_SHORTEST and length >= best_length:
+            best, best_length = (p, i), length
+    if best is None:
+        return []
+    p, i = best
+    return pieces[p][i + 1 : i + 1 + count]
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    sources=st.lists(st.lists(st.integers(0, 12), max_size=30), max_size=3),
+    text=st.lists(st.integers(0, 12), min_size=1, max_size=40),
+    count=st.integers(1, 6),
+)
+def test_an_index_kept_as_the_text_grows_finds_what_a_search_finds(sources, text, count):
+    index = CopyIndex(sources)
+    for end in range(1, len(text) + 1):  # the text as it grows, a token at a time
+        if len(text[:end]) >= MATCH_SHORTEST:
+            assert index.continuation(text[:end], count) == _searched(sources, text[:end], count), end

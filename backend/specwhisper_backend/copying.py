@@ -18,31 +18,58 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-import numpy as np
-
 MATCH_LONGEST = 4
 MATCH_SHORTEST = 2
+# Occurrences of a pair looked at, the latest first: a copy is looked for at every step of every
+# speculative row, so its cost must not grow with the text.
+CANDIDATES = 16
 _APART = -1  # between sources: no token id, so no match spans two of them and no copy runs on
 
 
+class CopyIndex:
+    """Where each pair of tokens occurred, in a row's earlier attempts and in its text as it grows
+    (the text only ever grows: a row keeps what it accepted). Built once a window, so that finding a
+    copy at each step costs a dictionary lookup and a few comparisons."""
+
+    def __init__(self, sources: Sequence[Sequence[int]] = ()) -> None:
+        self._tokens: list[int] = []
+        self._pairs: dict[tuple[int, int], list[int]] = {}  # pair -> where its second token is
+        for source in sources:
+            self._extend(source)
+            self._extend([_APART])
+        self._text_start = len(self._tokens)
+
+    def _extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            self._tokens.append(int(token))
+            at = len(self._tokens) - 1
+            if at and self._tokens[at - 1] != _APART and token != _APART:
+                self._pairs.setdefault((self._tokens[at - 1], int(token)), []).append(at)
+
+    def continuation(self, text: Sequence[int], count: int) -> list[int]:
+        """Up to ``count`` tokens that followed ``text``'s last tokens where they occurred before: in
+        one of the sources, or earlier in ``text`` (which must extend the text seen before). Empty
+        where its last ``MATCH_SHORTEST`` tokens occurred nowhere before."""
+        self._extend(text[len(self._tokens) - self._text_start :])
+        tokens = self._tokens
+        end = len(tokens) - 1
+        if count < 1 or len(text) < MATCH_SHORTEST:
+            return []
+        best, best_length = None, 0
+        for at in reversed(self._pairs.get((tokens[end - 1], tokens[end]), [])[-CANDIDATES - 1 :]):
+            if at >= end:
+                continue  # the text's own last pair
+            length = MATCH_SHORTEST
+            while length < MATCH_LONGEST and at - length >= 0 and tokens[at - length] == tokens[end - length] != _APART:
+                length += 1
+            if length > best_length:
+                best, best_length = at, length
+        if best is None:
+            return []
+        copied = tokens[best + 1 : best + 1 + count]
+        return copied[: copied.index(_APART)] if _APART in copied else copied
+
+
 def copied_continuation(sources: Sequence[Sequence[int]], text: Sequence[int], count: int) -> list[int]:
-    """Up to ``count`` tokens that followed ``text``'s last tokens where they occurred before: in one
-    of ``sources`` (earlier attempts at the window), or earlier in ``text`` itself. Empty where its
-    last ``MATCH_SHORTEST`` tokens occurred nowhere before."""
-    if count < 1 or len(text) < MATCH_SHORTEST:
-        return []
-    pieces = [piece for source in sources for piece in (np.asarray(source, dtype=np.int64), [_APART])]
-    haystack = np.concatenate([*pieces, np.asarray(text, dtype=np.int64)])
-    searched = len(haystack) - 1  # an occurrence must end before the text's last token
-    for length in range(min(MATCH_LONGEST, len(text)), MATCH_SHORTEST - 1, -1):
-        if searched < length:
-            continue
-        windows = np.lib.stride_tricks.sliding_window_view(haystack[:searched], length)
-        found = np.flatnonzero((windows == haystack[-length:]).all(axis=1))
-        if not len(found):
-            continue
-        after = int(found[-1]) + length
-        copied = haystack[after : after + count]
-        stop = np.flatnonzero(copied == _APART)
-        return copied[: stop[0] if len(stop) else len(copied)].tolist()
-    return []
+    """:meth:`CopyIndex.continuation` for a text seen once."""
+    return CopyIndex(sources).continuation(text, count)

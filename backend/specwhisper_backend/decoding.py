@@ -44,7 +44,7 @@ from enum import Enum
 
 import numpy as np
 
-from specwhisper_backend.copying import copied_continuation
+from specwhisper_backend.copying import CopyIndex
 from specwhisper_backend.decoder_session import DecoderSession
 from specwhisper_backend.drafting import (
     DraftPolicy,
@@ -119,6 +119,7 @@ class Row:
     sum_logprob: float = 0.0
     no_speech_prob: float | None = None
     copied: bool = False  # this step's drafts were copied (specwhisper_backend.copying), not drafted
+    copy_index: CopyIndex | None = None  # where its text's pairs occurred, once it first copies
 
     def begin(self, language: str, sot: int) -> None:
         self.language = language
@@ -372,10 +373,10 @@ class BatchDecoder:
         """What ``row`` copies this step instead of drafting ``length`` tokens (empty: it drafts)."""
         if not self.policy.copies:
             return []
-        # Each earlier attempt followed the same prompt, so its first tokens can be copied too.
-        prompt = row.tokens[: row.prompt_length]
-        earlier = [(*prompt, *attempt) for attempt in row.window.earlier]
-        copy = copied_continuation(earlier, row.tokens, min(self.policy.maximum, room))
+        if row.copy_index is None:  # each earlier attempt followed the same prompt: its start is copied too
+            prompt = row.tokens[: row.prompt_length]
+            row.copy_index = CopyIndex([(*prompt, *attempt) for attempt in row.window.earlier])
+        copy = row.copy_index.continuation(row.tokens, min(self.policy.maximum, room))
         return copy if copy and row.window.drafting.prefers_copy(len(copy), length) else []
 
     def _behind(self, rows: Iterable[Row]) -> int:
