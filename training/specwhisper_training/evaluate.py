@@ -208,7 +208,8 @@ def measure_costs(
 def _engine_figures(exported: ExportedModel, audio: Sequence[np.ndarray], language: str, policy: DraftPolicy):
     """Acceptance, tokens per main pass and decode speed-up through the Transcriber, drafting as
     served (adaptive length, confidence stop), with no cap from the measured step costs
-    (``cost_aware``): on a shared machine they measure load, not the draft."""
+    (``cost_aware``): on a shared machine they measure load, not the draft; and with no copied
+    drafts (``copies``), which are not the draft's."""
     transcriber = Transcriber(exported, policy)
     drafted = accepted = tokens = passes = 0
     plain_seconds = speculative_seconds = 0.0
@@ -238,7 +239,7 @@ def evaluate_draft(
     the costs measured on the exported graphs); ``engine_windows`` held-out windows per language are
     then decoded through the engine, whose draft length adapts as served. ``int8``: the draft is
     served with int8 weights (its cost, and the engine figures, are those of that export)."""
-    policy = replace(DraftPolicy(), cost_aware=False)  # see _engine_figures
+    policy = replace(DraftPolicy(), cost_aware=False, copies=False)  # the draft's figures: see _engine_figures
     data = draft_data.draft_data(corpus, main)
     heldout = data.split("heldout")
     draft = TrimmedDraft.load(checkpoint)

@@ -40,9 +40,10 @@ def heldout_recordings(language: str, count: int = HELDOUT_CLIPS, every: int = C
 def served_figures(main: str, assistant: str, languages: tuple[str, ...]) -> dict[str, dict[str, float]]:
     """Per language: acceptance and tokens per main pass of the int8 draft on the held-out recordings,
     through the engine with the served draft lengths and confidence stop, but no cap from the
-    measured step costs (they measure the machine's load, not the draft)."""
+    measured step costs (they measure the machine's load, not the draft), and no copied drafts (the
+    draft's figures, not what the text's repeating gives)."""
     export = export_artefacts(ExportRequest(main=main, assistant=assistant, assistant_int8=True))
-    engine = Transcriber(ExportedModel(export, intra_op_threads=2), DraftPolicy(cost_aware=False))
+    engine = Transcriber(ExportedModel(export, intra_op_threads=2), DraftPolicy(cost_aware=False, copies=False))
     figures = {}
     for language in languages:
         total = DecodeStats()
