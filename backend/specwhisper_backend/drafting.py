@@ -81,6 +81,10 @@ def attended_frames(audio_frames: int, frames_after_audio: int, total: int) -> i
 
 # Where a row's acceptance estimate starts with nothing seen: two accepted drafts to one rejection.
 PRIOR_ACCEPTED, PRIOR_REJECTED = 2.0, 1.0
+# Where a row's estimate for copied drafts starts with nothing seen: one to one. A copy is a guess
+# from the text alone, right about half the time where windows fall back; in a busy batch a hopeful
+# start widens every row's pass for copies that do not pay it back (experiments.md, 2026-12-06).
+COPY_PRIOR_ACCEPTED, COPY_PRIOR_REJECTED = 1.0, 1.0
 
 
 class SeenAcceptance:
@@ -111,11 +115,12 @@ class SeenAcceptance:
         accepted_sum, rejected_sum = self._sums.get(kind, (0.0, 0.0))
         self._sums[kind] = (self.MEMORY * accepted_sum + accepted, self.MEMORY * rejected_sum + rejected)
 
-    def prior(self, kind: tuple[str, str]) -> float:
-        """Where a new row's estimate for ``kind`` starts: the default prior with the evidence seen
-        added, so an instance that has seen little starts near the default."""
+    def prior(self, kind: tuple[str, str], accepted: float = PRIOR_ACCEPTED, rejected: float = PRIOR_REJECTED) -> float:
+        """Where a new row's estimate for ``kind`` starts: the default prior (``accepted`` to
+        ``rejected``) with the evidence seen added, so an instance that has seen little starts near
+        the default."""
         accepted_sum, rejected_sum = self._sums.get(kind, (0.0, 0.0))
-        return (PRIOR_ACCEPTED + accepted_sum) / (PRIOR_ACCEPTED + PRIOR_REJECTED + accepted_sum + rejected_sum)
+        return (accepted + accepted_sum) / (accepted + rejected + accepted_sum + rejected_sum)
 
     def observe_drafts(self, kind: tuple[str, str], probabilities: Sequence[float], accepted: int) -> None:
         """A verified greedy round's draft tokens, with the probability the draft gave each: the first
@@ -152,9 +157,10 @@ class RowDraft:
         self.policy = policy
         self.length = policy.start
         self._accepted, self._rejected = PRIOR_ACCEPTED, PRIOR_REJECTED
-        # Copied drafts (specwhisper_backend.copying) are judged apart: how often a copy is right says
-        # nothing of the draft model, and the instance is told only of the draft model's rounds.
-        self._copies_accepted, self._copies_rejected = PRIOR_ACCEPTED, PRIOR_REJECTED
+        # Copied drafts (specwhisper_backend.copying) are judged apart, as a kind of their own: how
+        # often a copy is right says nothing of the draft model.
+        self._copies_accepted, self._copies_rejected = COPY_PRIOR_ACCEPTED, COPY_PRIOR_REJECTED
+        self._copy_rounds = 0
         self._seen, self._kind = seen, (task, "")
         self._rounds = 0  # verified rounds of its own
         self.proposed_after = 0  # text length when the current round's drafts were proposed
@@ -168,6 +174,14 @@ class RowDraft:
             prior = self._seen.prior(self._kind)
             weight = PRIOR_ACCEPTED + PRIOR_REJECTED
             self._accepted, self._rejected = weight * prior, weight * (1 - prior)
+        if self._seen is not None and not self._copy_rounds:
+            prior = self._seen.prior(self._copy_kind, COPY_PRIOR_ACCEPTED, COPY_PRIOR_REJECTED)
+            weight = COPY_PRIOR_ACCEPTED + COPY_PRIOR_REJECTED
+            self._copies_accepted, self._copies_rejected = weight * prior, weight * (1 - prior)
+
+    @property
+    def _copy_kind(self) -> tuple[str, str]:
+        return (f"{self._kind[0]}, copied", self._kind[1])
 
     @property
     def untried(self) -> bool:
@@ -195,8 +209,12 @@ class RowDraft:
     def update_copied(self, accepted: int, copied: int) -> None:
         """After a verified round of ``copied`` tokens: weigh the evidence about copies."""
         if copied:
+            rejected = accepted < copied
             self._copies_accepted = self.MEMORY * self._copies_accepted + accepted
-            self._copies_rejected = self.MEMORY * self._copies_rejected + (accepted < copied)
+            self._copies_rejected = self.MEMORY * self._copies_rejected + rejected
+            self._copy_rounds += 1
+            if self._seen is not None:
+                self._seen.observe(self._copy_kind, accepted, rejected)
 
     def chance(self, probability: float) -> float:
         """The chance a draft token the draft gave ``probability`` is accepted, as the instance has seen
