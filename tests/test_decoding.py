@@ -514,48 +514,42 @@ def test_draft_length_adapts():
     assert drafting.kept_after(accepted=6, drafted=6) == 12, "the last draft was never fed"
 
 
+def _begun(seen: SeenAcceptance | None, language: str = "en", task: str = "transcribe") -> RowDraft:
+    """A row's drafting state, its window begun in ``language``."""
+    drafting = RowDraft(DraftPolicy(), seen, task)
+    drafting.begin(language)
+    return drafting
+
+
 def test_a_new_rows_acceptance_starts_from_what_its_instance_saw_of_its_kind():
-    policy = DraftPolicy()
     seen = SeenAcceptance()
-    fresh = RowDraft(policy, seen, "transcribe")
-    fresh.begin("en")
-    assert fresh.acceptance == pytest.approx(2 / 3), "nothing seen: the default prior"
-    teller = RowDraft(policy, seen, "transcribe")
-    teller.begin("en")
+    assert _begun(seen).acceptance == pytest.approx(2 / 3), "nothing seen: the default prior"
+    teller = _begun(seen)
     for _ in range(30):
         teller.update(5, 5)  # English drafts accepted whole
-    english = RowDraft(policy, seen, "transcribe")
-    english.begin("en")
+    english = _begun(seen)
     assert english.acceptance > 0.9
     for task, language in (("transcribe", "de"), ("translate", "en")):
-        other = RowDraft(policy, seen, task)
-        other.begin(language)
-        assert other.acceptance == pytest.approx(2 / 3), f"{task} {language} is another kind"
+        assert _begun(seen, language, task).acceptance == pytest.approx(2 / 3), f"{task} {language} is another kind"
     english.update(0, 5)
     english.update(0, 5)
     own = english.acceptance
     english.begin("en")  # its request's next window: the row's own evidence stands
     assert english.acceptance == own
-    alone = RowDraft(policy)  # no instance to learn from
-    alone.begin("en")
-    assert alone.acceptance == pytest.approx(2 / 3)
+    assert _begun(None).acceptance == pytest.approx(2 / 3)  # no instance to learn from
 
 
 def test_a_new_rows_estimate_for_copies_starts_from_what_its_instance_saw_of_copies():
     """Copies are a kind of their own: what they showed moves the next request's copy estimate, not
     its draft's, and the draft's rounds do not move the copies'."""
-    policy = DraftPolicy()
     seen = SeenAcceptance()
-    fresh = RowDraft(policy, seen, "transcribe")
-    fresh.begin("en")
+    fresh = _begun(seen)
     assert fresh.copy_acceptance == pytest.approx(1 / 2), "nothing seen: the copies' prior"
-    teller = RowDraft(policy, seen, "transcribe")
-    teller.begin("en")
+    teller = _begun(seen)
     for _ in range(30):
         teller.update_copied(0, 8)  # copies that were never right
         teller.update(5, 5)  # drafts that always were
-    later = RowDraft(policy, seen, "transcribe")
-    later.begin("en")
+    later = _begun(seen)
     assert later.copy_acceptance < 0.1 and later.acceptance > 0.9
     assert not later.prefers_copy(16, 5)
     assert fresh.prefers_copy(16, 1)  # sixteen tokens at even odds promise more than one draft

@@ -145,6 +145,38 @@ class SeenAcceptance:
         return min(int(probability * self.BINS), self.BINS - 1)
 
 
+class Acceptance:
+    """A row's estimate of how often one kind of proposal is accepted (the draft model's, or copies):
+    the evidence of its verified rounds, each fading by ``memory`` a round, over a prior of
+    ``accepted`` to ``rejected``. Until the row has rounds of its own, it starts from what the
+    instance saw of ``kind`` (:meth:`begin`), and it tells the instance of every round."""
+
+    def __init__(self, accepted: float, rejected: float, memory: float, seen: SeenAcceptance | None) -> None:
+        self._prior = (accepted, rejected)
+        self._accepted, self._rejected = accepted, rejected
+        self._memory, self._seen = memory, seen
+        self.kind: tuple[str, str] = ("", "")
+        self.rounds = 0  # verified rounds of its own
+
+    def begin(self, kind: tuple[str, str]) -> None:
+        self.kind = kind
+        if self._seen is not None and not self.rounds:
+            prior = self._seen.prior(kind, *self._prior)
+            weight = sum(self._prior)
+            self._accepted, self._rejected = weight * prior, weight * (1 - prior)
+
+    @property
+    def value(self) -> float:
+        return self._accepted / (self._accepted + self._rejected)
+
+    def observe(self, accepted: int, rejected: bool) -> None:
+        self._accepted = self._memory * self._accepted + accepted
+        self._rejected = self._memory * self._rejected + rejected
+        self.rounds += 1
+        if self._seen is not None:
+            self._seen.observe(self.kind, accepted, rejected)
+
+
 class RowDraft:
     """One row's drafting: its draft length and acceptance, carried across a request's windows."""
 
@@ -156,47 +188,34 @@ class RowDraft:
         round (None: the default prior, and nothing told); ``task`` with the language, its kind."""
         self.policy = policy
         self.length = policy.start
-        self._accepted, self._rejected = PRIOR_ACCEPTED, PRIOR_REJECTED
+        self._drafts = Acceptance(PRIOR_ACCEPTED, PRIOR_REJECTED, self.MEMORY, seen)
         # Copied drafts (specwhisper_backend.copying) are judged apart, as a kind of their own: how
         # often a copy is right says nothing of the draft model.
-        self._copies_accepted, self._copies_rejected = COPY_PRIOR_ACCEPTED, COPY_PRIOR_REJECTED
-        self._copy_rounds = 0
-        self._seen, self._kind = seen, (task, "")
-        self._rounds = 0  # verified rounds of its own
+        self._copies = Acceptance(COPY_PRIOR_ACCEPTED, COPY_PRIOR_REJECTED, self.MEMORY, seen)
+        self._seen, self._task = seen, task
         self.proposed_after = 0  # text length when the current round's drafts were proposed
         self.probabilities: list[float] = []  # the draft's probability of each of the round's drafts (greedy)
 
     def begin(self, language: str) -> None:
         """A window of this row's request starts in ``language``. Until the row has evidence of its
-        own, its estimate is the instance's for this kind, with the default prior's weight."""
-        self._kind = (self._kind[0], language)
-        if self._seen is not None and not self._rounds:
-            prior = self._seen.prior(self._kind)
-            weight = PRIOR_ACCEPTED + PRIOR_REJECTED
-            self._accepted, self._rejected = weight * prior, weight * (1 - prior)
-        if self._seen is not None and not self._copy_rounds:
-            prior = self._seen.prior(self._copy_kind, COPY_PRIOR_ACCEPTED, COPY_PRIOR_REJECTED)
-            weight = COPY_PRIOR_ACCEPTED + COPY_PRIOR_REJECTED
-            self._copies_accepted, self._copies_rejected = weight * prior, weight * (1 - prior)
-
-    @property
-    def _copy_kind(self) -> tuple[str, str]:
-        return (f"{self._kind[0]}, copied", self._kind[1])
+        own, its estimates are the instance's for this kind, with the default priors' weight."""
+        self._drafts.begin((self._task, language))
+        self._copies.begin((f"{self._task}, copied", language))
 
     @property
     def untried(self) -> bool:
         """No round of this row's request has drafted yet: its estimate is the instance's alone."""
-        return not self._rounds
+        return not self._drafts.rounds
 
     @property
     def acceptance(self) -> float:
         """Estimated chance that the main model accepts the next drafted token, given the previous."""
-        return self._accepted / (self._accepted + self._rejected)
+        return self._drafts.value
 
     @property
     def copy_acceptance(self) -> float:
         """Estimated chance that the main model accepts the next copied token, given the previous."""
-        return self._copies_accepted / (self._copies_accepted + self._copies_rejected)
+        return self._copies.value
 
     def prefers_copy(self, copied: int, length: int) -> bool:
         """Whether ``copied`` tokens at hand promise as many tokens as the draft model's ``length``
@@ -209,17 +228,12 @@ class RowDraft:
     def update_copied(self, accepted: int, copied: int) -> None:
         """After a verified round of ``copied`` tokens: weigh the evidence about copies."""
         if copied:
-            rejected = accepted < copied
-            self._copies_accepted = self.MEMORY * self._copies_accepted + accepted
-            self._copies_rejected = self.MEMORY * self._copies_rejected + rejected
-            self._copy_rounds += 1
-            if self._seen is not None:
-                self._seen.observe(self._copy_kind, accepted, rejected)
+            self._copies.observe(accepted, accepted < copied)
 
     def chance(self, probability: float) -> float:
         """The chance a draft token the draft gave ``probability`` is accepted, as the instance has seen
         for this row's kind (the probability itself with no instance to ask)."""
-        return probability if self._seen is None else self._seen.chance(self._kind, probability)
+        return probability if self._seen is None else self._seen.chance(self._drafts.kind, probability)
 
     def update(self, accepted: int, drafted: int) -> None:
         """After a verified round: adapt the length, weigh the evidence (and tell the instance)."""
@@ -230,13 +244,9 @@ class RowDraft:
             self.length = min(policy.maximum, self.length + policy.grow)
         else:
             self.length = max(policy.minimum, self.length - policy.shrink)
-        rejected = accepted < drafted
-        self._accepted = self.MEMORY * self._accepted + accepted
-        self._rejected = self.MEMORY * self._rejected + rejected
-        self._rounds += 1
+        self._drafts.observe(accepted, accepted < drafted)
         if self._seen is not None:
-            self._seen.observe(self._kind, accepted, rejected)
-            self._seen.observe_drafts(self._kind, self.probabilities, accepted)
+            self._seen.observe_drafts(self._drafts.kind, self.probabilities, accepted)
 
     def kept_after(self, accepted: int, drafted: int) -> int:
         """How much of the draft cache to keep after a round: the text and the accepted drafts (the
