@@ -3,7 +3,12 @@
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from specwhisper_backend.copying import MATCH_LONGEST, MATCH_SHORTEST, CopyIndex, copied_continuation
+from specwhisper_backend.copying import MATCH_LONGEST, MATCH_SHORTEST, CopyIndex
+
+
+def copied_continuation(sources: list[list[int]], text: list[int], count: int) -> list[int]:
+    """What a fresh index of ``sources`` copies after ``text``."""
+    return CopyIndex(sources).continuation(text, count)
 
 
 def test_what_followed_the_last_tokens_in_an_earlier_attempt_is_copied():

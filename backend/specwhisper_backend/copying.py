@@ -68,8 +68,3 @@ class CopyIndex:
             return []
         copied = tokens[best + 1 : best + 1 + count]
         return copied[: copied.index(_APART)] if _APART in copied else copied
-
-
-def copied_continuation(sources: Sequence[Sequence[int]], text: Sequence[int], count: int) -> list[int]:
-    """:meth:`CopyIndex.continuation` for a text seen once."""
-    return CopyIndex(sources).continuation(text, count)

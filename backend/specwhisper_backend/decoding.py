@@ -119,7 +119,7 @@ class Row:
     sum_logprob: float = 0.0
     no_speech_prob: float | None = None
     copied: bool = False  # this step's drafts were copied (specwhisper_backend.copying), not drafted
-    copy_index: CopyIndex | None = None  # where its text's pairs occurred, once it first copies
+    copy_index: CopyIndex | None = None  # where its text's pairs occurred, from its first drafting step
 
     def begin(self, language: str, sot: int) -> None:
         self.language = language

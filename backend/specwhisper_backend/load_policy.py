@@ -361,9 +361,9 @@ def choose_cap(
         return 0
     acceptance, lengths = np.asarray(acceptance, dtype=np.float64), np.asarray(lengths)
     catching_up = 0.0  # a stretch's catch-up, a step's share (in the first draft pass's cost otherwise)
-    if hopeful and draft_rows:
-        catching_up = (costs.draft(draft_rows, catch_up) - costs.draft(draft_rows)) / PROBE_EVERY
     if hopeful:
+        if draft_rows:  # copies alone run no draft pass, so there is nothing to catch up
+            catching_up = (costs.draft(draft_rows, catch_up) - costs.draft(draft_rows)) / PROBE_EVERY
         acceptance, catch_up = np.maximum(acceptance, HOPEFUL_ACCEPTANCE), 1
     others = rows - len(lengths)  # rows that do not draft yield one token a step
     margin = max(MARGIN, costs.overruns.factor(rows))

@@ -5,9 +5,9 @@ language), it times this engine plain and speculative, and transformers greedy a
 generation (``generate(assistant_model=...)``, the method this project builds on) on the same
 clips, and prints ratios: main-decoder passes saved, tokens per main pass, acceptance rate,
 decode-phase and end-to-end speed-up, and whether the tokens are identical. ``--versus`` runs a
-second draft (and ``--versus-confidence`` or ``--versus-copies`` a second drafting policy) on the same audio in the same
-run, against the same plain decoding: two drafts compared on one machine's load, not on two runs'
-noise. ``--route`` gives ``--assistant``'s run drafts routed by language, as ``specwhisper-export
+second draft (and ``--versus-confidence`` or ``--versus-copies`` a second drafting policy) on the
+same audio in the same run, against the same plain decoding: two drafts compared on one machine's
+load, not on two runs' noise. ``--route`` gives ``--assistant``'s run drafts routed by language, as ``specwhisper-export
 --route`` does; with the shipped draft, the drafts that ship routed beside it are its routes unless
 ``--no-shipped-routes``.
 """
