@@ -1066,6 +1066,43 @@ def test_short_requests_draft_where_their_instance_saw_drafts_accepted(monkeypat
         assert passes_per_token > 0.8, "plain until a probe, in every request"
 
 
+@pytest.mark.parametrize("hard", ["a stretch", "throughout"])
+def test_a_row_kept_plain_drifts_back_to_its_instances_acceptance(monkeypatch, hard):
+    """A draft right about 9 times in 10, wrong at every token of a stretch: the row's estimate falls
+    there and the policy keeps it plain. After the stretch its own rounds cannot lift it (it has
+    none) and probes are rare, so without drifting back toward its instance's estimate it stayed
+    plain for much of the window. Where the draft is wrong throughout, and the instance saw as much,
+    drifting back keeps it plain. Tokens are plain greedy's either way."""
+    import time
+
+    clock = Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    policy = DraftPolicy(start=5, maximum=8, copies=False)  # the draft's estimate alone
+    costs = flat_costs(0.0, draft=0.4)  # the truth: a main pass costs 1, a draft pass 0.4
+    wrong = range(40, 90) if hard == "a stretch" else range(448)
+    mistakes = frozenset((0, at) for at in range(448) if at in wrong or at % 5 == 0)
+    no_end = [SuppressTokens([3, 4, EOT])]  # the text runs to the end of the context
+    passes, drafted = {}, {}
+    for rest in (True, False):
+        if not rest:
+            monkeypatch.setattr(RowDraft, "REST_MEMORY", 1.0)
+        seen = SeenAcceptance()
+        teller = _begun(seen)
+        for _ in range(30):  # the instance saw this draft accepted (or not) on earlier requests
+            teller.update(3, 4) if hard == "a stretch" else teller.update(0, 5)
+        draft = TimedSession(clock, 0.4, mistakes=mistakes, sharpness=10)
+        decoder = BatchDecoder(facts(400), TimedSession(clock, 1.0), draft, policy, costs)
+        row = dataclasses.replace(window(0, 400, "en", 0, RowDraft(policy, seen)), filters=lambda _: no_end)
+        (tokens,) = run(decoder, [(0, row)]).values()
+        assert tokens == greedy_alone(0, 400, prompt_for("en", 0), no_end, 400)
+        passes[rest], drafted[rest] = row.stats.main_passes, row.stats.tokens_drafted
+    if hard == "a stretch":
+        assert passes[True] < 0.7 * passes[False], passes
+    else:
+        assert drafted[True] <= drafted[False] + 10, drafted
+        assert passes[True] > 0.9 * len(tokens), passes
+
+
 def test_overruns_set_drafting_steps_against_plain_steps_of_their_batch_size():
     from specwhisper_backend.load_policy import (
         OUTLIER,

@@ -331,6 +331,9 @@ class BatchDecoder:
                 untried=any(row.window.drafting.untried for row in drafting_rows),
             )
         self.last_cap = cap
+        if not cap:  # kept plain: each row's estimate drifts back toward its instance's
+            for _, row in candidates:
+                row.window.drafting.rest()
         proposals, owners = [], []
         for (index, row), length, copy in zip(candidates, lengths, copies, strict=True):
             if min(length, cap) <= 0:

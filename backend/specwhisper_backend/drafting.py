@@ -6,13 +6,17 @@ estimate of how often it accepts a drafted token. That estimate starts from how 
 same task and language accepted drafts lately on this instance (:class:`SeenAcceptance`), not from
 a fixed guess: the policy drafts only where the estimate says drafting pays, and a request that
 started from a guess too low for its instance would decode plainly, learn nothing, and hand the
-same guess to the next. A round stops early after a token the draft itself is unsure of. How sure
-is not the draft's own probability as it stands: a draft can be over- or under-confident, by a
-different amount in every language (a draft trained on spoken texts is unsure of tokens the main
-model mostly accepts; in a language it barely knows, sure of tokens it mostly rejects), so the
-instance keeps how often drafts of each probability were accepted, by kind, and the stop reads that
-(:meth:`SeenAcceptance.chance`). How many tokens a row actually drafts in a step is also capped by
-what the batch can afford (:mod:`specwhisper_backend.load_policy`).
+same guess to the next. For the same reason, while the policy keeps a row plain its estimate drifts
+back toward the instance's (:meth:`RowDraft.rest`): a hard stretch of audio that pulled it down
+would otherwise keep the row plain for the rest of its request.
+
+A round stops early after a token the draft itself is unsure of. How sure is not the draft's own
+probability as it stands: a draft can be over- or under-confident, by a different amount in every
+language (a draft trained on spoken texts is unsure of tokens the main model mostly accepts; in a
+language it barely knows, sure of tokens it mostly rejects), so the instance keeps how often drafts
+of each probability were accepted, by kind, and the stop reads that (:meth:`SeenAcceptance.chance`).
+How many tokens a row actually drafts in a step is also capped by what the batch can afford
+(:mod:`specwhisper_backend.load_policy`).
 
 The draft decoder's cache always holds a prefix of each row's text; proposing first feeds it what it
 has not seen (the tokens accepted since), then one token per step for every row still drafting, all
@@ -169,6 +173,22 @@ class Acceptance:
     def value(self) -> float:
         return self._accepted / (self._accepted + self._rejected)
 
+    def rest(self, memory: float) -> None:
+        """A step in which the row did not propose: its own evidence fades by ``memory``, and what
+        fades is replaced by what the instance saw of the kind lately (the weight stays), so the
+        estimate drifts toward the instance's, up or down: the row's evidence grows old with the text
+        it decodes, drafted or not. Without this, a row whose estimate fell in a hard stretch stayed
+        below what drafting needs for the rest of its request, since only its rounds move it and the
+        policy gave it none, and probes are too rare to lift it (docs/experiments.md, 2026-12-06).
+        Where the instance saw the kind accepted as seldom, the row stays plain. With no instance to
+        ask, nothing moves."""
+        if self._seen is None or not self.kind[0]:
+            return
+        prior = self._seen.prior(self.kind, *self._prior)
+        faded = (1 - memory) * (self._accepted + self._rejected)
+        self._accepted = memory * self._accepted + faded * prior
+        self._rejected = memory * self._rejected + faded * (1 - prior)
+
     def observe(self, accepted: int, rejected: bool) -> None:
         self._accepted = self._memory * self._accepted + accepted
         self._rejected = self._memory * self._rejected + rejected
@@ -182,6 +202,9 @@ class RowDraft:
 
     # Evidence about acceptance fades by this factor a round, so a row follows its audio.
     MEMORY = 0.9
+    # ... and by this factor a step in which the policy kept the row plain, toward what the instance
+    # saw (Acceptance.rest): about a round's fading over a round's two or three tokens.
+    REST_MEMORY = 0.96
 
     def __init__(self, policy: DraftPolicy, seen: SeenAcceptance | None = None, task: str = "transcribe") -> None:
         """``seen``: the instance's acceptance lately, which the estimate starts from and is told each
@@ -224,6 +247,11 @@ class RowDraft:
             expected_tokens(np.asarray(self.copy_acceptance), np.asarray(copied))
             >= expected_tokens(np.asarray(self.acceptance), np.asarray(length))
         )
+
+    def rest(self) -> None:
+        """A step the policy kept this row plain: its draft estimate drifts back toward its
+        instance's (:meth:`Acceptance.rest`)."""
+        self._drafts.rest(self.REST_MEMORY)
 
     def update_copied(self, accepted: int, copied: int) -> None:
         """After a verified round of ``copied`` tokens: weigh the evidence about copies."""

@@ -47,9 +47,10 @@ probes below are drafting steps too, with their catch-up: where they keep costin
 drafting could gain, the margin stops them as well (until ``OVERRUN_FORGET`` plain steps have
 passed, and the margin is measured again).
 
-Estimates only move when rows draft, so after ``PROBE_EVERY`` steps in a row without drafts the next
-step drafts ``PROBE_DRAFTS`` tokens a row (:class:`Probes`; sooner where a row's request has not
-drafted yet, whose estimate is only its instance's): a probe that keeps the acceptance
+Estimates only move when rows draft (a row kept plain drifts back toward its instance's estimate,
+but the instance's, and the draft's measured cost, stand still), so after ``PROBE_EVERY`` steps in a
+row without drafts the next step drafts ``PROBE_DRAFTS`` tokens a row (:class:`Probes`; sooner where
+a row's request has not drafted yet, whose estimate is only its instance's): a probe that keeps the acceptance
 estimates and the draft's measured cost current (its second pass is one token a row, which is what
 teaches the draft's cost). A probe is not cheap: its first draft pass feeds every drafting row all
 it decoded since the draft last ran, and its main pass pads every row to the probe's width. So a
