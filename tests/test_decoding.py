@@ -443,6 +443,35 @@ def test_a_window_decoded_again_copies_its_earlier_attempt():
     assert draft.passes == again.stats.assistant_passes <= 5  # one round's
 
 
+def test_a_row_kept_plain_copies_what_it_passed_over_for_its_draft(monkeypatch):
+    """A row whose draft promises more than its copy (the instance saw this draft accepted), but whose
+    draft passes cost more than drafting could save: the cap keeps its drafts out. The copy at hand
+    needs no draft pass and pays, so the row copies rather than decode plainly."""
+    import time
+
+    clock = Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    policy = DraftPolicy()
+    costs = flat_costs(0.1, draft=5.0)  # a main pass costs 1 and a little a token; a draft pass 5
+    prompt = prompt_for("en", 0)
+    plain = greedy_alone(7, 60, prompt, rules(len(prompt)), 448)
+    seen = SeenAcceptance()
+    teller = _begun(seen)
+    for _ in range(30):
+        teller.update(5, 5)
+    start = _begun(seen)  # where the row starts: its draft promises more than sixteen copies
+    assert start.acceptance > 0.9 and not start.prefers_copy(16, policy.start)
+    drafting = RowDraft(policy, seen)
+    draft = TimedSession(clock, 5.0)
+    decoder = BatchDecoder(facts(), TimedSession(clock, 1.0), draft, policy, costs)
+    again = dataclasses.replace(window(7, 60, "en", 0, drafting), earlier=(tuple(plain),))
+    (tokens,) = run(decoder, [(0, again)]).values()
+    assert tokens == plain
+    assert again.stats.copies_accepted > len(plain) / 2
+    assert again.stats.main_passes < len(plain) / 3
+    assert draft.passes == 0
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.lists(

@@ -292,7 +292,9 @@ class BatchDecoder:
         A row whose last tokens occurred before (in an earlier attempt at its window, its prompt or
         its text) may copy what followed them instead of drafting (:mod:`specwhisper_backend.copying`),
         where the copy promises as many tokens as its draft would: a copy needs no draft pass, so a
-        step in which every drafting row copies runs none, and the cap is chosen with that cost."""
+        step in which every drafting row copies runs none, and the cap is chosen with that cost. Where
+        the cap keeps every row plain, rows that passed over a copy for their draft copy after all if
+        the copies alone pay."""
         none: list[list[int]] = [[] for _ in self.rows]
         for row in self.rows:
             row.copied = False
@@ -303,37 +305,38 @@ class BatchDecoder:
         if not candidates or not self.lanes:
             return none, NO_PROPOSAL, 0
         limit = self.facts.n_text_ctx
-        lengths, copies = [], []
+        lengths, copies, passed_over = [], [], []
         for _, row in candidates:
             drafting, room = row.window.drafting, limit - len(row.tokens) - 1
             length = min(drafting.length, room)
-            copy = self._copy(row, length, room)
+            at_hand = self._copy(row, room)
+            copy = at_hand if at_hand and drafting.prefers_copy(len(at_hand), length) else []
             lengths.append(len(copy) if copy else length)
             copies.append(copy)
-        drafting_rows = [row for (_, row), copy in zip(candidates, copies, strict=True) if not copy]
+            passed_over.append([] if copy else at_hand)
         cap = max(lengths)
         if self.policy.cost_aware:
-            acceptance = [
-                row.window.drafting.copy_acceptance if copy else row.window.drafting.acceptance
-                for (_, row), copy in zip(candidates, copies, strict=True)
-            ]
             min_tokens = max(len(feed) for feed in feeds)
-            joining = sum(row.draft_slot is None for row in drafting_rows)
-            draft_rows = self.draft_rows + joining if drafting_rows else 0  # copies alone run no draft pass
-            rows = len(self.rows)
-            step = (self.costs, rows, min_tokens, acceptance, lengths, draft_rows)
-            catch_up = self._behind(drafting_rows) if drafting_rows else 0
-            cap = self._probes.cap(
-                choose_cap(*step, catch_up),
-                self.costs.step(rows, min_tokens),
-                price=lambda: probe_price(self.costs, rows, min_tokens, draft_rows, catch_up, joining),
-                worth=lambda: choose_cap(*step, catch_up, hopeful=True) > 0,
-                untried=any(row.window.drafting.untried for row in drafting_rows),
-            )
+            cap = self._cap(candidates, lengths, copies, min_tokens)
+            if not cap and any(passed_over):
+                # Kept plain, though rows passed over a copy for a draft that promised more: the
+                # copies need no draft pass, and may pay where the drafts do not (a sampled
+                # attempt's drafts, at a cost the cap will not pay, while its earlier attempt is
+                # there to copy).
+                copying = [(row, copy) for (_, row), copy in zip(candidates, passed_over, strict=True) if copy]
+                acceptance = [row.window.drafting.copy_acceptance for row, _ in copying]
+                rows = len(self.rows)
+                cap = choose_cap(self.costs, rows, min_tokens, acceptance, [len(copy) for _, copy in copying], 0)
+                if cap:
+                    lengths, copies = [len(copy) for copy in passed_over], passed_over
         self.last_cap = cap
-        if not cap:  # kept plain: each row's estimate drifts back toward its instance's
+        if not cap:  # kept plain: each greedy row's estimate drifts back toward its instance's
             for _, row in candidates:
-                row.window.drafting.rest()
+                # Not a sampled row's: drafts are accepted far less often at a temperature than the
+                # instance's rounds (mostly greedy) say, and a drift up kept such a row drafting
+                # where copying its window's earlier attempt would have paid.
+                if not row.window.temperature:
+                    row.window.drafting.rest()
         proposals, owners = [], []
         for (index, row), length, copy in zip(candidates, lengths, copies, strict=True):
             if min(length, cap) <= 0:
@@ -372,15 +375,37 @@ class BatchDecoder:
                 stats.seconds_draft += timing.seconds / len(mine)
         return none, ProposalTiming.total(timings), behind
 
-    def _copy(self, row: Row, length: int, room: int) -> list[int]:
-        """What ``row`` copies this step instead of drafting ``length`` tokens (empty: it drafts)."""
+    def _copy(self, row: Row, room: int) -> list[int]:
+        """What ``row`` could copy this step (empty: nothing at hand, or copies are off)."""
         if not self.policy.copies:
             return []
         if row.copy_index is None:  # each earlier attempt followed the same prompt: its start is copied too
             prompt = row.tokens[: row.prompt_length]
             row.copy_index = CopyIndex([(*prompt, *attempt) for attempt in row.window.earlier])
-        copy = row.copy_index.continuation(row.tokens, min(self.policy.maximum, room))
-        return copy if copy and row.window.drafting.prefers_copy(len(copy), length) else []
+        return row.copy_index.continuation(row.tokens, min(self.policy.maximum, room))
+
+    def _cap(
+        self, candidates: list[tuple[int, Row]], lengths: list[int], copies: list[list[int]], min_tokens: int
+    ) -> int:
+        """The cap on this step's drafts, from the costs and each row's estimate (for its copy where
+        it copies), or a probe's (:class:`~specwhisper_backend.load_policy.Probes`)."""
+        acceptance = [
+            row.window.drafting.copy_acceptance if copy else row.window.drafting.acceptance
+            for (_, row), copy in zip(candidates, copies, strict=True)
+        ]
+        drafting_rows = [row for (_, row), copy in zip(candidates, copies, strict=True) if not copy]
+        joining = sum(row.draft_slot is None for row in drafting_rows)
+        draft_rows = self.draft_rows + joining if drafting_rows else 0  # copies alone run no draft pass
+        rows = len(self.rows)
+        step = (self.costs, rows, min_tokens, acceptance, lengths, draft_rows)
+        catch_up = self._behind(drafting_rows) if drafting_rows else 0
+        return self._probes.cap(
+            choose_cap(*step, catch_up),
+            self.costs.step(rows, min_tokens),
+            price=lambda: probe_price(self.costs, rows, min_tokens, draft_rows, catch_up, joining),
+            worth=lambda: choose_cap(*step, catch_up, hopeful=True) > 0,
+            untried=any(row.window.drafting.untried for row in drafting_rows),
+        )
 
     def _behind(self, rows: Iterable[Row]) -> int:
         """The most tokens any of ``rows`` has decoded that the draft's cache does not hold yet."""
