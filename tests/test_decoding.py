@@ -472,6 +472,38 @@ def test_a_row_kept_plain_copies_what_it_passed_over_for_its_draft(monkeypatch):
     assert draft.passes == 0
 
 
+def test_a_batch_kept_plain_by_one_rows_draft_lets_another_copy(monkeypatch):
+    """Two rows: one prefers its copy (its instance saw its drafts seldom accepted), the other, with
+    nothing to copy, has a draft whose passes cost more than drafting could save. The cap keeps the
+    batch plain because of that draft; the copy needs no draft pass and pays, so its row copies, and
+    the other decodes plainly."""
+    import time
+
+    clock = Clock()
+    monkeypatch.setattr(time, "perf_counter", clock)
+    policy = DraftPolicy()
+    costs = flat_costs(0.02, draft=5.0)  # a main pass costs 1 and a little a token; a draft pass 5
+    prompt = prompt_for("en", 0)
+    copier_plain = greedy_alone(7, 60, prompt, rules(len(prompt)), 448)
+    drafter_plain = greedy_alone(8, 60, prompt, rules(len(prompt)), 448)
+    seldom, often = SeenAcceptance(), SeenAcceptance()
+    for seen, accepted in ((seldom, 0), (often, 5)):
+        teller = _begun(seen)
+        for _ in range(30):
+            teller.update(accepted, 5)
+    assert _begun(seldom).prefers_copy(16, policy.start) and _begun(often).acceptance > 0.9
+    draft = TimedSession(clock, 5.0)
+    decoder = BatchDecoder(facts(), TimedSession(clock, 1.0), draft, policy, costs)
+    copier = dataclasses.replace(window(7, 60, "en", 0, RowDraft(policy, seldom)), earlier=(tuple(copier_plain),))
+    drafter = window(8, 60, "en", 0, RowDraft(policy, often))
+    results = run(decoder, [(0, copier), (0, drafter)])
+    assert [results[0], results[1]] == [copier_plain, drafter_plain]
+    assert copier.stats.copies_accepted > len(copier_plain) / 2
+    # The copier copies while the drafter is in the batch (a step a token), not only after it left.
+    assert copier.stats.main_passes < drafter.stats.main_passes / 2 < len(copier_plain)
+    assert drafter.stats.tokens_drafted == 0 and draft.passes == 0
+
+
 @settings(max_examples=40, deadline=None)
 @given(
     rows=st.lists(

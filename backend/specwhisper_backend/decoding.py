@@ -293,8 +293,8 @@ class BatchDecoder:
         its text) may copy what followed them instead of drafting (:mod:`specwhisper_backend.copying`),
         where the copy promises as many tokens as its draft would: a copy needs no draft pass, so a
         step in which every drafting row copies runs none, and the cap is chosen with that cost. Where
-        the cap keeps every row plain, rows that passed over a copy for their draft copy after all if
-        the copies alone pay."""
+        the cap keeps every row plain because of some row's draft, the rows with a copy at hand copy
+        after all if the copies alone pay."""
         none: list[list[int]] = [[] for _ in self.rows]
         for row in self.rows:
             row.copied = False
@@ -305,7 +305,7 @@ class BatchDecoder:
         if not candidates or not self.lanes:
             return none, NO_PROPOSAL, 0
         limit = self.facts.n_text_ctx
-        lengths, copies, passed_over = [], [], []
+        lengths, copies, at_hands = [], [], []
         for _, row in candidates:
             drafting, room = row.window.drafting, limit - len(row.tokens) - 1
             length = min(drafting.length, room)
@@ -313,22 +313,19 @@ class BatchDecoder:
             copy = at_hand if at_hand and drafting.prefers_copy(len(at_hand), length) else []
             lengths.append(len(copy) if copy else length)
             copies.append(copy)
-            passed_over.append([] if copy else at_hand)
+            at_hands.append(at_hand)
         cap = max(lengths)
         if self.policy.cost_aware:
             min_tokens = max(len(feed) for feed in feeds)
             cap = self._cap(candidates, lengths, copies, min_tokens)
-            if not cap and any(passed_over):
-                # Kept plain, though rows passed over a copy for a draft that promised more: the
-                # copies need no draft pass, and may pay where the drafts do not (a sampled
-                # attempt's drafts, at a cost the cap will not pay, while its earlier attempt is
-                # there to copy).
-                copying = [(row, copy) for (_, row), copy in zip(candidates, passed_over, strict=True) if copy]
-                acceptance = [row.window.drafting.copy_acceptance for row, _ in copying]
-                rows = len(self.rows)
-                cap = choose_cap(self.costs, rows, min_tokens, acceptance, [len(copy) for _, copy in copying], 0)
+            if not cap and any(at_hands) and not all(copies):
+                # Kept plain where some rows would draft: every copy at hand, those passed over for
+                # a draft that promised more included, needs no draft pass, and the copies alone may
+                # pay where the drafts do not (a sampled attempt's drafts, at a cost the cap will not
+                # pay, while its earlier attempt is there to copy; or another row's dear draft).
+                cap = self._copies_cap(candidates, at_hands, min_tokens)
                 if cap:
-                    lengths, copies = [len(copy) for copy in passed_over], passed_over
+                    lengths, copies = [len(copy) for copy in at_hands], at_hands
         self.last_cap = cap
         if not cap:  # kept plain: each greedy row's estimate drifts back toward its instance's
             for _, row in candidates:
@@ -406,6 +403,13 @@ class BatchDecoder:
             worth=lambda: choose_cap(*step, catch_up, hopeful=True) > 0,
             untried=any(row.window.drafting.untried for row in drafting_rows),
         )
+
+    def _copies_cap(self, candidates: list[tuple[int, Row]], copies: list[list[int]], min_tokens: int) -> int:
+        """The cap on a step in which the rows with a copy at hand copy and the others decode plainly:
+        no draft pass, so nothing to catch up on and nothing for a probe to learn."""
+        copying = [(row, copy) for (_, row), copy in zip(candidates, copies, strict=True) if copy]
+        acceptance = [row.window.drafting.copy_acceptance for row, _ in copying]
+        return choose_cap(self.costs, len(self.rows), min_tokens, acceptance, [len(copy) for _, copy in copying], 0)
 
     def _behind(self, rows: Iterable[Row]) -> int:
         """The most tokens any of ``rows`` has decoded that the draft's cache does not hold yet."""
