@@ -40,3 +40,17 @@ def test_markdown_gives_both_throughputs():
     text = markdown([point(20.57, 15.2, 49.0, 8), point(float("nan"), 8.0, 8.0, 2)], None, LoadOptions(Path("x"), "d"))
     assert "| 8 | 20.57 (15-49 s) | 18.20 |" in text
     assert "| 2 | n/a | 18.20 |" in text
+
+
+def test_markdown_sets_speculative_over_plain_side_by_side_for_every_run():
+    def point(speculative: bool, repeat: int, steady: float, whole: float) -> LoadPoint:
+        return LoadPoint(
+            "batched (16 rows)", "long-form 60 s", speculative, 8, 24, 0, 100.0, whole, 0.3, 15.0, 41.6,
+            steady, 15.0, 49.0, 6.8, 5.9, None, 0.99, 0.0, repeat,
+        )  # fmt: skip
+
+    points = [point(False, 1, 20.0, 16.0), point(True, 1, 19.0, 16.8), point(False, 2, 18.0, 15.0)]
+    points.append(point(True, 2, 19.8, 15.0))
+    text = markdown(points, None, LoadOptions(Path("x"), "d", repeats=2))
+    assert "| long-form 60 s | batched (16 rows) | 8 | 0.95x, 1.10x (1.02x) | 1.05x, 1.00x (1.02x) |" in text
+    assert "| batched (16 rows) | speculative, run 2 | 8 |" in text

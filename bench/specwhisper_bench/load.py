@@ -4,10 +4,12 @@ Two servers run side by side on the same export, each one instance: the batched 
 batching, ``--max-batch-rows`` rows) and the serial server (one request at a time, as before
 batching). Only one is loaded at a time; each point of the sweep (an audio set, a number of
 clients, plain or speculative) runs on both back to back, in alternating order, so that the
-machine's drifting load hits both alike. Every client streams its requests (``specwhisper_stream``)
-back to back: latency is the whole request, time to first segment is when its first segment
-arrives. A soak then holds the batched server at the largest load and samples its resident memory.
-Writes ``load.md``, ``load.json`` and ``load.png``.
+machine's drifting load hits both alike. With ``--repeats``, each load runs that many times, plain
+and speculative alternating which goes first, and the report sets speculative over plain side by
+side for every run, with the spread: one run's ratio is within the machine's noise. Every client
+streams its requests (``specwhisper_stream``) back to back: latency is the whole request, time to
+first segment is when its first segment arrives. A soak then holds the batched server at the
+largest load and samples its resident memory. Writes ``load.md``, ``load.json`` and ``load.png``.
 
 Throughput is given twice. Over the whole run, it includes the start, where every request's first
 window waits for the encoder, and the drain: once a client has sent its last request, fewer
@@ -59,6 +61,8 @@ class LoadOptions:
     encoder_stall: float = ServingOptions().encoder_stall  # the batched server's (0: no bound)
     threads: int = 2
     soak_seconds: float = 180.0  # the batched server at the largest load (0: no soak)
+    repeats: int = 1  # runs of each load, plain and speculative alternating which goes first
+    audio: tuple[str, ...] = ("long", "short")  # which audio sets: long-form, short clips
 
     def smoke(self) -> LoadOptions:
         return replace(
@@ -105,6 +109,7 @@ class LoadPoint:
     acceptance: float | None
     tokens_per_main_pass: float
     drafted_per_pass: float  # draft tokens per main pass: how much the policy let rows draft
+    repeat: int = 1  # which run of this load (--repeats)
 
 
 @dataclass
@@ -121,19 +126,23 @@ LONG_VARIANT_STRIDE = 40
 
 
 def audio_sets(options: LoadOptions) -> dict[str, list[np.ndarray]]:
-    """Speech-dense long-form audio (``long_variants`` per language) and short real recordings."""
-    long = [
-        asterisk.long_form(language, options.long_seconds, skip=60 + LONG_VARIANT_STRIDE * variant)
-        for variant in range(options.long_variants)
-        for language in asterisk.LANGUAGES
-    ]
-    per_language = max(1, options.short_clips // len(asterisk.LANGUAGES))
-    short = [
-        asterisk.load_audio(prompt.path)
-        for language in asterisk.LANGUAGES
-        for prompt in asterisk.select(language, per_language, min_seconds=2.0, max_seconds=10.0)
-    ]
-    return {f"long-form {options.long_seconds:.0f} s": long, "short clips": short}
+    """Speech-dense long-form audio (``long_variants`` per language) and short real recordings, those
+    of ``options.audio``."""
+    sets = {}
+    if "long" in options.audio:
+        sets[f"long-form {options.long_seconds:.0f} s"] = [
+            asterisk.long_form(language, options.long_seconds, skip=60 + LONG_VARIANT_STRIDE * variant)
+            for variant in range(options.long_variants)
+            for language in asterisk.LANGUAGES
+        ]
+    if "short" in options.audio:
+        per_language = max(1, options.short_clips // len(asterisk.LANGUAGES))
+        sets["short clips"] = [
+            asterisk.load_audio(prompt.path)
+            for language in asterisk.LANGUAGES
+            for prompt in asterisk.select(language, per_language, min_seconds=2.0, max_seconds=10.0)
+        ]
+    return sets
 
 
 def _one(
@@ -362,14 +371,16 @@ def markdown(points: Sequence[LoadPoint], soaked: Soak | None, options: LoadOpti
                 if math.isnan(p.steady_audio_seconds_per_second)
                 else (f"{p.steady_audio_seconds_per_second:.2f} ({p.steady_from_s:.0f}-{p.steady_to_s:.0f} s)")
             )
+            mode = ("speculative" if p.speculative else "plain") + (f", run {p.repeat}" if options.repeats > 1 else "")
             lines.append(
-                f"| {p.server} | {'speculative' if p.speculative else 'plain'} | {p.clients} | "
+                f"| {p.server} | {mode} | {p.clients} | "
                 f"{steady} | "
                 f"{p.audio_seconds_per_second:.2f} | {p.requests_per_second:.3f} | {p.p50_s:.2f} | {p.p95_s:.2f} | "
                 f"{p.first_segment_p50_s:.2f} | {p.rows_per_step:.2f} | {acceptance} | {p.tokens_per_main_pass:.2f} | "
                 f"{p.drafted_per_pass:.2f} | {p.failures} |"
             )
         lines.append("")
+    lines += speculative_over_plain(points)
     if soaked is not None:
         memory = [mb for _, mb in soaked.rss_mb]
         lines += [
@@ -381,6 +392,38 @@ def markdown(points: Sequence[LoadPoint], soaked: Soak | None, options: LoadOpti
             "",
         ]
     return "\n".join(lines)
+
+
+def speculative_over_plain(points: Sequence[LoadPoint]) -> list[str]:
+    """Speculative throughput over plain, each run's pair side by side (they ran back to back on the
+    same server), at the load and over the whole run, with the median of the runs."""
+    pairs: dict[tuple[str, str, int], list[tuple[LoadPoint, LoadPoint]]] = {}
+    for p in points:
+        if p.speculative:
+            plain = [q for q in points if not q.speculative and (q.audio, q.server, q.clients, q.repeat) == (
+                p.audio, p.server, p.clients, p.repeat)]  # fmt: skip
+            if plain:
+                pairs.setdefault((p.audio, p.server, p.clients), []).append((plain[0], p))
+    if not pairs:
+        return []
+    lines = [
+        "## Speculative over plain, each run (median)",
+        "",
+        "| audio | server | clients | audio s/s, all clients busy | audio s/s, whole run |",
+        "|---|---|---|---|---|",
+    ]
+
+    def ratios(runs: list[tuple[LoadPoint, LoadPoint]], field: str) -> str:
+        each = [getattr(spec, field) / getattr(plain, field) for plain, spec in runs]
+        shown = [value for value in each if not math.isnan(value)]
+        if not shown:
+            return "n/a"
+        return ", ".join(f"{value:.2f}x" for value in shown) + f" ({statistics.median(shown):.2f}x)"
+
+    for (audio, server, clients), runs in pairs.items():
+        steady = ratios(runs, "steady_audio_seconds_per_second")
+        lines.append(f"| {audio} | {server} | {clients} | {steady} | {ratios(runs, 'audio_seconds_per_second')} |")
+    return [*lines, ""]
 
 
 def plot(points: Sequence[LoadPoint], path: Path) -> None:
@@ -395,12 +438,15 @@ def plot(points: Sequence[LoadPoint], path: Path) -> None:
         for server in dict.fromkeys(p.server for p in points):
             for speculative in (False, True):
                 mine = [p for p in points if (p.audio, p.server, p.speculative) == (audio, server, speculative)]
+                loads = sorted({p.clients for p in mine})
+
+                def median(field: str, mine: list[LoadPoint] = mine, loads: list[int] = loads) -> list[float]:
+                    return [statistics.median(getattr(p, field) for p in mine if p.clients == n) for n in loads]
+
                 label = f"{server.split(' (')[0]}, {'speculative' if speculative else 'plain'}"
                 style = "o-" if speculative else "s--"
-                axes[0][column].plot(
-                    [p.clients for p in mine], [p.steady_audio_seconds_per_second for p in mine], style, label=label
-                )
-                axes[1][column].plot([p.clients for p in mine], [p.p95_s for p in mine], style, label=label)
+                axes[0][column].plot(loads, median("steady_audio_seconds_per_second"), style, label=label)
+                axes[1][column].plot(loads, median("p95_s"), style, label=label)
         for row, ylabel in ((0, "audio seconds per second, all clients busy"), (1, "p95 latency (s)")):
             axis = axes[row][column]
             axis.set_title(audio)
@@ -418,25 +464,27 @@ def run(options: LoadOptions) -> tuple[list[LoadPoint], Soak | None]:
     audios = audio_sets(options)
     points: list[LoadPoint] = []
     with tempfile.TemporaryDirectory(prefix="specwhisper-load-") as root, servers(options, Path(root)) as running:
+        warm_up = next(iter(audios.values()))[:1]
         for server in running.values():  # warm each server and mode
             for speculative in (False, True):
-                run_point(server.grpc_url, audios["short clips"][:1], 1, 1, speculative, long=False)
+                run_point(server.grpc_url, warm_up, 1, 1, speculative, long=False)
         order = list(running.items())
         for audio, items in audios.items():
             long = audio.startswith("long")
             per_client = options.long_per_client if long else options.short_per_client
             for clients in options.loads:
-                for speculative in (False, True):
-                    order.reverse()  # alternate which server goes first
-                    for name, server in order:
-                        outcome = run_point(server.grpc_url, items, clients, per_client, speculative, long)
-                        points.append(summarise(name, audio, speculative, clients, outcome))
-                        print(json.dumps(asdict(points[-1])), flush=True)
+                for repeat in range(1, options.repeats + 1):
+                    for speculative in (False, True) if repeat % 2 else (True, False):
+                        order.reverse()  # alternate which server goes first
+                        for name, server in order:
+                            outcome = run_point(server.grpc_url, items, clients, per_client, speculative, long)
+                            points.append(replace(summarise(name, audio, speculative, clients, outcome), repeat=repeat))
+                            print(json.dumps(asdict(points[-1])), flush=True)
         soaked = None
         if options.soak_seconds > 0:
             batched = next(iter(running.values()))
             soaked = soak(batched, audios, max(options.loads), options.soak_seconds)
-    points.sort(key=lambda p: (p.audio, p.clients, p.speculative, p.server))
+    points.sort(key=lambda p: (p.audio, p.clients, p.speculative, p.server, p.repeat))
     (options.out / "load.json").write_text(
         json.dumps(
             {
@@ -472,8 +520,16 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--threads", type=int, default=defaults.threads)
     parser.add_argument("--soak-seconds", type=float, default=defaults.soak_seconds)
+    parser.add_argument(
+        "--repeats", type=int, default=defaults.repeats, help="runs of each load, plain and speculative alternating"
+    )
+    parser.add_argument(
+        "--audio", nargs="+", choices=("long", "short"), default=list(defaults.audio), help="which audio sets"
+    )
     parser.add_argument("--smoke", action="store_true", help="loads 1 2, 20 s long-form, a short soak")
     args = parser.parse_args(argv)
+    if args.repeats < 1:
+        parser.error("--repeats must be at least 1")
     assistant, _ = resolve_assistant(args)
     if assistant is None:
         parser.error(f"no draft ships for {args.main!r}: give --assistant")
@@ -490,6 +546,8 @@ def main(argv: list[str] | None = None) -> int:
         encoder_stall=args.encoder_stall,
         threads=args.threads,
         soak_seconds=args.soak_seconds,
+        repeats=args.repeats,
+        audio=tuple(args.audio),
     )
     points, soaked = run(options.smoke() if args.smoke else options)
     print(markdown(points, soaked, options))
