@@ -443,28 +443,39 @@ def test_a_window_decoded_again_copies_its_earlier_attempt():
     assert draft.passes == again.stats.assistant_passes <= 5  # one round's
 
 
-def test_a_row_kept_plain_copies_what_it_passed_over_for_its_draft(monkeypatch):
-    """A row whose draft promises more than its copy (the instance saw this draft accepted), but whose
-    draft passes cost more than drafting could save: the cap keeps its drafts out. The copy at hand
-    needs no draft pass and pays, so the row copies rather than decode plainly."""
+def _seen(accepted: int, drafted: int = 5, rounds: int = 30) -> SeenAcceptance:
+    """An instance that saw English rounds of ``drafted`` drafts with ``accepted`` of them accepted."""
+    seen = SeenAcceptance()
+    teller = _begun(seen)
+    for _ in range(rounds):
+        teller.update(accepted, drafted)
+    return seen
+
+
+def _dear_draft_decoder(monkeypatch, main_per_token: float) -> tuple[BatchDecoder, TimedSession, DraftPolicy]:
+    """A decoder on a scripted clock whose main pass costs 1 and ``main_per_token`` a row and token, and
+    whose draft pass costs 5: drafting costs more than it could save, copies need no draft pass."""
     import time
 
     clock = Clock()
     monkeypatch.setattr(time, "perf_counter", clock)
     policy = DraftPolicy()
-    costs = flat_costs(0.1, draft=5.0)  # a main pass costs 1 and a little a token; a draft pass 5
+    draft = TimedSession(clock, 5.0)
+    costs = flat_costs(main_per_token, draft=5.0)
+    return BatchDecoder(facts(), TimedSession(clock, 1.0), draft, policy, costs), draft, policy
+
+
+def test_a_row_kept_plain_copies_what_it_passed_over_for_its_draft(monkeypatch):
+    """A row whose draft promises more than its copy (the instance saw this draft accepted), but whose
+    draft passes cost more than drafting could save: the cap keeps its drafts out. The copy at hand
+    needs no draft pass and pays, so the row copies rather than decode plainly."""
+    decoder, draft, policy = _dear_draft_decoder(monkeypatch, 0.1)
     prompt = prompt_for("en", 0)
     plain = greedy_alone(7, 60, prompt, rules(len(prompt)), 448)
-    seen = SeenAcceptance()
-    teller = _begun(seen)
-    for _ in range(30):
-        teller.update(5, 5)
+    seen = _seen(5)
     start = _begun(seen)  # where the row starts: its draft promises more than sixteen copies
     assert start.acceptance > 0.9 and not start.prefers_copy(16, policy.start)
-    drafting = RowDraft(policy, seen)
-    draft = TimedSession(clock, 5.0)
-    decoder = BatchDecoder(facts(), TimedSession(clock, 1.0), draft, policy, costs)
-    again = dataclasses.replace(window(7, 60, "en", 0, drafting), earlier=(tuple(plain),))
+    again = dataclasses.replace(window(7, 60, "en", 0, RowDraft(policy, seen)), earlier=(tuple(plain),))
     (tokens,) = run(decoder, [(0, again)]).values()
     assert tokens == plain
     assert again.stats.copies_accepted > len(plain) / 2
@@ -477,28 +488,16 @@ def test_a_batch_kept_plain_by_one_rows_draft_lets_another_copy(monkeypatch):
     nothing to copy, has a draft whose passes cost more than drafting could save. The cap keeps the
     batch plain because of that draft; the copy needs no draft pass and pays, so its row copies, and
     the other decodes plainly."""
-    import time
-
-    clock = Clock()
-    monkeypatch.setattr(time, "perf_counter", clock)
-    policy = DraftPolicy()
-    costs = flat_costs(0.02, draft=5.0)  # a main pass costs 1 and a little a token; a draft pass 5
+    decoder, draft, policy = _dear_draft_decoder(monkeypatch, 0.02)
     prompt = prompt_for("en", 0)
     copier_plain = greedy_alone(7, 60, prompt, rules(len(prompt)), 448)
     drafter_plain = greedy_alone(8, 60, prompt, rules(len(prompt)), 448)
-    seldom, often = SeenAcceptance(), SeenAcceptance()
-    for seen, accepted in ((seldom, 0), (often, 5)):
-        teller = _begun(seen)
-        for _ in range(30):
-            teller.update(accepted, 5)
+    seldom, often = _seen(0), _seen(5)
     assert _begun(seldom).prefers_copy(16, policy.start) and _begun(often).acceptance > 0.9
-    draft = TimedSession(clock, 5.0)
-    decoder = BatchDecoder(facts(), TimedSession(clock, 1.0), draft, policy, costs)
     copier = dataclasses.replace(window(7, 60, "en", 0, RowDraft(policy, seldom)), earlier=(tuple(copier_plain),))
     drafter = window(8, 60, "en", 0, RowDraft(policy, often))
     results = run(decoder, [(0, copier), (0, drafter)])
     assert [results[0], results[1]] == [copier_plain, drafter_plain]
-    assert copier.stats.copies_accepted > len(copier_plain) / 2
     # The copier copies while the drafter is in the batch (a step a token), not only after it left.
     assert copier.stats.main_passes < drafter.stats.main_passes / 2 < len(copier_plain)
     assert drafter.stats.tokens_drafted == 0 and draft.passes == 0
