@@ -464,7 +464,7 @@ def run(options: LoadOptions) -> tuple[list[LoadPoint], Soak | None]:
     audios = audio_sets(options)
     points: list[LoadPoint] = []
     with tempfile.TemporaryDirectory(prefix="specwhisper-load-") as root, servers(options, Path(root)) as running:
-        warm_up = next(iter(audios.values()))[:1]
+        warm_up = (audios.get("short clips") or next(iter(audios.values())))[:1]  # short where there are some
         for server in running.values():  # warm each server and mode
             for speculative in (False, True):
                 run_point(server.grpc_url, warm_up, 1, 1, speculative, long=False)
