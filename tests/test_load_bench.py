@@ -54,3 +54,6 @@ def test_markdown_sets_speculative_over_plain_side_by_side_for_every_run():
     text = markdown(points, None, LoadOptions(Path("x"), "d", repeats=2))
     assert "| long-form 60 s | batched (16 rows) | 8 | 0.95x, 1.10x (1.02x) | 1.05x, 1.00x (1.02x) |" in text
     assert "| batched (16 rows) | speculative, run 2 | 8 |" in text
+    failed = [point(False, 1, float("nan"), 0.0), point(True, 1, float("nan"), 0.0)]  # no request answered
+    text = markdown(failed, None, LoadOptions(Path("x"), "d"))
+    assert "| long-form 60 s | batched (16 rows) | 8 | n/a | n/a |" in text

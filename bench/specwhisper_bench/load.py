@@ -397,13 +397,12 @@ def markdown(points: Sequence[LoadPoint], soaked: Soak | None, options: LoadOpti
 def speculative_over_plain(points: Sequence[LoadPoint]) -> list[str]:
     """Speculative throughput over plain, each run's pair side by side (they ran back to back on the
     same server), at the load and over the whole run, with the median of the runs."""
+    plain = {(p.audio, p.server, p.clients, p.repeat): p for p in points if not p.speculative}
     pairs: dict[tuple[str, str, int], list[tuple[LoadPoint, LoadPoint]]] = {}
     for p in points:
-        if p.speculative:
-            plain = [q for q in points if not q.speculative and (q.audio, q.server, q.clients, q.repeat) == (
-                p.audio, p.server, p.clients, p.repeat)]  # fmt: skip
-            if plain:
-                pairs.setdefault((p.audio, p.server, p.clients), []).append((plain[0], p))
+        run = (p.audio, p.server, p.clients, p.repeat)
+        if p.speculative and run in plain:
+            pairs.setdefault(run[:3], []).append((plain[run], p))
     if not pairs:
         return []
     lines = [
@@ -414,7 +413,8 @@ def speculative_over_plain(points: Sequence[LoadPoint]) -> list[str]:
     ]
 
     def ratios(runs: list[tuple[LoadPoint, LoadPoint]], field: str) -> str:
-        each = [getattr(spec, field) / getattr(plain, field) for plain, spec in runs]
+        # A point whose requests all failed has no throughput to divide by: it shows as n/a.
+        each = [getattr(spec, field) / getattr(plain, field) for plain, spec in runs if getattr(plain, field)]
         shown = [value for value in each if not math.isnan(value)]
         if not shown:
             return "n/a"
