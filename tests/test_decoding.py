@@ -23,6 +23,7 @@ from specwhisper_backend.load_policy import (
     StepCosts,
     choose_cap,
     expected_tokens,
+    prefill_chunk,
     probe_price,
 )
 from specwhisper_backend.logit_filters import (
@@ -767,6 +768,37 @@ def test_a_prefilling_row_makes_drafting_cheap():
     costs = flat_costs(0.3)
     assert choose_cap(costs, 4, 1, [0.7] * 3, [6] * 3, 3) == 0
     assert choose_cap(costs, 4, 7, [0.7] * 3, [6] * 3, 3) >= 4
+
+
+def test_a_prompt_goes_at_once_where_a_wider_pass_is_cheap_and_a_token_a_step_where_it_widens_every_row():
+    assert prefill_chunk(flat_costs(0.0), 16, 8, 16) == 8  # launch-bound: a step is a step
+    assert prefill_chunk(flat_costs(0.01), 1, 8, 16) == 8  # one row: the next step costs a whole pass
+    assert prefill_chunk(flat_costs(0.5), 16, 8, 16) == 1  # compute-bound: a token more a row, for all 16
+    assert prefill_chunk(None, 16, 30, 16) == 16  # no measured costs: the most a step
+    assert prefill_chunk(flat_costs(0.5), 16, 1, 16) == 1
+
+
+def test_a_row_joining_a_compute_bound_batch_feeds_its_prompt_without_widening_the_others():
+    """Eight rows decoding, a ninth joins with a prompt of 7: on a machine whose passes cost their
+    rows x tokens its prompt goes in a token a step, so no pass pads the others; where a wider pass
+    costs little it goes at once. Every row's tokens are its plain output either way."""
+
+    class Widths(ScriptedSession):
+        def forward(self, tokens, counts=None, last_only=False):
+            self.widths.append(tokens.shape[1])
+            return super().forward(tokens, counts, last_only)
+
+    for costs, widest in ((flat_costs(0.5), 1), (flat_costs(0.0), 6)):
+        main = Widths()
+        main.widths = []
+        decoder = BatchDecoder(facts(), main, None, DraftPolicy(cost_aware=False), costs)
+        arrivals = [(0, window(seed, 40, "en", 0, None)) for seed in range(8)] + [(5, window(9, 30, "en", 4, None))]
+        results = run(decoder, arrivals)
+        assert max(main.widths[1:]) == widest  # after the first pass, the eight rows' prompts
+        for index, (_, joined) in enumerate(arrivals):
+            seed, length = (int(v) for v in joined.states[0, 0, :2])
+            prompt = prompt_for("en", 4 if index == 8 else 0)
+            assert results[index] == greedy_alone(seed, length, prompt, rules(len(prompt)), 448), index
 
 
 def test_no_probe_where_catching_up_would_cost_more_than_drafting_could_save():

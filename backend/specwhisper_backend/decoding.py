@@ -55,14 +55,15 @@ from specwhisper_backend.drafting import (
     timed_propose,
 )
 from specwhisper_backend.facts import ModelFacts
-from specwhisper_backend.load_policy import Probes, StepCosts, choose_cap, probe_price
+from specwhisper_backend.load_policy import Probes, StepCosts, choose_cap, prefill_chunk, probe_price
 from specwhisper_backend.logit_filters import LogitFilter, filtered
 from specwhisper_backend.normalizer import log_normalizer
 from specwhisper_backend.sampling import PositionNoise, choose, tempered
 from specwhisper_backend.stats import DecodeStats
 
-# Prompt tokens a row feeds per step: a long prompt (previous text) is spread over a few steps
-# rather than padding every row of one step to its length.
+# The most prompt tokens a row feeds in a step: a long prompt (previous text) is spread over a few
+# steps rather than padding every row of one step to its length (and fewer where the measured costs
+# say so: load_policy.prefill_chunk).
 PREFILL_CHUNK = 16
 NO_PROPOSAL = ProposalTiming(0.0, 0, 0.0, 0)
 
@@ -233,7 +234,7 @@ class BatchDecoder:
         """One batched step for every row; the rows whose text ended leave, their results returned."""
         started, rows = time.perf_counter(), len(self.rows)
         self._joining_seconds = 0.0
-        feeds = [self._fed_before_drafts(row) for row in self.rows]
+        feeds = self._fed_before_drafts()
         drafts, timing, catch_up = self._propose(feeds)
         feeds = [feed + drafted for feed, drafted in zip(feeds, drafts, strict=True)]
         width = max(len(feed) for feed in feeds)
@@ -277,13 +278,27 @@ class BatchDecoder:
             self.costs.overruns.observe(rows, catch_up > 0, predicted + self._joining_seconds, wall)
         return results
 
-    def _fed_before_drafts(self, row: Row) -> list[int]:
-        if row.phase is Phase.DETECT:
-            return [self.facts.tokens.sot]
-        if row.phase is Phase.PREFILL:
-            fed = int(self.main.lengths[self.rows.index(row)])
-            return row.tokens[fed : min(row.prompt_length - 1, fed + PREFILL_CHUNK)]
-        return [row.tokens[-1]]
+    def _fed_before_drafts(self) -> list[list[int]]:
+        """What each row feeds the main pass before any drafts: its pending token, or
+        ``<|startoftranscript|>`` to detect its language, or a chunk of its prompt. A prompt's chunk
+        is priced by :func:`~specwhisper_backend.load_policy.prefill_chunk`; where one prompt's chunk
+        widens the pass anyway, the other prompts fill in as much of that width as they have."""
+        feeds, prompts = [], []
+        for slot, row in enumerate(self.rows):
+            if row.phase is Phase.DETECT:
+                feeds.append([self.facts.tokens.sot])
+            elif row.phase is Phase.PREFILL:
+                fed = int(self.main.lengths[slot])
+                remaining = row.prompt_length - 1 - fed
+                prompts.append((slot, fed, remaining))
+                chunk = prefill_chunk(self.costs, len(self.rows), remaining, PREFILL_CHUNK)
+                feeds.append(row.tokens[fed : fed + chunk])
+            else:
+                feeds.append([row.tokens[-1]])
+        width = max((len(feed) for feed in feeds), default=1)
+        for slot, fed, remaining in prompts:
+            feeds[slot] = self.rows[slot].tokens[fed : fed + min(remaining, width)]
+        return feeds
 
     def _propose(self, feeds: list[list[int]]) -> tuple[list[list[int]], ProposalTiming, int]:
         """This step's drafts for every row (none for rows that do not draft now), and what the first

@@ -76,6 +76,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import math
 import os
 import tempfile
 import time
@@ -452,6 +453,31 @@ def probe_price(costs: StepCosts, rows: int, min_tokens: int, draft_rows: int, c
     plain = costs.step(rows, min_tokens)
     probe = costs.step(rows, max(min_tokens, PROBE_DRAFTS + 1), draft_rows, catch_up, PROBE_DRAFTS)
     return probe * costs.overruns.factor(rows) - plain + joining * costs.join_seconds
+
+
+def prefill_chunk(costs: StepCosts | None, rows: int, remaining: int, most: int) -> int:
+    """How many of its ``remaining`` prompt tokens a row filling in its prompt feeds this step (at
+    most ``most``), in a batch of ``rows`` rows: the chunk whose prompt costs the rows the fewest
+    seconds of waiting, all rows together.
+
+    The main pass pads every row to the widest row's tokens, so a chunk of ``c`` tokens makes each
+    row wait ``main(rows, c) - main(rows, 1)`` longer this step. A smaller chunk takes the row more
+    steps instead: it waits a whole step for each, and each other row waits what one more row adds
+    to a one-token pass. At one row, or where a pass is launch-bound (a GPU), a wider pass costs
+    little and a step more costs a whole one, so the prompt goes at once. On a CPU with many rows a
+    pass costs about its rows x tokens: there one row's two prompt tokens fed at once made the step
+    take twice as long for every row, where a step more costs each of them a sixteenth of one.
+    Without measured costs (a model with no draft has no grid) the prompt goes in chunks of ``most``."""
+    most = max(1, min(remaining, most))
+    if costs is None or most == 1:
+        return most
+    one = costs.main(rows, 1)
+    step_more = one + (rows - 1) * (one - (costs.main(rows - 1, 1) if rows > 1 else 0.0))
+
+    def waited(chunk: int) -> float:
+        return rows * (costs.main(rows, chunk) - one) + (math.ceil(remaining / chunk) - 1) * step_more
+
+    return min(range(1, most + 1), key=waited)
 
 
 def measure_step_costs(
