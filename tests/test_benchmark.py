@@ -41,8 +41,8 @@ def test_bench_runs_one_draft_with_and_without_the_confidence_stop(trained_draft
     # The drafts the stop leaves out are those the draft was unsure of, mostly wrong ones, so what is
     # left is accepted more often. Spanish, where the draft is unsure more often than in English,
     # shows it (docs/experiments.md). By how much depends on the machine (the stop's threshold is
-    # learned from the draft's int8 scores): 5 points on the machine this was written on, under 2 on
-    # a later one (docs/experiments.md, 2026-12-06), so the direction is what is asserted.
+    # learned from the draft's int8 scores, whose rounding differs between machines; docs/experiments.md,
+    # 2026-12-06), so the direction is what is asserted.
     assert row["acceptance_rate"] > always["acceptance_rate"]
 
 

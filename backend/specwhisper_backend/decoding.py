@@ -283,19 +283,20 @@ class BatchDecoder:
         ``<|startoftranscript|>`` to detect its language, or a chunk of its prompt. A prompt's chunk
         is priced by :func:`~specwhisper_backend.load_policy.prefill_chunk`; where one prompt's chunk
         widens the pass anyway, the other prompts fill in as much of that width as they have."""
-        feeds, prompts = [], []
+        feeds: list[list[int]] = []
+        prompts = []
         for slot, row in enumerate(self.rows):
             if row.phase is Phase.DETECT:
                 feeds.append([self.facts.tokens.sot])
             elif row.phase is Phase.PREFILL:
                 fed = int(self.main.lengths[slot])
-                remaining = row.prompt_length - 1 - fed
-                prompts.append((slot, fed, remaining))
-                chunk = prefill_chunk(self.costs, len(self.rows), remaining, PREFILL_CHUNK)
-                feeds.append(row.tokens[fed : fed + chunk])
+                prompts.append((slot, fed, row.prompt_length - 1 - fed))
+                feeds.append([])  # its chunk, below
             else:
                 feeds.append([row.tokens[-1]])
-        width = max((len(feed) for feed in feeds), default=1)
+        # the widest prompt chunk sets the pass's width; the other prompts fill it (every chunk is >= 1)
+        chunks = (prefill_chunk(self.costs, len(self.rows), remaining, PREFILL_CHUNK) for _, _, remaining in prompts)
+        width = max(chunks, default=1)
         for slot, fed, remaining in prompts:
             feeds[slot] = self.rows[slot].tokens[fed : fed + min(remaining, width)]
         return feeds
