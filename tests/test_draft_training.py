@@ -271,6 +271,31 @@ def test_festival_reads_its_share_of_the_windows_and_espeak_the_rest(monkeypatch
     assert set(readers(1.0, "refused")) == {"espeak"}  # a text Festival cannot read falls back
 
 
+def test_a_share_of_synthetic_windows_is_heard_through_a_telephones_band(monkeypatch):
+    seconds = np.arange(SAMPLE_RATE) / SAMPLE_RATE
+    speech, whistle = np.sin(2 * np.pi * 1000 * seconds), np.sin(2 * np.pi * 6000 * seconds)
+    monkeypatch.setattr(draft_data, "synthesize", lambda *args, **kwargs: (speech + whistle).astype(np.float32))
+
+    def spectrum(audio: np.ndarray) -> np.ndarray:
+        return np.abs(np.fft.rfft(audio))  # one second: 1 Hz bins
+
+    def narrowed(share: float) -> list[bool]:
+        spoken = draft_data.spoken_windows(lambda rng: "text", "en", 40, random.Random(0), 25.0, 0.0, share)
+        kept = []
+        for _, audio in spoken:
+            assert audio.dtype == np.float32 and len(audio) == SAMPLE_RATE
+            bins = spectrum(audio)
+            assert bins[1000] > 0.9 * spectrum(speech)[1000]  # the speech band stays
+            kept.append(bool(bins[6000] < 0.01 * spectrum(whistle)[6000]))
+        return kept
+
+    assert not any(narrowed(0.0))
+    assert all(narrowed(1.0))
+    assert 10 <= sum(narrowed(0.5)) <= 30
+    with pytest.raises(ValueError, match="narrowband_share"):
+        draft_data.CorpusOptions(languages=("ru",), narrowband_share=1.5)
+
+
 @pytest.mark.skipif(not draft_data.festival_voices("ru"), reason="Festival or its Russian voice is not installed")
 def test_festival_speaks_each_language_it_has_a_voice_for():
     texts = {"ru": "Привет, как дела?", "it": "Buongiorno, città!", "fi": "Hyvää päivää!", "ca": "Bon dia, què tal?"}

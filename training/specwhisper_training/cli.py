@@ -81,6 +81,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="of the synthetic windows in a language Festival speaks and with no recordings, the share it reads",
     )
     parser.add_argument(
+        "--narrowband-share",
+        type=float,
+        default=None,
+        help="of the synthetic training windows, the share heard through a telephone's band (8 kHz and back)",
+    )
+    parser.add_argument(
         "--max-seconds",
         type=float,
         default=None,
@@ -166,6 +172,7 @@ def options_from(args: argparse.Namespace) -> DraftTrainingOptions:
             "training_forms",
             "spoken_targets",
             "festival_share",
+            "narrowband_share",
             "max_seconds",
         )
         if getattr(args, name) is not None

@@ -39,6 +39,7 @@ from pathlib import Path
 from typing import Literal
 
 import numpy as np
+import soxr
 from tqdm import tqdm
 
 from specwhisper_backend.facts import ModelFacts
@@ -100,6 +101,7 @@ FESTIVAL_VOICES: dict[str, tuple[tuple[str, str], ...]] = {
     "ca": (("catalan/upc_ca_ona_hts", "latin-1"),),
 }
 FESTIVAL_ROOT = Path("/usr/share/festival/voices")
+NARROWBAND_RATE = 8_000  # a telephone line's sample rate (the recordings here have it)
 # gettext catalogs per language (their folders under /usr/share/locale).
 LOCALE_ROOT = Path("/usr/share/locale")
 LOCALE_FOLDERS = {"zh": ("zh_CN", "zh_TW"), "pt": ("pt_BR", "pt")}
@@ -157,6 +159,11 @@ class CorpusOptions:
     # Of the synthetic windows in a language Festival speaks (FESTIVAL_VOICES, where installed) and that
     # has no recordings here, the share Festival reads instead of espeak-ng.
     festival_share: float = 0.0
+    # Of the synthetic windows, the share heard through a telephone's band (resampled to 8 kHz and
+    # back): the human recordings here are 8 kHz, as is much of what a serving deployment transcribes
+    # (call centres), and the synthetic voices speak full-band, so a draft trained on them alone meets
+    # narrow-band speech in the languages it has no recordings of unprepared.
+    narrowband_share: float = 0.0
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -186,6 +193,8 @@ class CorpusOptions:
             raise ValueError("passage_words must be two counts, 1 <= fewest <= most")
         if not 0.0 <= self.festival_share <= 1.0:
             raise ValueError("festival_share must be in [0, 1]")
+        if not 0.0 <= self.narrowband_share <= 1.0:
+            raise ValueError("narrowband_share must be in [0, 1]")
         if not 1 <= self.top_k <= 256:
             raise ValueError("top_k must be in 1..256")
 
@@ -421,10 +430,11 @@ def spoken_windows(
     rng: random.Random,
     max_seconds: float,
     festival_share: float = 0.0,
+    narrowband_share: float = 0.0,
 ) -> Iterator[tuple[str, np.ndarray]]:
     """``count`` windows of ``make_text(rng)`` spoken in ``language``: by espeak-ng with a random voice,
     speed and pitch, or (a ``festival_share`` of them, where Festival has a voice) by Festival at a
-    random pace."""
+    random pace; a ``narrowband_share`` of them through a telephone's band (:func:`narrowband`)."""
     limit = int(max_seconds * SAMPLE_RATE)
     festival = festival_voices(language) if festival_share else []
     for _ in range(count):
@@ -435,7 +445,16 @@ def spoken_windows(
         if audio is None:
             voice = rng.choice(ESPEAK_VOICES[language]) + rng.choice(ESPEAK_VARIANTS)
             audio = synthesize(text, voice, speed=rng.randint(130, 200), pitch=rng.randint(25, 75))
+        if narrowband_share and rng.random() < narrowband_share:
+            audio = narrowband(audio)
         yield text, audio[:limit]
+
+
+def narrowband(audio: np.ndarray) -> np.ndarray:
+    """``audio`` (16 kHz) as an 8 kHz recording of it sounds: nothing above 4 kHz."""
+    return soxr.resample(soxr.resample(audio, SAMPLE_RATE, NARROWBAND_RATE), NARROWBAND_RATE, SAMPLE_RATE).astype(
+        np.float32
+    )[: len(audio)]
 
 
 def fortune_files(language: str) -> list[Path]:
@@ -665,7 +684,9 @@ def make_windows(options: CorpusOptions, teacher: MainTeacher) -> Iterator[tuple
     for make_text, language, count, split in sources:
         draws = heldout_rng if split == "heldout" else rng
         share = 0.0 if language in recorded else options.festival_share
-        for text, audio in spoken_windows(make_text, language, count, draws, options.max_seconds, share):
+        narrow = options.narrowband_share if split == "train" else 0.0  # held-out windows stay as they were
+        spoken = spoken_windows(make_text, language, count, draws, options.max_seconds, share, narrow)
+        for text, audio in spoken:
             yield Window(language, split, "espeak", (text,), len(audio) / SAMPLE_RATE), audio
 
 
