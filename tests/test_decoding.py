@@ -600,6 +600,24 @@ def test_a_new_rows_acceptance_starts_from_what_its_instance_saw_of_its_kind():
     assert _begun(None).acceptance == pytest.approx(2 / 3)  # no instance to learn from
 
 
+def test_a_new_rows_acceptance_starts_from_its_drafts_measured_acceptance_where_the_draft_has_one():
+    """A draft measured held out at 0.85 in Italian: a fresh instance's Italian rows start there,
+    where the generic 2 in 3 is a close call at one row on a CPU, and a measurement weighs more than
+    that guess: one rejected first round (a window's first token is heard with no text before it)
+    leaves the row near its measurement, where it left the guess at a half."""
+    seen = SeenAcceptance({"it": 0.85})
+    assert _begun(seen, "it").acceptance == pytest.approx(0.85)
+    assert _begun(seen, "it").copy_acceptance == pytest.approx(1 / 2), "copies are not the draft's"
+    assert _begun(seen, "it", "translate").acceptance == pytest.approx(2 / 3), "measured transcribing"
+    assert _begun(seen, "ru").acceptance == pytest.approx(2 / 3), "not measured"
+    italian, guessed = _begun(seen, "it"), _begun(SeenAcceptance(), "it")
+    italian.update(0, 1)
+    guessed.update(0, 1)
+    assert italian.acceptance > 0.7 and guessed.acceptance < 0.5
+    w = SeenAcceptance.MEASURED_WEIGHT
+    assert _begun(seen, "it").acceptance == pytest.approx(0.85 * w / (w + 1)), "the instance heard of it"
+
+
 def test_a_new_rows_estimate_for_copies_starts_from_what_its_instance_saw_of_copies():
     """Copies are a kind of their own: what they showed moves the next request's copy estimate, not
     its draft's, and the draft's rounds do not move the copies'."""

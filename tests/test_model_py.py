@@ -71,7 +71,7 @@ def test_the_warm_up_teaches_the_instance_nothing_about_drafting(unary):
     tone's rejected drafts would have lowered where every request of its language starts)."""
     transcriber = unary.scheduler.transcriber
     assert transcriber.model.assistant is not None
-    fresh = type(transcriber.seen_acceptance)()
+    fresh = type(transcriber.seen_acceptance)(transcriber.measured_acceptance())
     assert transcriber.seen_acceptance.prior(("transcribe", "en")) == fresh.prior(("transcribe", "en"))
     assert not transcriber.seen_acceptance._sums
 

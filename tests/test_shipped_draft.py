@@ -12,6 +12,8 @@ import torch
 from transformers import WhisperForCausalLM
 
 from specwhisper_backend.facts import ModelFacts
+from specwhisper_backend.runtime import ExportedModel
+from specwhisper_backend.transcriber import Transcriber
 from specwhisper_export import cli as export_cli
 from specwhisper_export.repository import DRAFT_VOCAB_FILE, ExportRequest, export_artefacts
 from specwhisper_export.shipped import (
@@ -58,6 +60,24 @@ def test_the_export_drafts_with_it_by_default(trained_draft, tmp_path):
         alone = export_artefacts(ExportRequest(main="base", assistant=draft, assistant_int8=True))
         decoder = ModelFacts.load(alone).assistant.decoder_file
         assert filecmp.cmp(served / route.decoder.decoder_file, alone / decoder, shallow=False)
+    # Each draft carries its record's held-out acceptance, and a new instance's rows start there for
+    # the languages that draft serves.
+    measured = {name: _recorded_acceptance(name) for name in [None, *ROUTED]}
+    assert facts.assistant.acceptance == measured[None]
+    assert all(route.decoder.acceptance in [measured[name] for name in ROUTED] for route in facts.routes)
+    seen = Transcriber(ExportedModel(served)).seen_acceptance
+    for language in facts.languages:
+        route = facts.route(language)
+        draft = facts.assistant if route is None else facts.routes[route].decoder
+        expected = draft.acceptance.get(language, 2 / 3)
+        assert seen.prior(("transcribe", language)) == pytest.approx(expected), language
+    if "it-ru" in ROUTED and facts.route("it") is not None:
+        assert seen.prior(("transcribe", "it")) == pytest.approx(measured["it-ru"]["it"])
+    assert seen.prior(("transcribe", "en")) == pytest.approx(measured[None]["en"])
+
+
+def _recorded_acceptance(name: str | None) -> dict[str, float]:
+    return {language: f["acceptance"] for language, f in shipped_record("base", name)["heldout"]["languages"].items()}
 
 
 @pytest.mark.parametrize("name", [None, *ROUTED])

@@ -26,7 +26,7 @@ rows in one batched pass per step.
 from __future__ import annotations
 
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -109,8 +109,19 @@ class SeenAcceptance:
     # What the draft's own probability weighs against a bin's evidence, in draft tokens: with none
     # seen, the chance is that probability.
     BIN_PRIOR = 8.0
+    # What a draft's measured acceptance weighs as a prior, in rounds' evidence: a measurement over a
+    # few hundred held-out tokens, not the default's guess (weighing three), so one unlucky first round
+    # does not undo it; the instance's own rounds outweigh it within a few requests.
+    MEASURED_WEIGHT = 8.0
 
-    def __init__(self) -> None:
+    def __init__(self, measured: Mapping[str, float] | None = None) -> None:
+        """``measured``: by language, how often the draft that serves it was accepted on held-out
+        recordings when it shipped (:attr:`DecoderFacts.acceptance`): a transcribing row in such a
+        language starts there instead of at the default prior. The default guess is a close call at
+        one row on a CPU, and the first rounds' evidence weighs as much as the prior: a fresh instance
+        kept a language the draft speaks well plain for clip after clip (docs/experiments.md,
+        2026-12-06)."""
+        self._measured = dict(measured or {})
         self._sums: dict[tuple[str, str], tuple[float, float]] = {}
         self._bins: dict[tuple[str, str], np.ndarray] = {}  # [BINS, 2]: accepted, verified
 
@@ -122,9 +133,20 @@ class SeenAcceptance:
     def prior(self, kind: tuple[str, str], accepted: float = PRIOR_ACCEPTED, rejected: float = PRIOR_REJECTED) -> float:
         """Where a new row's estimate for ``kind`` starts: the default prior (``accepted`` to
         ``rejected``) with the evidence seen added, so an instance that has seen little starts near
-        the default."""
+        the default (the draft's measured acceptance where it has one for ``kind``)."""
+        measured = self._measured_for(kind)
+        if measured is not None:
+            accepted, rejected = self.MEASURED_WEIGHT * measured, self.MEASURED_WEIGHT * (1 - measured)
         accepted_sum, rejected_sum = self._sums.get(kind, (0.0, 0.0))
         return (accepted + accepted_sum) / (accepted + rejected + accepted_sum + rejected_sum)
+
+    def weight(self, kind: tuple[str, str], default: float) -> float:
+        """What a new row's prior for ``kind`` weighs: ``default``, or more where the draft was measured."""
+        return default if self._measured_for(kind) is None else self.MEASURED_WEIGHT
+
+    def _measured_for(self, kind: tuple[str, str]) -> float | None:
+        task, language = kind
+        return self._measured.get(language) if task == "transcribe" else None  # measured transcribing
 
     def observe_drafts(self, kind: tuple[str, str], probabilities: Sequence[float], accepted: int) -> None:
         """A verified greedy round's draft tokens, with the probability the draft gave each: the first
@@ -166,7 +188,7 @@ class Acceptance:
         self.kind = kind
         if self._seen is not None and not self.rounds:
             prior = self._seen.prior(kind, *self._prior)
-            weight = sum(self._prior)
+            weight = self._seen.weight(kind, sum(self._prior))
             self._accepted, self._rejected = weight * prior, weight * (1 - prior)
 
     @property

@@ -53,6 +53,9 @@ class DecoderFacts:
     logit_ids_file: str | None = None
     # The main model's alignment graph (word timestamps), where it has alignment heads.
     alignment_file: str | None = None
+    # A draft's acceptance by language, measured on held-out recordings when it shipped: where a new
+    # instance's acceptance estimates start for those languages (SeenAcceptance), not a generic guess.
+    acceptance: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -291,8 +291,21 @@ class Transcriber:
         """Drop what decoding taught this instance of drafting (the acceptance seen, the probes' waits):
         what a warm-up ran is not traffic. (A tone's rejected round lowered where every request of its
         detected language starts, to about where one row's drafting stops paying.)"""
-        self.seen_acceptance = SeenAcceptance()
+        self.seen_acceptance = SeenAcceptance(self.measured_acceptance())
         self._probes = Probes()
+
+    def measured_acceptance(self) -> dict[str, float]:
+        """By language, the held-out acceptance of the draft that serves it, where its export says."""
+        facts = self.model.facts
+        if facts.assistant is None:
+            return {}
+        measured = {}
+        for language in facts.languages or ("en",):
+            route = facts.route(language)
+            draft = facts.assistant if route is None else facts.routes[route].decoder
+            if language in draft.acceptance:
+                measured[language] = draft.acceptance[language]
+        return measured
 
     @property
     def aligner(self) -> WordAligner | None:

@@ -42,6 +42,8 @@ Precision = Literal["fp32", "fp16"]
 PROCESSOR_DIR = "processor"
 # Beside a trained draft's checkpoint: {"token_ids": [...]}, the vocabulary subset its head covers.
 DRAFT_VOCAB_FILE = "draft_vocab.json"
+# In a draft's checkpoint: its acceptance by language on held-out recordings (a shipped draft's record).
+ACCEPTANCE_FILE = "draft_acceptance.json"
 # The modules that shape the artefacts: a change to any of them (or to the build functions below)
 # invalidates cached exports; changes elsewhere, e.g. to how a repository is laid out, do not.
 _EXPORT_SOURCES = (graphs, onnx_export, model_facts, backend_facts)
@@ -79,7 +81,7 @@ def code_version() -> str:
     digest = hashlib.sha256()
     for module in _EXPORT_SOURCES:
         digest.update(Path(module.__file__).read_bytes())
-    for function in (_build, _decoder_facts, draft_vocabulary, _load, _copy_vad):
+    for function in (_build, _decoder_facts, draft_vocabulary, measured_acceptance, _load, _copy_vad):
         digest.update(inspect.getsource(function).encode())
     return digest.hexdigest()[:12]
 
@@ -108,6 +110,14 @@ def resolve_form(main_config, assistant_checkpoint: str, requested: AssistantFor
 def draft_vocabulary(checkpoint: str) -> list[int] | None:
     path = Path(checkpoint) / DRAFT_VOCAB_FILE
     return json.loads(path.read_text())["token_ids"] if path.is_file() else None
+
+
+def measured_acceptance(checkpoint: str) -> dict[str, float]:
+    """The draft's held-out acceptance by language, where its checkpoint says (none: a generic start)."""
+    path = Path(checkpoint) / ACCEPTANCE_FILE
+    if not path.is_file():
+        return {}
+    return {language: float(value) for language, value in json.loads(path.read_text()).items()}
 
 
 def _load(checkpoint: str, form: str = "full") -> tuple[torch.nn.Module, WhisperProcessor]:
@@ -193,6 +203,7 @@ def _build(request: ExportRequest, main_ckpt: str, assistant_ckpt: str | None, f
             dtype=np_dtype,
             trimmed=draft_vocabulary(assistant_ckpt) is not None,
         )
+        assistant_facts = replace(assistant_facts, acceptance=measured_acceptance(assistant_ckpt))
 
     for name, step in (bar := tqdm(steps, desc="ONNX export", unit="graph")):
         bar.set_postfix_str(name)

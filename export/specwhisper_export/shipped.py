@@ -27,12 +27,14 @@ from transformers import WhisperForCausalLM
 from specwhisper_export.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_export.cut import cut_decoder_only
 from specwhisper_export.presets import load_whisper, resolve_checkpoint
-from specwhisper_export.repository import DRAFT_VOCAB_FILE
+from specwhisper_export.repository import ACCEPTANCE_FILE, DRAFT_VOCAB_FILE
 
 DRAFTS_DIR = Path(__file__).parent / "drafts"
 # Tensors a draft shares with its main model, frozen in training: never shipped, taken from the main.
 SHARED = ("model.decoder.embed_tokens.weight", "proj_out.weight")
 TOKEN_IDS = "token_ids"  # the ids the head scores, stored beside the weights (int32)
+# 2: the rebuilt checkpoint carries the record's held-out acceptance (ACCEPTANCE_FILE).
+UNPACK_FORMAT = 2
 
 
 def shipped_files(main: str, name: str | None = None) -> tuple[Path, Path]:
@@ -95,7 +97,7 @@ def shipped_draft(main: str, name: str | None = None) -> Path:
         raise FileNotFoundError(f"{what} ships for {main!r} in {DRAFTS_DIR}: train one (specwhisper-train-draft)")
     weights, _ = shipped_files(main, name)
     digest = hashlib.sha256(weights.read_bytes()).hexdigest()[:16]
-    key = input_key("shipped-draft", checkpoint_identity(resolve_checkpoint(main)), digest)
+    key = input_key("shipped-draft", checkpoint_identity(resolve_checkpoint(main)), digest, UNPACK_FORMAT)
     return cached_dir("drafts", key, lambda tmp: _unpack(main, name, tmp))
 
 
@@ -118,6 +120,8 @@ def _unpack(main: str, name: str | None, out: Path) -> None:
     draft.save_pretrained(out)
     processor.save_pretrained(out)
     (out / DRAFT_VOCAB_FILE).write_text(json.dumps({"token_ids": np.asarray(token_ids).tolist()}))
+    measured = record.get("heldout", {}).get("languages", {})
+    (out / ACCEPTANCE_FILE).write_text(json.dumps({lang: figures["acceptance"] for lang, figures in measured.items()}))
 
 
 def default_assistant(main: str) -> str | None:
