@@ -67,9 +67,7 @@ def test_the_export_drafts_with_it_by_default(trained_draft, tmp_path):
     assert all(route.decoder.acceptance in [measured[name] for name in ROUTED] for route in facts.routes)
     seen = Transcriber(ExportedModel(served)).seen_acceptance
     for language in facts.languages:
-        route = facts.route(language)
-        draft = facts.assistant if route is None else facts.routes[route].decoder
-        expected = draft.acceptance.get(language, 2 / 3)
+        expected = facts.draft(language).acceptance.get(language, 2 / 3)
         assert seen.prior(("transcribe", language)) == pytest.approx(expected), language
     if "it-ru" in ROUTED and facts.route("it") is not None:
         assert seen.prior(("transcribe", "it")) == pytest.approx(measured["it-ru"]["it"])

@@ -103,6 +103,11 @@ class ModelFacts:
                 return index
         return None
 
+    def draft(self, language: str) -> DecoderFacts | None:
+        """The draft that drafts ``language``: its route's, or the default assistant (None: no draft)."""
+        route = self.route(language)
+        return self.assistant if route is None else self.routes[route].decoder
+
     def to_json(self) -> str:
         return json.dumps({"format": FACTS_FORMAT, **asdict(self)}, indent=2)
 

@@ -297,15 +297,12 @@ class Transcriber:
     def measured_acceptance(self) -> dict[str, float]:
         """By language, the held-out acceptance of the draft that serves it, where its export says."""
         facts = self.model.facts
-        if facts.assistant is None:
-            return {}
-        measured = {}
-        for language in facts.languages or ("en",):
-            route = facts.route(language)
-            draft = facts.assistant if route is None else facts.routes[route].decoder
-            if language in draft.acceptance:
-                measured[language] = draft.acceptance[language]
-        return measured
+        drafts = {language: facts.draft(language) for language in facts.languages or ("en",)}
+        return {
+            language: draft.acceptance[language]
+            for language, draft in drafts.items()
+            if draft is not None and language in draft.acceptance
+        }
 
     @property
     def aligner(self) -> WordAligner | None:
