@@ -19,7 +19,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 from transformers import WhisperForCausalLM, WhisperForConditionalGeneration
 
 from specwhisper_backend.features import SAMPLE_RATE
-from specwhisper_export.repository import DRAFT_VOCAB_FILE
+from specwhisper_export.repository import DRAFT_VOCAB_FILE, measured_acceptance
 from specwhisper_training import asterisk, vocabulary
 from specwhisper_training import cli as draft_cli
 from specwhisper_training import data as draft_data
@@ -718,6 +718,12 @@ def test_reduced_run_of_the_command_beats_an_untrained_cut(tmp_path, capsys, mon
     printed = capsys.readouterr().out
     assert "tok/pass" in printed and "draft token" in printed
     assert f"--route en,es,fr={out}" in printed, "how to serve a draft trained for some languages"
+    # Its engine figures stay with it, so that serving it unpacked starts from them.
+    kept = measured_acceptance(str(out))
+    assert set(kept) == {"en", "es", "fr"} and all(0.0 <= value <= 1.0 for value in kept.values())
+    assert "measured acceptance kept in" in printed
+    for language, value in kept.items():
+        assert f"{value:.1%}" in next(line for line in printed.splitlines() if line.startswith(f"{language} "))
 
     args = draft_cli.build_parser().parse_args(argv)
     options = draft_cli.options_from(args)

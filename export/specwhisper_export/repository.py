@@ -13,7 +13,7 @@ import inspect
 import json
 import os
 import shutil
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
@@ -118,6 +118,13 @@ def measured_acceptance(checkpoint: str) -> dict[str, float]:
     if not path.is_file():
         return {}
     return {language: float(value) for language, value in json.loads(path.read_text()).items()}
+
+
+def write_measured_acceptance(checkpoint: Path, acceptance: Mapping[str, float]) -> None:
+    """Keep a draft's held-out acceptance by language in its checkpoint, so that every export of it
+    carries the figures and a fresh instance starts from them rather than from a generic guess."""
+    figures = {language: float(value) for language, value in acceptance.items()}
+    (Path(checkpoint) / ACCEPTANCE_FILE).write_text(json.dumps(figures))
 
 
 def _load(checkpoint: str, form: str = "full") -> tuple[torch.nn.Module, WhisperProcessor]:

@@ -27,7 +27,7 @@ from transformers import WhisperForCausalLM
 from specwhisper_export.cache import cached_dir, checkpoint_identity, input_key
 from specwhisper_export.cut import cut_decoder_only
 from specwhisper_export.presets import load_whisper, resolve_checkpoint
-from specwhisper_export.repository import ACCEPTANCE_FILE, DRAFT_VOCAB_FILE
+from specwhisper_export.repository import DRAFT_VOCAB_FILE, write_measured_acceptance
 
 DRAFTS_DIR = Path(__file__).parent / "drafts"
 # Tensors a draft shares with its main model, frozen in training: never shipped, taken from the main.
@@ -121,7 +121,7 @@ def _unpack(main: str, name: str | None, out: Path) -> None:
     processor.save_pretrained(out)
     (out / DRAFT_VOCAB_FILE).write_text(json.dumps({"token_ids": np.asarray(token_ids).tolist()}))
     measured = record.get("heldout", {}).get("languages", {})
-    (out / ACCEPTANCE_FILE).write_text(json.dumps({lang: figures["acceptance"] for lang, figures in measured.items()}))
+    write_measured_acceptance(out, {language: figures["acceptance"] for language, figures in measured.items()})
 
 
 def default_assistant(main: str) -> str | None:

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from transformers import WhisperProcessor
 
+from specwhisper_export.repository import ACCEPTANCE_FILE, write_measured_acceptance
 from specwhisper_export.shipped import DRAFTS_DIR
 from specwhisper_training.evaluate import evaluate_draft
 from specwhisper_training.options import DRAFT_PRESETS, DRAFT_RECIPES, PRESET_RECIPES, DraftTrainingOptions
@@ -245,6 +246,12 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_report:
         report = evaluate_draft(args.main, checkpoint, options.corpus, engine_windows=args.engine_windows)
         print(report.format())
+        # A draft made by this run keeps its engine figures, so that serving it unpacked starts there
+        # (packing replaces them with the pack step's figures on human recordings). A checkpoint only
+        # reported on is left as it was.
+        if report.engine_acceptance() and (args.checkpoint is None or args.widen_head is not None):
+            write_measured_acceptance(checkpoint, report.engine_acceptance())
+            print(f"measured acceptance kept in {checkpoint / ACCEPTANCE_FILE}: a served instance starts from it")
     if args.pack is not None:
         weights, record_file = pack(args.main, checkpoint, record, args.pack or None)
         print(f"shipped draft: {weights} ({weights.stat().st_size / 1e6:.1f} MB), {record_file}:")

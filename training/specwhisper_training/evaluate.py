@@ -120,6 +120,10 @@ class DraftReport:
         """Decode-phase speed-up implied: tokens per round over a round's cost in main steps."""
         return figures.tokens_per_pass / ((self.verify_ms + self.k * self.served_draft_ms) / self.main_step_ms)
 
+    def engine_acceptance(self) -> dict[str, float]:
+        """Per language decoded through the engine: the share of drafted tokens the main model kept."""
+        return {f.language: f.engine_acceptance for f in self.languages if f.engine_acceptance is not None}
+
     def format(self) -> str:
         served, r = ("int8" if self.int8 else "fp32"), self.reading
         lines = [
