@@ -25,6 +25,11 @@ predicts the tokens a step yields over its cost, and takes the cap with the high
 counts the step's first draft pass as what it is: a pass that feeds every drafting row what it
 decoded since the draft last ran (one or two tokens while the rows draft every step, all of them
 after a stretch of plain steps, and the whole text for a row that has not drafted in its window).
+That catch-up is paid once for the stretch of drafting it starts, so a step is charged its share
+of a stretch of ``PROBE_EVERY`` steps. Charged whole to the one step that resumes drafting, it grew
+with every plain step: a lone row whose estimate dipped in a hard passage stayed plain long after
+the passage, until a probe, and Russian long-form drafted a token a pass where it pays to draft
+three (docs/experiments.md, 2026-12-06, "The catch-up").
 Plain decoding is always a candidate, and a cap must promise more tokens per second than it, by
 ``MARGIN`` at least: a close call goes to plain decoding. A row filling in its prompt makes the main
 pass wider than one token a row whatever the cap; the drafts of the others then ride in width that
@@ -351,22 +356,22 @@ def choose_cap(
     weighed against ordinary plain steps); the rows that may draft have these ``acceptance`` estimates and
     draft ``lengths``; the draft session holds ``draft_rows`` rows, each draft pass runs over all.
     The first draft pass feeds each row what it decoded since the draft last ran, ``catch_up``
-    tokens for the row furthest behind (1 when the rows drafted in the last step).
+    tokens for the row furthest behind (1 when the rows drafted in the last step): paid once for a
+    stretch of drafting, a step's share of ``PROBE_EVERY`` steps.
 
     ``hopeful``: the cap there would be if every row accepted drafts at least as often as a draft
-    does at best (``HOPEFUL_ACCEPTANCE``) and the catch-up were paid once for a stretch of drafting
-    (``PROBE_EVERY`` steps). Where that is 0, no probe can show that drafting pays (:class:`Probes`):
-    a probe pays the whole catch-up, and a batch of many rows far behind its draft would pay it
-    again and again for nothing.
+    does at best (``HOPEFUL_ACCEPTANCE``). Where that is 0, no probe can show that drafting pays
+    (:class:`Probes`): a probe pays the whole catch-up, and a batch of many rows far behind its draft
+    would pay it again and again for nothing.
     """
     if not len(lengths):
         return 0
     acceptance, lengths = np.asarray(acceptance, dtype=np.float64), np.asarray(lengths)
-    catching_up = 0.0  # a stretch's catch-up, a step's share (in the first draft pass's cost otherwise)
+    catching_up = 0.0  # a stretch's catch-up, a step's share
+    if draft_rows:  # copies alone run no draft pass, so there is nothing to catch up
+        catching_up = (costs.draft(draft_rows, catch_up) - costs.draft(draft_rows)) / PROBE_EVERY
     if hopeful:
-        if draft_rows:  # copies alone run no draft pass, so there is nothing to catch up
-            catching_up = (costs.draft(draft_rows, catch_up) - costs.draft(draft_rows)) / PROBE_EVERY
-        acceptance, catch_up = np.maximum(acceptance, HOPEFUL_ACCEPTANCE), 1
+        acceptance = np.maximum(acceptance, HOPEFUL_ACCEPTANCE)
     others = rows - len(lengths)  # rows that do not draft yield one token a step
     margin = max(MARGIN, costs.overruns.factor(rows))
     # A row filling in its prompt makes the pass wider than one token a row whatever the cap: that
@@ -382,7 +387,7 @@ def choose_cap(
     tokens = (expected_tokens(acceptance[None, :], drafts).sum(axis=1) + others).tolist()
     best_cap, best_rate = 0, -1.0
     for cap, longest in enumerate(longests):
-        seconds = costs.step(rows, max(min_tokens, longest + 1), draft_rows, catch_up, longest) + ordinary
+        seconds = costs.step(rows, max(min_tokens, longest + 1), draft_rows, 1, longest) + ordinary
         seconds += catching_up if longest else 0.0
         rate = tokens[cap] / seconds if cap == 0 else tokens[cap] / seconds / margin
         if rate > best_rate:
