@@ -27,11 +27,17 @@ decoded since the draft last ran (one or two tokens while the rows draft every s
 after a stretch of plain steps, and the whole text for a row that has not drafted in its window).
 That catch-up is paid once for the stretch of drafting it starts, so a step is charged its share
 of a stretch of ``PROBE_EVERY`` steps. Charged whole to the one step that resumes drafting, it grew
-with every plain step: a lone row whose estimate dipped in a hard passage stayed plain long after
-the passage, until a probe, and Russian long-form drafted a token a pass where it pays to draft
-three (docs/experiments.md, 2026-12-06, "The catch-up").
+with every plain step, and a lone row whose estimate dipped in a hard passage stayed plain long
+after the passage, until a probe (docs/experiments.md, 2026-12-06, "The catch-up").
 Plain decoding is always a candidate, and a cap must promise more tokens per second than it, by
-``MARGIN`` at least: a close call goes to plain decoding. A row filling in its prompt makes the main
+``MARGIN`` at least: a close call goes to plain decoding. A lone row that drafts at all drafts its
+whole length, and the confidence stop ends each round where the draft is unsure. The cap prices a
+round as if every draft were kept with the row's mean chance, one after another, but the draft is
+right in runs (the rest of a word, a phrase it is sure of) and the stop reads each token's own
+probability: priced so, a lone row was held to short rounds through the runs the stop would have
+let go on (docs/experiments.md, 2026-12-07, "A lone row drafts until the stop"). With more rows
+the longest row's drafts set every row's passes and width, and the cap stays priced.
+A row filling in its prompt makes the main
 pass wider than one token a row whatever the cap; the drafts of the others then ride in width that
 is paid anyway, but the tokens they add are worth what an ordinary step (one token a row) would
 take for them, not what that wide step takes: set against the wide step's poor rate, draft passes
@@ -366,7 +372,8 @@ def choose_cap(
     """
     if not len(lengths):
         return 0
-    acceptance, lengths = np.asarray(acceptance, dtype=np.float64), np.asarray(lengths)
+    acceptance = np.asarray(acceptance, dtype=np.float64)
+    lengths = np.maximum(np.asarray(lengths), 0)  # a row at the end of the text's room drafts none
     catching_up = 0.0  # a stretch's catch-up, a step's share
     if draft_rows:  # copies alone run no draft pass, so there is nothing to catch up
         catching_up = (costs.draft(draft_rows, catch_up) - costs.draft(draft_rows)) / PROBE_EVERY
@@ -392,6 +399,8 @@ def choose_cap(
         rate = tokens[cap] / seconds if cap == 0 else tokens[cap] / seconds / margin
         if rate > best_rate:
             best_cap, best_rate = cap, rate
+    if best_cap and rows == 1:
+        return int(lengths.max())  # a lone row: whether to draft is decided; how far, the stop decides
     return best_cap
 
 
