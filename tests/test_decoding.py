@@ -754,15 +754,17 @@ def test_expected_tokens_of_a_round():
 def test_the_cap_follows_the_cost_of_verification():
     """Launch-bound passes (a GPU's, or one row on a CPU) take long drafts; passes that cost in
     proportion to their tokens (a CPU with many rows) take none; a draft nobody trusts, none. A lone
-    row that drafts at all drafts its whole length: the confidence stop ends its rounds, and its
-    passes with them, where the draft is unsure, which a cap priced on the row's mean acceptance
-    cannot see; with two rows the longer row's drafts widen the other's pass, and the cap is priced."""
+    row whose rounds the confidence stop ends drafts its whole length if it drafts at all: the stop
+    ends its rounds, and its passes with them, where the draft is unsure, which a cap priced on the
+    row's mean acceptance cannot see. Without the stop (a sampled row, a copy), or with two rows,
+    whose longest drafts widen every row's pass, the cap is priced."""
     trusted = [0.8] * 8
     assert choose_cap(flat_costs(0.0, draft=0.02), 8, 1, trusted, [8] * 8, 8) == 8
     assert choose_cap(flat_costs(0.5), 8, 1, trusted, [8] * 8, 8) == 0
-    assert 1 <= choose_cap(flat_costs(0.05), 2, 1, [0.8] * 2, [8] * 2, 2) < 8
-    assert choose_cap(flat_costs(0.05), 1, 1, [0.8], [8], 1) == 8
-    assert choose_cap(flat_costs(0.0, draft=0.5), 1, 1, [0.1], [8], 1) == 0
+    assert 1 <= choose_cap(flat_costs(0.05), 1, 1, [0.8], [8], 1) < 8
+    assert 1 <= choose_cap(flat_costs(0.05), 2, 1, [0.8] * 2, [8] * 2, 2, follows_stop=True) < 8
+    assert choose_cap(flat_costs(0.05), 1, 1, [0.8], [8], 1, follows_stop=True) == 8
+    assert choose_cap(flat_costs(0.0, draft=0.5), 1, 1, [0.1], [8], 1, follows_stop=True) == 0
     assert choose_cap(flat_costs(0.0), 4, 1, [], [], 0) == 0
 
 

@@ -412,8 +412,11 @@ class BatchDecoder:
         rows = len(self.rows)
         step = (self.costs, rows, min_tokens, acceptance, lengths, draft_rows)
         catch_up = self._behind(drafting_rows) if drafting_rows else 0
+        # The confidence stop is calibrated on greedy rounds of the draft model, not on samples or copies.
+        (_, first), *_ = candidates
+        follows_stop = rows == 1 and self.policy.confidence > 0 and not copies[0] and not first.window.temperature
         return self._probes.cap(
-            choose_cap(*step, catch_up),
+            choose_cap(*step, catch_up, follows_stop=follows_stop),
             self.costs.step(rows, min_tokens),
             price=lambda: probe_price(self.costs, rows, min_tokens, draft_rows, catch_up, joining),
             worth=lambda: choose_cap(*step, catch_up, hopeful=True) > 0,

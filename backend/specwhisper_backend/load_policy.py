@@ -30,13 +30,16 @@ of a stretch of ``PROBE_EVERY`` steps. Charged whole to the one step that resume
 with every plain step, and a lone row whose estimate dipped in a hard passage stayed plain long
 after the passage, until a probe (docs/experiments.md, 2026-12-06, "The catch-up").
 Plain decoding is always a candidate, and a cap must promise more tokens per second than it, by
-``MARGIN`` at least: a close call goes to plain decoding. A lone row that drafts at all drafts its
-whole length, and the confidence stop ends each round where the draft is unsure. The cap prices a
+``MARGIN`` at least: a close call goes to plain decoding. A lone greedy row that drafts at all with
+its draft model drafts its whole length, and the confidence stop ends each round where the draft is
+unsure. The cap prices a
 round as if every draft were kept with the row's mean chance, one after another, but the draft is
 right in runs (the rest of a word, a phrase it is sure of) and the stop reads each token's own
 probability: priced so, a lone row was held to short rounds through the runs the stop would have
 let go on (docs/experiments.md, 2026-12-07, "A lone row drafts until the stop"). With more rows
-the longest row's drafts set every row's passes and width, and the cap stays priced.
+the longest row's drafts set every row's passes and width, and the cap stays priced. So it does for
+a sampled row (the stop reads the draft's raw probability there, and a sample is accepted far less
+often) and for a copy (no stop ends it), where whole lengths lost.
 A row filling in its prompt makes the main
 pass wider than one token a row whatever the cap; the drafts of the others then ride in width that
 is paid anyway, but the tokens they add are worth what an ordinary step (one token a row) would
@@ -354,6 +357,7 @@ def choose_cap(
     draft_rows: int,
     catch_up: int = 1,
     hopeful: bool = False,
+    follows_stop: bool = False,
 ) -> int:
     """The cap on this step's drafts with the most tokens per second.
 
@@ -364,6 +368,9 @@ def choose_cap(
     The first draft pass feeds each row what it decoded since the draft last ran, ``catch_up``
     tokens for the row furthest behind (1 when the rows drafted in the last step): paid once for a
     stretch of drafting, a step's share of ``PROBE_EVERY`` steps.
+
+    ``follows_stop``: the one row's rounds are ended by the confidence stop where its draft is unsure
+    (a lone greedy row drafting with its draft model): if it drafts at all, it drafts its whole length.
 
     ``hopeful``: the cap there would be if every row accepted drafts at least as often as a draft
     does at best (``HOPEFUL_ACCEPTANCE``). Where that is 0, no probe can show that drafting pays
@@ -399,8 +406,8 @@ def choose_cap(
         rate = tokens[cap] / seconds if cap == 0 else tokens[cap] / seconds / margin
         if rate > best_rate:
             best_cap, best_rate = cap, rate
-    if best_cap and rows == 1:
-        return int(lengths.max())  # a lone row: whether to draft is decided; how far, the stop decides
+    if best_cap and rows == 1 and follows_stop:
+        return int(lengths.max())  # whether to draft is decided here; how far, the stop decides
     return best_cap
 
 
