@@ -413,8 +413,8 @@ class BatchDecoder:
         step = (self.costs, rows, min_tokens, acceptance, lengths, draft_rows)
         catch_up = self._behind(drafting_rows) if drafting_rows else 0
         # The confidence stop is calibrated on greedy rounds of the draft model, not on samples or copies.
-        (_, first), *_ = candidates
-        follows_stop = rows == 1 and self.policy.confidence > 0 and not copies[0] and not first.window.temperature
+        lone = candidates[0][1]
+        follows_stop = rows == 1 and self.policy.confidence > 0 and not copies[0] and not lone.window.temperature
         return self._probes.cap(
             choose_cap(*step, catch_up, follows_stop=follows_stop),
             self.costs.step(rows, min_tokens),

@@ -30,22 +30,23 @@ of a stretch of ``PROBE_EVERY`` steps. Charged whole to the one step that resume
 with every plain step, and a lone row whose estimate dipped in a hard passage stayed plain long
 after the passage, until a probe (docs/experiments.md, 2026-12-06, "The catch-up").
 Plain decoding is always a candidate, and a cap must promise more tokens per second than it, by
-``MARGIN`` at least: a close call goes to plain decoding. A lone greedy row that drafts at all with
-its draft model drafts its whole length, and the confidence stop ends each round where the draft is
-unsure. The cap prices a
-round as if every draft were kept with the row's mean chance, one after another, but the draft is
-right in runs (the rest of a word, a phrase it is sure of) and the stop reads each token's own
-probability: priced so, a lone row was held to short rounds through the runs the stop would have
-let go on (docs/experiments.md, 2026-12-07, "A lone row drafts until the stop"). With more rows
-the longest row's drafts set every row's passes and width, and the cap stays priced. So it does for
-a sampled row (the stop reads the draft's raw probability there, and a sample is accepted far less
-often) and for a copy (no stop ends it), where whole lengths lost.
-A row filling in its prompt makes the main
-pass wider than one token a row whatever the cap; the drafts of the others then ride in width that
-is paid anyway, but the tokens they add are worth what an ordinary step (one token a row) would
-take for them, not what that wide step takes: set against the wide step's poor rate, draft passes
-dearer than the tokens they add looked like a gain (on a CPU with many rows, at every window's
-start).
+``MARGIN`` at least: a close call goes to plain decoding.
+
+A lone greedy row that drafts at all with its draft model drafts its whole length, and the
+confidence stop ends each round where the draft is unsure. The cap prices a round as if every draft
+were kept with the row's mean chance, one after another, but the draft is right in runs (the rest of
+a word, a phrase it is sure of) and the stop reads each token's own probability: priced so, a lone
+row was held to short rounds through the runs the stop would have let go on (docs/experiments.md,
+2026-12-07, "A lone row drafts until the stop"). With more rows the longest row's drafts set every
+row's passes and width, and the cap stays priced. So it does for a sampled row (the stop reads the
+draft's raw probability there, and a sample is accepted far less often) and for a copy (no stop
+ends it), where whole lengths lost.
+
+A row filling in its prompt makes the main pass wider than one token a row whatever the cap; the
+drafts of the others then ride in width that is paid anyway, but the tokens they add are worth what
+an ordinary step (one token a row) would take for them, not what that wide step takes: set against
+the wide step's poor rate, draft passes dearer than the tokens they add looked like a gain (on a
+CPU with many rows, at every window's start).
 
 The passes are not all a step costs. Each drafted token is also filtered and chosen on the host,
 twice (as a draft, then when it is verified), and a catch-up runs in chunks; none of this is in the

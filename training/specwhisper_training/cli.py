@@ -249,8 +249,9 @@ def main(argv: list[str] | None = None) -> int:
         # A draft made by this run keeps its engine figures, so that serving it unpacked starts there
         # (packing replaces them with the pack step's figures on human recordings). A checkpoint only
         # reported on is left as it was.
-        if report.engine_acceptance() and (args.checkpoint is None or args.widen_head is not None):
-            write_measured_acceptance(checkpoint, report.engine_acceptance())
+        measured = report.engine_acceptance()
+        if measured and (args.checkpoint is None or args.widen_head is not None):
+            write_measured_acceptance(checkpoint, measured)
             print(f"measured acceptance kept in {checkpoint / ACCEPTANCE_FILE}: a served instance starts from it")
     if args.pack is not None:
         weights, record_file = pack(args.main, checkpoint, record, args.pack or None)
